@@ -1,0 +1,3 @@
+from sdgraph.cli import main
+
+main()

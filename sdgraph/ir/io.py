@@ -1,0 +1,317 @@
+"""Safe ONNX file I/O: validated loading, external data kept on disk, atomic saving."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sdgraph.errors import InputError
+
+__all__ = [
+    "DATA_SUFFIX",
+    "MAX_IR_VERSION",
+    "INLINE_LIMIT",
+    "atomic_dir",
+    "atomic_file",
+    "check_output_path",
+    "external_info",
+    "is_external",
+    "iter_tensors",
+    "load_proto",
+    "read_external",
+    "resolve_model_file",
+    "write_proto",
+]
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data (optimum's convention)
+MAX_IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31 and OpenVINO 2026 refuse > 13 / > 10
+INLINE_LIMIT = 1024  # tensors at most this many bytes stay inside the graph message
+_COPY_CHUNK = 64 << 20
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """Return the ``.onnx`` file that ``path`` names: a file, or a directory holding ``model.onnx``."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    if p.is_dir():
+        cand = p / "model.onnx"
+        if cand.is_file():
+            return cand
+        onnx_files = sorted(p.glob("*.onnx"))
+        if len(onnx_files) == 1:
+            return onnx_files[0]
+        raise InputError(f"{p}: directory holds no model.onnx (pass the submodel file, e.g. {p}/unet/model.onnx)")
+    return p
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers, Constant/attribute tensors, and subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from iter_tensors(attr.g)
+            for g in attr.graphs:
+                yield from iter_tensors(g)
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _safe_location(base: Path, location: str, tensor_name: str, model_path: Path) -> Path:
+    """Resolve an external-data location, rejecting anything outside the model's folder."""
+    if not location or os.path.isabs(location) or location.startswith(("\\", "/")) or ":" in location:
+        raise InputError(
+            f"{model_path}: tensor {tensor_name!r} has external data at {location!r}, "
+            "outside the model's folder (rejected)"
+        )
+    resolved = (base / location).resolve()
+    base_resolved = base.resolve()
+    if resolved != base_resolved and base_resolved not in resolved.parents:
+        raise InputError(
+            f"{model_path}: tensor {tensor_name!r} has external data at {location!r}, "
+            "outside the model's folder (rejected)"
+        )
+    return resolved
+
+
+def load_proto(path: str | os.PathLike, inline_limit: int = INLINE_LIMIT) -> tuple[onnx.ModelProto, Path]:
+    """Load a model without its large weights; validate every external reference.
+
+    Weights larger than ``inline_limit`` stay on disk (the returned proto keeps their external
+    references); smaller external tensors are read in so shape inference and folding can see them.
+    Returns the proto and the directory external locations are relative to.
+    """
+    path = resolve_model_file(path)
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: not readable")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError / RuntimeWarning subclasses
+        raise InputError(f"{path}: cannot be parsed as ONNX (not an ONNX file, or truncated): {type(exc).__name__}") from None
+    if not proto.HasField("graph") or (len(proto.graph.node) == 0 and size < 64 and not proto.opset_import):
+        raise InputError(f"{path}: cannot be parsed as ONNX (not an ONNX file, or truncated)")
+    if len(proto.graph.node) == 0:
+        raise InputError(f"{path}: the graph is empty (no nodes)")
+    if not proto.graph.output:
+        raise InputError(f"{path}: the graph has no outputs")
+    base = path.parent
+    for t in iter_tensors(proto.graph):
+        if not is_external(t):
+            continue
+        info = external_info(t)
+        file = _safe_location(base, info.get("location", ""), t.name, path)
+        if not file.is_file():
+            raise InputError(f"{path}: external data file {info.get('location')!r} for tensor {t.name!r} is missing")
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else file.stat().st_size - offset
+        if offset + length > file.stat().st_size:
+            raise InputError(
+                f"{path}: external data file {info.get('location')!r} is truncated "
+                f"(tensor {t.name!r} needs bytes {offset}..{offset + length})"
+            )
+        if length <= inline_limit:
+            t.raw_data = read_external(t, base)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return proto, base
+
+
+def read_external(t: onnx.TensorProto, base: Path) -> bytes:
+    info = external_info(t)
+    file = base / info["location"]
+    offset = int(info.get("offset", 0))
+    with open(file, "rb") as f:
+        f.seek(offset)
+        if "length" in info:
+            return f.read(int(info["length"]))
+        return f.read()
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    arr = numpy_helper.to_array(t)
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def write_proto(
+    proto: onnx.ModelProto,
+    out_file: Path,
+    source_base: Path | None,
+    inline_limit: int = INLINE_LIMIT,
+) -> int:
+    """Write ``proto`` to ``out_file`` with weights in one ``<name>_data`` file beside it.
+
+    Tensors that still point at the source model's external data are streamed file to file, so a
+    3.4 GB UNet never becomes one in-memory protobuf. ``proto`` is modified in place (its tensors
+    are made to point at the new data file). Returns the bytes of external data written.
+    """
+    data_name = out_file.name + DATA_SUFFIX
+    data_path = out_file.parent / data_name
+    written = 0
+    handles: dict[Path, object] = {}
+    try:
+        with open(data_path, "wb") as out:
+            for t in iter_tensors(proto.graph):
+                if is_external(t):
+                    if source_base is None:
+                        raise InputError(f"tensor {t.name!r} refers to external data but the model has no source folder")
+                    info = external_info(t)
+                    src = source_base / info["location"]
+                    fh = handles.get(src)
+                    if fh is None:
+                        fh = handles[src] = open(src, "rb")
+                    offset = int(info.get("offset", 0))
+                    length = int(info["length"]) if "length" in info else src.stat().st_size - offset
+                    fh.seek(offset)
+                    pos = _align(out, written)
+                    written = pos
+                    remaining = length
+                    while remaining:
+                        chunk = fh.read(min(_COPY_CHUNK, remaining))
+                        if not chunk:
+                            raise InputError(f"{src}: external data ends early for tensor {t.name!r}")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                    written += length
+                    _set_external(t, data_name, pos, length)
+                else:
+                    nbytes = len(t.raw_data) if t.HasField("raw_data") else _typed_nbytes(t)
+                    if nbytes <= inline_limit or t.data_type == onnx.TensorProto.STRING:
+                        continue
+                    data = _tensor_bytes(t)
+                    pos = _align(out, written)
+                    out.write(data)
+                    written = pos + len(data)
+                    _clear_data(t)
+                    _set_external(t, data_name, pos, len(data))
+    finally:
+        for fh in handles.values():
+            fh.close()
+    if written == 0:
+        data_path.unlink()
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    with open(out_file, "wb") as f:
+        f.write(proto.SerializeToString())
+    return written
+
+
+def _typed_nbytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        item = 4
+    return n * item
+
+
+def _align(out, pos: int, alignment: int = 64) -> int:
+    pad = (-pos) % alignment
+    if pad:
+        out.write(b"\0" * pad)
+    return pos + pad
+
+
+def _clear_data(t: onnx.TensorProto) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(field)
+
+
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def check_output_path(out: Path, inputs: list[Path]) -> None:
+    """Refuse outputs that would overwrite (or replace a folder holding) an input, or cannot be written."""
+    out_r = Path(out).resolve()
+    for inp in inputs:
+        inp_r = Path(inp).resolve()
+        if out_r == inp_r or out_r in inp_r.parents:
+            raise InputError(f"{out}: output would overwrite the input {inp}; choose another output path")
+    parent = out_r.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK) or (out_r.exists() and not os.access(out_r, os.W_OK)):
+        raise InputError(f"{out}: output location is not writable")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    If the body raises, the temporary directory is removed and ``path`` is left as it was.
+    With ``force=False`` an existing non-empty ``path`` is an error.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise InputError(f"{path}: output directory is not empty (use --force to replace it)")
+    parent = path.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create output directory ({exc.strerror})") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path``; renamed onto ``path`` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

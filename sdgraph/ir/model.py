@@ -1,0 +1,272 @@
+"""Model: one ONNX graph on onnx-graphsurgeon, with weights left on disk until needed."""
+
+from __future__ import annotations
+
+import collections
+import copy as _copy
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from sdgraph.errors import InputError
+from sdgraph.ir import io
+
+__all__ = ["Model", "ExternalValues", "detect_role", "ROLES", "CANONICAL_DOMAIN"]
+
+log = logging.getLogger(__name__)
+
+CANONICAL_DOMAIN = "ai.sdgraph"
+ROLES = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+
+
+class ExternalValues(LazyValues):
+    """LazyValues whose bytes live in an external-data file; read only when a pass asks."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        data = io.read_external(self.tensor, self.base_dir)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        return np.frombuffer(data, dtype=dtype).reshape(tuple(self.tensor.dims)).copy()
+
+
+def _dims(t: gs.Tensor) -> list:
+    return list(t.shape) if t.shape is not None else []
+
+
+def detect_role(graph: gs.Graph) -> str:
+    """Tell a UNet, a text encoder and the VAE halves apart from their inputs and outputs."""
+    ins = {t.name: t for t in graph.inputs}
+    outs = {t.name: t for t in graph.outputs}
+    names_in = set(ins)
+    if {"timestep", "encoder_hidden_states"} & names_in or "sample" in names_in and len(ins) >= 3:
+        return "unet"
+    if "input_ids" in names_in:
+        return "text_encoder_2" if "text_embeds" in outs and len(outs) >= 2 and "pooler_output" not in outs else "text_encoder"
+    if "latent_sample" in names_in:
+        return "vae_decoder"
+    if {"latent_sample", "latent", "latent_dist", "latent_parameters"} & set(outs):
+        return "vae_encoder"
+    # Fall back to shapes: image (3 channels) <-> latent (4 channels).
+    if len(ins) == 1 and len(outs) == 1:
+        i, o = _dims(next(iter(ins.values()))), _dims(next(iter(outs.values())))
+        if len(i) == 4 and len(o) == 4:
+            if i[1] == 3 and o[1] in (4, 8):
+                return "vae_encoder"
+            if i[1] == 4 and o[1] == 3:
+                return "vae_decoder"
+    ranks = sorted(len(_dims(t)) for t in ins.values())
+    if len(ins) >= 3 and 4 in ranks and 3 in ranks:
+        return "unet"
+    if len(ins) == 1 and next(iter(ins.values())).dtype in (np.int64, np.int32):
+        return "text_encoder"
+    return "unknown"
+
+
+class Model:
+    """An ONNX model held as an onnx-graphsurgeon graph.
+
+    Large weights stay in their external-data file (``ExternalValues``) until a pass reads them;
+    saving streams them to the new location, so no protobuf over 2 GB is ever serialized.
+    Canonical ``ai.sdgraph`` ops are model-local functions kept in ``functions``.
+    """
+
+    def __init__(
+        self,
+        graph: gs.Graph,
+        *,
+        opset_imports: dict[str, int] | None = None,
+        ir_version: int = io.MAX_IR_VERSION,
+        functions: dict[tuple[str, str], onnx.FunctionProto] | None = None,
+        base_dir: Path | None = None,
+        path: Path | None = None,
+        producer: str = "sdgraph",
+        metadata: dict[str, str] | None = None,
+    ):
+        self.graph = graph
+        self.opset_imports = dict(opset_imports or {"": 17})
+        self.ir_version = ir_version
+        self.functions = dict(functions or {})
+        self.base_dir = base_dir
+        self.path = path
+        self.producer = producer
+        self.metadata = dict(metadata or {})
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Model":
+        proto, base = io.load_proto(path)
+        m = cls.from_proto(proto, base_dir=base)
+        m.path = io.resolve_model_file(path)
+        return m
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, base_dir: Path | None = None) -> "Model":
+        functions = {(f.domain, f.name): f for f in proto.functions}
+        stripped = onnx.ModelProto()
+        stripped.CopyFrom(proto)
+        del stripped.functions[:]
+        try:
+            graph = gs.import_onnx(stripped)
+        except Exception as exc:
+            raise InputError(f"cannot import the graph: {exc}".splitlines()[0]) from None
+        if base_dir is not None:
+            for t in graph.tensors().values():
+                if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and io.is_external(t._values.tensor):
+                    t._values = ExternalValues(t._values.tensor, base_dir)
+        opsets = {o.domain: o.version for o in proto.opset_import}
+        return cls(
+            graph,
+            opset_imports=opsets,
+            ir_version=proto.ir_version,
+            functions=functions,
+            base_dir=base_dir,
+            producer=proto.producer_name,
+            metadata={p.key: p.value for p in proto.metadata_props},
+        )
+
+    @classmethod
+    def from_onnx_text(cls, text: str) -> "Model":
+        """Build a model from ONNX textual syntax (tests and small graphs)."""
+        return cls.from_proto(onnx.parser.parse_model(text))
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return self.opset_imports.get("", self.opset_imports.get("ai.onnx", 17))
+
+    @property
+    def role(self) -> str:
+        return self.metadata.get("sdgraph.role") or detect_role(self.graph)
+
+    @property
+    def name(self) -> str:
+        if self.path is not None:
+            return self.path.parent.name if self.path.name == "model.onnx" else self.path.stem
+        return self.graph.name or "model"
+
+    def op_histogram(self) -> collections.Counter:
+        return collections.Counter(_op_key(n) for n in self.graph.nodes)
+
+    def num_nodes(self) -> int:
+        return len(self.graph.nodes)
+
+    def parameters(self) -> tuple[int, int]:
+        """(parameter count, bytes) over constant tensors."""
+        count = nbytes = 0
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Constant):
+                shape = t.shape if t.shape is not None else ()
+                n = int(np.prod(shape)) if len(shape) else 1
+                count += n
+                nbytes += n * np.dtype(t.dtype).itemsize if t.dtype is not None else 0
+        return count, nbytes
+
+    # -- canonical functions ----------------------------------------------------------------
+    def add_function(self, fn: onnx.FunctionProto) -> None:
+        self.functions[(fn.domain, fn.name)] = fn
+        self.opset_imports.setdefault(fn.domain, 1)
+        for imp in fn.opset_import:
+            if imp.domain not in self.opset_imports:
+                self.opset_imports[imp.domain] = imp.version
+
+    # -- export -----------------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        """The model as a ModelProto; large weights keep their external references."""
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        used = {(n.domain, n.op_type) for n in proto.graph.node}
+        # Functions may call each other: keep the transitive closure of what the graph uses.
+        changed = True
+        while changed:
+            changed = False
+            for key, fn in self.functions.items():
+                if key in used:
+                    for n in fn.node:
+                        k = (n.domain, n.op_type)
+                        if k in self.functions and k not in used:
+                            used.add(k)
+                            changed = True
+        fns = [fn for key, fn in self.functions.items() if key in used]
+        del proto.opset_import[:]
+        domains_used = {n.domain for n in proto.graph.node} | {"", *(fn.domain for fn in fns)}
+        for fn in fns:
+            domains_used |= {n.domain for n in fn.node}
+        for domain, version in sorted(self.opset_imports.items()):
+            if domain in domains_used or domain == "":
+                proto.opset_import.add(domain=domain, version=version)
+        proto.functions.extend(fns)
+        proto.ir_version = min(max(self.ir_version, 8), io.MAX_IR_VERSION)
+        proto.producer_name = "sdgraph"
+        from sdgraph import __version__
+
+        proto.producer_version = __version__
+        for k, v in self.metadata.items():
+            proto.metadata_props.add(key=k, value=v)
+        return proto
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Save atomically. ``out`` is a directory (gets ``model.onnx``) or a ``.onnx`` file path."""
+        out = Path(out)
+        inputs = [self.path] if self.path is not None else []
+        io.check_output_path(out, inputs)
+        proto = self.to_proto()
+        if out.suffix == ".onnx":
+            tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_mkparent(out)))
+            try:
+                io.write_proto(proto, tmpdir / out.name, self.base_dir)
+                data = tmpdir / (out.name + io.DATA_SUFFIX)
+                if data.exists():
+                    os.replace(data, out.parent / data.name)
+                os.replace(tmpdir / out.name, out)
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            return out
+        with io.atomic_dir(out) as tmp:
+            io.write_proto(proto, tmp / "model.onnx", self.base_dir)
+        return out / "model.onnx"
+
+    def save_to_dir_unchecked(self, directory: Path, filename: str = "model.onnx") -> Path:
+        """Write into an existing (temporary) directory without the atomic rename dance."""
+        proto = self.to_proto()
+        io.write_proto(proto, directory / filename, self.base_dir)
+        return directory / filename
+
+    def copy(self) -> "Model":
+        """A structural copy (weights are shared, they are never mutated in place)."""
+        g = self.graph.copy()
+        return Model(
+            g,
+            opset_imports=self.opset_imports,
+            ir_version=self.ir_version,
+            functions={k: _copy.deepcopy(v) for k, v in self.functions.items()},
+            base_dir=self.base_dir,
+            path=self.path,
+            producer=self.producer,
+            metadata=self.metadata,
+        )
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, role={self.role}, nodes={self.num_nodes()}, opset={self.opset})"
+
+
+def _op_key(node: gs.Node) -> str:
+    domain = node.domain or ""
+    return node.op if domain in ("", "ai.onnx") else f"{domain}::{node.op}"
+
+
+def _mkparent(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create output directory ({exc.strerror})") from None
+    return out.parent

@@ -1,0 +1,239 @@
+"""The pass contract: registered name, summary, typed options, requires/run/ensures, results."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import pkgutil
+from typing import Any, Callable, ClassVar
+
+from sdgraph.errors import PassError, UsageError
+
+__all__ = [
+    "Option",
+    "Pass",
+    "PassResult",
+    "register",
+    "registry",
+    "get_pass",
+    "create_pass",
+    "parse_value",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A typed pass option. ``type`` is bool, int, float, str or list (``a|b|c`` in text)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    positional: bool = False  # bound by ``name:VALUE`` in pipeline text
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def describe(self) -> str:
+        t = {list: "list", bool: "bool", int: "int", float: "float", str: "str"}.get(self.type, str(self.type))
+        extra = f" one of {'|'.join(map(str, self.choices))}" if self.choices else ""
+        return f"{self.name}: {t} = {format_value(self.default)}{extra}  {self.help}".rstrip()
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "|".join(format_value(x) for x in v)
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return repr(v).rstrip("0").rstrip(".") if "e" not in repr(v) else repr(v)
+    return str(v)
+
+
+def parse_value(opt: Option, raw: Any, pass_name: str) -> Any:
+    """Convert text (or a Python value) to the option's type, with one clear error line."""
+    def bad(why: str):
+        return UsageError(f"pass {pass_name!r}: bad value {raw!r} for option {opt.name!r} ({why})")
+
+    if opt.type is bool:
+        if isinstance(raw, bool):
+            val = raw
+        elif str(raw).lower() in ("1", "true", "yes", "on"):
+            val = True
+        elif str(raw).lower() in ("0", "false", "no", "off"):
+            val = False
+        else:
+            raise bad("expected true or false")
+    elif opt.type is int:
+        if isinstance(raw, bool):
+            raise bad("expected an integer")
+        try:
+            val = int(raw) if not isinstance(raw, float) or raw.is_integer() else None
+        except (TypeError, ValueError):
+            val = None
+        if val is None:
+            raise bad("expected an integer")
+    elif opt.type is float:
+        try:
+            val = float(raw)
+        except (TypeError, ValueError):
+            raise bad("expected a number") from None
+    elif opt.type is list:
+        if isinstance(raw, (list, tuple)):
+            val = [str(x) for x in raw]
+        else:
+            val = [x for x in str(raw).split("|") if x]
+    else:
+        val = str(raw)
+    if opt.choices is not None:
+        items = val if isinstance(val, list) else [val]
+        for item in items:
+            if item not in opt.choices:
+                raise bad(f"expected one of {', '.join(map(str, opt.choices))}")
+    if opt.min is not None and isinstance(val, (int, float)) and val < opt.min:
+        raise bad(f"must be >= {opt.min}")
+    if opt.max is not None and isinstance(val, (int, float)) and val > opt.max:
+        raise bad(f"must be <= {opt.max}")
+    return val
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass did: whether the graph changed, and counts the pass kept itself.
+
+    ``expected``/``matched`` are filled by pattern passes (e.g. Softmax count vs fused
+    attentions); ``near_misses`` hold (node name, reason) pairs for ``--debug``.
+    """
+
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    expected: int | None = None
+    matched: int | None = None
+    near_misses: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class Pass:
+    """Base class for graph passes.
+
+    Subclasses set ``name`` (short, registered), ``summary`` (one line), ``options`` (a tuple
+    of Option) and ``exact`` (True: outputs equal within ``rtol``/``atol``; False: approximate,
+    reported as numbers and failing only under ``min_cosine`` when the user sets it). They
+    implement ``run(model) -> PassResult``; ``requires``/``ensures`` raise PassError.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+    exact: ClassVar[bool] = True
+    rtol: ClassVar[float] = 1e-4  # relative to the reference output's max magnitude
+    roles: ClassVar[tuple[str, ...] | None] = None  # None: any submodel
+    pattern: ClassVar[bool] = False  # reports expected vs matched
+
+    def __init__(self, **kwargs: Any):
+        known = {o.name: o for o in self.options}
+        for key in kwargs:
+            if key not in known:
+                raise UsageError(
+                    f"pass {self.name!r} has no option {key!r} (options: {', '.join(known) or 'none'})"
+                )
+        self.config: dict[str, Any] = {}
+        for opt in self.options:
+            raw = kwargs.get(opt.name, opt.default)
+            self.config[opt.name] = parse_value(opt, raw, self.name) if opt.name in kwargs else opt.default
+        self.debug = False
+
+    def __getattr__(self, item: str) -> Any:
+        config = self.__dict__.get("config")
+        if config is not None and item in config:
+            return config[item]
+        raise AttributeError(item)
+
+    def requires(self, model) -> None:
+        """Raise PassError if the model cannot be processed by this pass."""
+
+    def run(self, model) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ensures(self, model) -> None:
+        """Raise PassError if a post-condition does not hold after run()."""
+
+    def spec(self) -> str:
+        """This pass in canonical pipeline text (only non-default options)."""
+        from sdgraph.passes.pipeline import format_element
+
+        return format_element(self.name, {k: v for k, v in self.config.items() if v != _default(self, k)}, type(self))
+
+    def __repr__(self) -> str:
+        return f"<Pass {self.spec()}>"
+
+
+def _default(p: Pass, key: str) -> Any:
+    return next(o.default for o in p.options if o.name == key)
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_DISCOVERED = False
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: add a Pass subclass to the registry under ``cls.name``."""
+    if not cls.name or not cls.summary:
+        raise TypeError(f"{cls.__name__} needs a name and a one-line summary")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"pass name {cls.name!r} is registered twice")
+    if sum(o.positional for o in cls.options) > 1:
+        raise TypeError(f"{cls.__name__}: at most one positional option")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every module in sdgraph.passes so their @register decorators run."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import sdgraph.passes as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_") or info.name in ("base", "pipeline", "manager", "verifier", "instruments"):
+            continue
+        importlib.import_module(f"sdgraph.passes.{info.name}")
+
+
+def registry() -> dict[str, type[Pass]]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    reg = registry()
+    if name not in reg:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(reg), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown pass {name!r}{hint} (see `sdgraph passes`)")
+    return reg[name]
+
+
+def create_pass(name: str, positional: Any = None, named: dict[str, Any] | None = None) -> Pass:
+    cls = get_pass(name)
+    kwargs = dict(named or {})
+    if positional is not None:
+        pos = [o for o in cls.options if o.positional]
+        if not pos:
+            raise UsageError(f"pass {name!r} takes no positional value (got {name}:{positional})")
+        if pos[0].name in kwargs:
+            raise UsageError(f"pass {name!r}: option {pos[0].name!r} given twice")
+        kwargs[pos[0].name] = positional
+    return cls(**kwargs)
+
+
+Check = Callable[..., "str | None"]  # pattern checks return a reason string instead of False

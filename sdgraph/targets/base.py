@@ -1,0 +1,166 @@
+"""The target contract: capabilities, a check before any work, legalization, artifacts, loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Protocol
+
+import numpy as np
+
+from sdgraph.errors import TargetUnavailable, UsageError
+from sdgraph.passes.base import Option, parse_value
+
+__all__ = [
+    "Capability",
+    "Problem",
+    "Runner",
+    "LowerContext",
+    "Target",
+    "register_target",
+    "targets",
+    "get_target",
+    "ARTIFACT_KIND",
+]
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_KIND = "sdgraph-artifact"  # manifest "kind" of a lowered artifact directory
+
+
+@dataclasses.dataclass(frozen=True)
+class Capability:
+    """What a target accepts. ``ops`` None means "whatever its runtime runs" (checked by loading)."""
+
+    ops: frozenset[str] | None = None  # standard-domain op types
+    canonical_ops: frozenset[str] = frozenset()  # ai.sdgraph ops it legalizes natively
+    dtypes: frozenset[str] = frozenset({"float32", "int64", "int32", "bool"})
+    precisions: tuple[str, ...] = ("fp32",)
+    static_shapes: bool = False  # True: every input dimension must be known at lowering
+    devices: tuple[str, ...] = ("cpu",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One reason a graph cannot be lowered: which node, which op, why, and what would help."""
+
+    node: str
+    op: str
+    reason: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}): {self.reason}" + (f" — {self.hint}" if self.hint else "")
+
+
+class Runner(Protocol):
+    """A loaded submodel artifact: ``runner(feeds) -> outputs`` by name, numpy in and out."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass
+class LowerContext:
+    """Everything a target needs besides the graph: precision, shape buckets, options, role."""
+
+    precision: str = "fp32"
+    shapes: list[dict[str, tuple[int, ...]]] = dataclasses.field(default_factory=list)  # buckets
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    role: str = "unknown"
+    submodel: str = "model"
+
+
+class Target:
+    """Base class of a lowering target; one module per target under ``sdgraph/targets/``.
+
+    A subclass sets ``name``, ``summary``, ``extra`` (the pip extra that installs its runtime),
+    ``capability`` and ``options``, and implements:
+
+    - ``available() -> (bool, why)``: whether it can be used on this machine (imports lazily);
+    - ``check(model, ctx) -> list[Problem]``: every node it cannot take, before any work;
+    - ``legalize(model, ctx) -> None``: canonical ``ai.sdgraph`` ops to native forms, in place;
+    - ``build(model, out_dir, ctx) -> dict``: write one submodel's artifacts, return its manifest entry;
+    - ``load(artifact_dir, entry, ctx) -> Runner``: load a built submodel for run/bench/verify;
+    - ``tool_versions() -> dict``: versions that go into the cache key.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None
+    capability: ClassVar[Capability] = Capability()
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def require(self) -> None:
+        ok, why = self.available()
+        if not ok:
+            hint = f" (pip install 'sdgraph[{self.extra}]')" if self.extra else ""
+            raise TargetUnavailable(f"target {self.name!r} is not usable here: {why}{hint}")
+
+    def parse_options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        known = {o.name: o for o in self.options}
+        out = {o.name: o.default for o in self.options}
+        for k, v in raw.items():
+            if k not in known:
+                raise UsageError(f"target {self.name!r} has no option {k!r} (options: {', '.join(known) or 'none'})")
+            out[k] = parse_value(known[k], v, f"target {self.name}")
+        return out
+
+    def check(self, model, ctx: LowerContext) -> list[Problem]:
+        return []
+
+    def legalize(self, model, ctx: LowerContext) -> None:
+        pass
+
+    def build(self, model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> Runner:  # pragma: no cover
+        raise NotImplementedError
+
+    def tool_versions(self) -> dict[str, str]:
+        return {}
+
+
+_TARGETS: dict[str, type[Target]] = {}
+_DISCOVERED = False
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    """Class decorator; a target may register several names by subclassing (ascend310p/910b)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a name")
+    _TARGETS[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import sdgraph.targets as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_") and info.name not in ("base", "driver", "cache"):
+            importlib.import_module(f"sdgraph.targets.{info.name}")
+
+
+def targets() -> dict[str, type[Target]]:
+    _discover()
+    return dict(sorted(_TARGETS.items()))
+
+
+def get_target(name: str) -> Target:
+    reg = targets()
+    if name not in reg:
+        raise UsageError(f"unknown target {name!r} (targets: {', '.join(reg) or 'none'}; see `sdgraph targets`)")
+    return reg[name]()
