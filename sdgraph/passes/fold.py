@@ -56,7 +56,7 @@ class Fold(Pass):
             for t in node.inputs:
                 consumers_count[id(t)] = consumers_count.get(id(t), 0) + 1
         for node in list(graph.toposort().nodes):
-            if not node.outputs or node.domain not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC:
+            if not node.outputs or (node.domain or "") not in ("", "ai.onnx") or node.op in _NONDETERMINISTIC:
                 continue
             if any(isinstance(a, gs.Graph) for a in node.attrs.values()):
                 continue

@@ -1,0 +1,173 @@
+"""Commands over the IR and passes: optimize, inspect, passes, doctor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from sdgraph.cli._app import command, console
+from sdgraph.errors import InputError, UsageError
+
+__all__ = ["optimize", "inspect", "passes", "doctor"]
+
+
+def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    if not items:
+        return None
+    shapes = {}
+    for item in items:
+        name, eq, dims = item.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d)
+        except ValueError:
+            raise UsageError(f"--shape {item!r}: expected NAME=D1,D2,... (e.g. sample=2,4,64,64)") from None
+    return shapes
+
+
+@command("optimize")
+def optimize(
+    src: Path = typer.Argument(..., help="A .onnx file, a folder with model.onnx, or a model directory"),
+    passes_: str = typer.Option(..., "--passes", "-p", help="Pipeline text, e.g. 'fold,tome:5,fa' or a preset"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (or .onnx file)"),
+    verify: bool = typer.Option(False, "--verify", help="Run before/after each pass in ONNX Runtime and compare"),
+    strict: bool = typer.Option(False, "--strict", help="Fail when a pattern pass leaves expected regions unmatched"),
+    debug: bool = typer.Option(False, "--debug", help="Pattern passes list near misses with reasons"),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON"),
+    dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="Write the graph after each pass (003_fa.onnx)"),
+    print_after: Optional[List[str]] = typer.Option(None, "--print-after", help="Print the graph after this pass (repeatable; 'all')"),
+    submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
+    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Input shape for --verify, NAME=D1,D2,..."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --verify inputs"),
+) -> None:
+    """Run a pass pipeline on a model (or every submodel of a model directory)."""
+    from sdgraph.passes.manager import DumpDir, PrintAfter, optimize_path
+
+    instruments = []
+    if dump_dir is not None:
+        instruments.append(DumpDir(dump_dir))
+    if print_after:
+        names = [] if "all" in print_after else print_after
+        instruments.append(PrintAfter(lambda text: console.print(text, markup=False), names))
+    if not src.exists():
+        raise InputError(f"{src}: no such file or directory")
+    with console.status(f"optimizing {src} ...", spinner="dots"):
+        reports = optimize_path(
+            src, passes_, out,
+            submodels=submodels.split(",") if submodels else None,
+            verify=verify, strict=strict, debug=debug, seed=seed, shapes=_parse_shapes(shape),
+            instruments=instruments,
+        )
+    for name, rep in reports.items():
+        _print_report(name, rep, debug)
+    console.print(f"wrote {out}")
+    if report_path is not None:
+        from sdgraph.ir.io import atomic_file
+
+        data = {name: rep.to_dict() for name, rep in reports.items()}
+        with atomic_file(report_path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _print_report(name: str, rep, debug: bool) -> None:
+    table = Table(title=f"{name} ({rep.role}): {rep.pipeline}", title_justify="left")
+    for col in ("#", "pass", "modified", "matched", "stats", "nodes", "ops changed", "error vs before", "s"):
+        table.add_column(col, overflow="fold")
+    for r in rep.records:
+        if r.skipped:
+            table.add_row(str(r.index), r.spec, "skipped", "", r.skipped, "", "", "", "")
+            continue
+        matched = f"{r.matched}/{r.expected}" if r.expected is not None else ""
+        stats = " ".join(f"{k}={v}" for k, v in r.stats.items())
+        delta = " ".join(f"{k}{v:+d}" for k, v in sorted(r.ops_delta.items(), key=lambda kv: kv[1]))
+        nums = f"rel {r.numbers['max_rel']:.2e} cos {r.numbers['cosine']:.6f}" if r.numbers else ""
+        table.add_row(str(r.index), r.spec, "yes" if r.modified else "no", matched, stats,
+                      f"{r.nodes_before}→{r.nodes_after}", delta, nums, f"{r.seconds:.2f}")
+    console.print(table)
+    for r in rep.records:
+        for note in r.notes:
+            console.print(f"  {r.spec}: {note}", markup=False)
+        if debug:
+            for node, why in r.near_misses:
+                console.print(f"  near miss in {r.spec}: {node}: {why}", markup=False)
+    _print_histogram(rep.ops_before, rep.ops_after)
+    if rep.numbers:
+        console.print(f"  final vs input: max_abs {rep.numbers['max_abs']:.3e}  max_rel {rep.numbers['max_rel']:.3e}"
+                      f"  cosine {rep.numbers['cosine']:.6f}")
+
+
+def _print_histogram(before: dict, after: dict) -> None:
+    table = Table(title="op counts", title_justify="left")
+    table.add_column("op")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for op in sorted(set(before) | set(after), key=lambda o: (-max(before.get(o, 0), after.get(o, 0)), o)):
+        b, a = before.get(op, 0), after.get(op, 0)
+        table.add_row(op, str(b), str(a), style=None if a == b else "bold")
+    table.add_row("total", str(sum(before.values())), str(sum(after.values())))
+    console.print(table)
+
+
+@command("inspect")
+def inspect(
+    src: Path = typer.Argument(..., help="A .onnx file or a folder with model.onnx"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables"),
+) -> None:
+    """Inputs/outputs, op histogram, parameters, role and attention-like regions of a model."""
+    from sdgraph.ir.inspect import summarize
+
+    info = summarize(src)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    console.print(f"[bold]{info['name']}[/bold]  role={info['role']}  opset={info['opset']}  nodes={info['nodes']}  "
+                  f"parameters={info['parameters']:,}  bytes={info['bytes']:,}  attention-like regions={info['attention_regions']}")
+    io_table = Table(title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io_table.add_row(kind[:-1], t["name"], t["dtype"], str(t["shape"]))
+    console.print(io_table)
+    hist = Table(title="op histogram", title_justify="left")
+    hist.add_column("op")
+    hist.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        hist.add_row(op, str(n))
+    console.print(hist)
+
+
+@command("passes")
+def passes() -> None:
+    """Every registered pass with its summary and options, and the presets."""
+    from sdgraph.passes.base import registry
+    from sdgraph.passes.pipeline import PRESETS
+
+    for name, cls in registry().items():
+        kind = "exact" if cls.exact else "approximate"
+        console.print(f"[bold]{name}[/bold]  ({kind}) {cls.summary}")
+        for opt in cls.options:
+            pos = " (positional)" if opt.positional else ""
+            console.print(f"    {opt.describe()}{pos}", markup=False)
+    console.print("[bold]presets[/bold]")
+    for name, text in PRESETS.items():
+        console.print(f"    {name} = {text}", markup=False)
+
+
+@command("doctor")
+def doctor() -> None:
+    """Which optional parts and targets are usable here, and why not."""
+    from sdgraph.doctor import checks
+
+    table = Table(title="sdgraph doctor", title_justify="left")
+    for col in ("part", "usable", "detail"):
+        table.add_column(col, overflow="fold")
+    for name, ok, detail in checks():
+        table.add_row(escape(name), "yes" if ok else "no", escape(detail))
+    console.print(table)
