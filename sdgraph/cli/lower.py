@@ -1,0 +1,71 @@
+"""Commands of the targets: ``sdgraph lower`` and ``sdgraph targets``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from sdgraph.cli._app import command, console, err_console
+from sdgraph.errors import UsageError
+
+__all__ = ["lower_cmd", "targets_cmd"]
+
+
+def _parse_options(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE (e.g. threads=2)")
+        out[k.strip()] = v.strip()
+    return out
+
+
+@command("lower")
+def lower_cmd(
+    src: Path = typer.Argument(..., help="A .onnx file, a folder with model.onnx, or a model directory"),
+    target: str = typer.Option(..., "--target", "-t", help="Target name (see `sdgraph targets`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 | int8 (what the target takes)"),
+    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Shape bucket input NAME=DIMS (2x4x64x64); a repeated name starts a new bucket"),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="Target option KEY=VALUE (repeatable)"),
+    submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Build even when the cache has this artifact"),
+) -> None:
+    """Lower a model (or every submodel of a model directory) to a target's artifact folder."""
+    from sdgraph.targets.driver import lower, parse_shape_args
+
+    buckets = parse_shape_args(shape or [])
+    res = lower(src, target, out, precision=precision, shapes=buckets or None, options=_parse_options(option),
+                submodels=submodels.split(",") if submodels else None, cache=not no_cache,
+                progress=lambda m: err_console.print(m, markup=False, style="dim"))
+    table = Table(title=f"{src} -> {target} ({precision})", title_justify="left")
+    for col in ("submodel", "cache", "s", "files"):
+        table.add_column(col)
+    for name, info in res.submodels.items():
+        entry = res.manifest["submodels"][name]
+        size = sum(entry.get("files", {}).values())
+        table.add_row(name, res.cache_line(name), f"{info['seconds']:.2f}", f"{len(entry.get('files', {}))} ({size / 1e6:.1f} MB)")
+    console.print(table)
+    console.print(f"wrote {out} in {res.seconds:.1f} s")
+
+
+@command("targets")
+def targets_cmd() -> None:
+    """List targets: what each accepts and whether it is usable here."""
+    from sdgraph.targets.base import targets
+
+    table = Table(title="targets", title_justify="left")
+    for col in ("target", "usable here", "precisions", "shapes", "canonical ops", "options", "summary"):
+        table.add_column(col)
+    for name, cls in targets().items():
+        t = cls()
+        ok, why = t.available()
+        usable = "yes" if ok else f"no: {why}" + (f" (pip install 'sdgraph[{t.extra}]')" if t.extra else "")
+        cap = t.capability
+        table.add_row(name, usable, ",".join(cap.precisions), "static" if cap.static_shapes else "dynamic",
+                      ",".join(sorted(cap.canonical_ops)) or "inlined", " ".join(o.name for o in t.options), t.summary)
+    console.print(table)

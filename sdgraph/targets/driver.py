@@ -1,0 +1,451 @@
+"""Lowering driver: check every submodel before any work, legalize, build, cache, write the artifact; load it back."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from sdgraph.errors import InputError, UnsupportedError, UsageError
+from sdgraph.ir import io
+from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
+from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
+from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
+from sdgraph.targets.cache import ArtifactCache, graph_hash
+
+__all__ = ["lower", "load_artifact", "LowerResult", "Artifact", "parse_shape_spec", "parse_shape_args", "generic_problems",
+           "normalize_shapes", "bucket_for"]
+
+log = logging.getLogger(__name__)
+
+_NP_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.float64): "float64",
+             np.dtype(np.int64): "int64", np.dtype(np.int32): "int32", np.dtype(np.int8): "int8",
+             np.dtype(np.uint8): "uint8", np.dtype(np.bool_): "bool"}
+
+
+@dataclasses.dataclass
+class LowerResult:
+    """What ``lower`` did: the artifact folder, and per submodel whether the cache hit and why not."""
+
+    out: Path
+    target: str
+    precision: str
+    submodels: dict[str, dict[str, Any]]
+    manifest: dict[str, Any]
+    seconds: float
+
+    def cache_line(self, name: str) -> str:
+        s = self.submodels[name]
+        return "cache hit" if s["cache"] == "hit" else f"cache {s['cache']}: {s.get('reason', '')}".rstrip(": ")
+
+
+# -- shapes -------------------------------------------------------------------------------------
+def parse_shape_spec(text: str) -> dict[str, tuple[int, ...]]:
+    """``sample=2x4x64x64;encoder_hidden_states=2x77x768`` -> one shape bucket (dims by x or comma)."""
+    import re
+
+    bucket: dict[str, tuple[int, ...]] = {}
+    for part in [p for p in re.split(r"[;\s]+", text) if p.strip()]:
+        if "=" not in part:
+            raise UsageError(f"bad --shape {text!r}: expected name=dims like sample=2x4x64x64")
+        name, dims = part.split("=", 1)
+        try:
+            bucket[name.strip()] = tuple(int(d) for d in re.split(r"[x,*]", dims.lower()) if d.strip() != "")
+        except ValueError:
+            raise UsageError(f"bad --shape {part!r}: dims must be integers joined by x (2x4x64x64)") from None
+        if not bucket[name.strip()] or any(d <= 0 for d in bucket[name.strip()]):
+            raise UsageError(f"bad --shape {part!r}: dims must be positive integers")
+    if not bucket:
+        raise UsageError(f"bad --shape {text!r}: empty")
+    return bucket
+
+
+def parse_shape_args(items: Iterable[str]) -> list[dict[str, tuple[int, ...]]]:
+    """Repeated ``--shape NAME=DIMS``: a repeated name starts a new bucket; unnamed inputs carry over.
+
+    ``--shape sample=2x4x64x64 --shape encoder_hidden_states=2x77x768 --shape sample=2x4x96x96``
+    declares two buckets (64 and 96 latents) sharing the text shape.
+    """
+    buckets: list[dict[str, tuple[int, ...]]] = []
+    cur: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        for k, v in parse_shape_spec(item).items():
+            if k in cur:
+                buckets.append(cur)
+                cur = dict(cur)
+            cur[k] = v
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def normalize_shapes(shapes) -> list[dict[str, tuple[int, ...]]]:
+    if shapes is None:
+        return []
+    if isinstance(shapes, str):
+        return [parse_shape_spec(shapes)]
+    if isinstance(shapes, Mapping):
+        shapes = [shapes]
+    out = []
+    for b in shapes:
+        if isinstance(b, str):
+            out.append(parse_shape_spec(b))
+        elif isinstance(b, Mapping):
+            out.append({str(k): tuple(int(d) for d in v) for k, v in b.items()})
+        else:
+            raise UsageError(f"bad shape bucket {b!r}: expected a mapping input -> dims")
+    return out
+
+
+def _input_dims(model: Model) -> dict[str, list]:
+    return {t.name: list(t.shape) if t.shape is not None else None for t in model.graph.inputs}
+
+
+def _buckets_for(model: Model, buckets: list[dict[str, tuple[int, ...]]], name: str) -> list[dict[str, tuple[int, ...]]]:
+    """The buckets restricted to this submodel's inputs; checks rank and fixed dims."""
+    dims = _input_dims(model)
+    out = []
+    for b in buckets:
+        sub = {}
+        for k, v in b.items():
+            if k not in dims:
+                continue
+            want = dims[k]
+            if want is not None:
+                if len(want) != len(v):
+                    raise UsageError(f"--shape {k}={'x'.join(map(str, v))}: {name} input {k!r} has rank {len(want)}, not {len(v)}")
+                for i, (w, d) in enumerate(zip(want, v)):
+                    if isinstance(w, (int, np.integer)) and w >= 0 and int(w) != d:
+                        raise UsageError(f"--shape {k}={'x'.join(map(str, v))}: {name} input {k!r} has dim {i} fixed to {w}")
+            sub[k] = tuple(v)
+        if sub and sub not in out:
+            out.append(sub)
+    return out
+
+
+def bucket_for(feeds: Mapping[str, np.ndarray], buckets: list[Mapping[str, Iterable[int]]]) -> int | None:
+    """Index of the declared bucket the feeds' shapes match, or None."""
+    for i, b in enumerate(buckets):
+        if all(k not in feeds or tuple(np.shape(feeds[k])) == tuple(v) for k, v in b.items()):
+            return i
+    return None
+
+
+def _fmt_bucket(b: Mapping[str, Iterable[int]]) -> str:
+    return ",".join(f"{k}={'x'.join(map(str, v))}" for k, v in b.items())
+
+
+# -- the check before any work -------------------------------------------------------------------
+def generic_problems(model: Model, target: Target, ctx: LowerContext) -> list[Problem]:
+    """Checks every target shares: op domains, dtypes, static shapes, canonical ops it cannot take."""
+    cap = target.capability
+    problems: list[Problem] = []
+    fn_keys = set(model.functions)
+    for t in list(model.graph.inputs) + list(model.graph.outputs):
+        if t.dtype is None:
+            continue
+        dn = _NP_NAMES.get(np.dtype(t.dtype), str(np.dtype(t.dtype)))
+        if dn not in cap.dtypes:
+            problems.append(Problem(t.name, "graph input" if t in model.graph.inputs else "graph output",
+                                    f"dtype {dn} is not accepted by {target.name} (accepts {', '.join(sorted(cap.dtypes))})",
+                                    "cast the graph to a supported dtype before lowering"))
+    if cap.static_shapes:
+        declared = {k for b in ctx.shapes for k in b}
+        for t in model.graph.inputs:
+            dynamic = t.shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in t.shape)
+            if dynamic and t.name not in declared:
+                problems.append(Problem(t.name, "graph input", f"{target.name} needs static shapes and {t.name!r} has dims {t.shape}",
+                                        f"declare a bucket: --shape {t.name}=..."))
+    for node in model.graph.nodes:
+        domain = node.domain or ""
+        op = node.op if domain in ("", "ai.onnx") else f"{domain}::{node.op}"
+        if domain == CANONICAL_DOMAIN:
+            if node.op not in cap.canonical_ops and (domain, node.op) not in fn_keys:
+                problems.append(Problem(node.name, op, "canonical op without a function body, and no native lowering here",
+                                        "re-run the pass that made it, or inline it"))
+        elif domain not in ("", "ai.onnx") and (domain, node.op) not in fn_keys:
+            if cap.ops is not None and op not in cap.ops:
+                problems.append(Problem(node.name, op, f"op of domain {domain!r} is not supported by {target.name}"))
+        elif cap.ops is not None and domain in ("", "ai.onnx") and node.op not in cap.ops:
+            problems.append(Problem(node.name, op, f"not supported by {target.name}"))
+    return problems
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def _is_model_dir(p: Path) -> bool:
+    return p.is_dir() and not (p / "model.onnx").is_file() and any((p / s / "model.onnx").is_file() for s in SUBMODELS)
+
+
+def _source_manifest(src: Path, model_dir: bool) -> dict[str, Any]:
+    if model_dir:
+        return read_manifest(src)
+    f = io.resolve_model_file(src)
+    for d in (f.parent, f.parent.parent):
+        m = read_manifest(d)
+        if m:
+            return m
+    return {}
+
+
+def _pipeline_text(manifest: Mapping[str, Any]) -> str:
+    return " | ".join(str(p.get("pipeline", "")) for p in manifest.get("passes", []) if isinstance(p, Mapping))
+
+
+def _external_files(model: Model) -> list[Path]:
+    files = set()
+    for t in model.graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            v = t._values
+            tensor = getattr(v, "tensor", None)
+            if tensor is not None and io.is_external(tensor) and model.base_dir is not None:
+                files.add((model.base_dir / io.external_info(tensor)["location"]).resolve())
+    return sorted(files)
+
+
+def _say(progress: Callable[[str], None] | None, msg: str) -> None:
+    log.info(msg)
+    if progress is not None:
+        progress(msg)
+
+
+# -- lower --------------------------------------------------------------------------------------
+def lower(
+    src,
+    target: str,
+    out,
+    precision: str = "fp32",
+    shapes=None,
+    options: Mapping[str, Any] | None = None,
+    submodels: Iterable[str] | None = None,
+    cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+    cache_dir: str | Path | None = None,
+) -> LowerResult:
+    """Lower a model file or a model directory to ``target`` into the artifact folder ``out``.
+
+    Every submodel is checked before any work; all problems are reported together
+    (``UnsupportedError.problems``). ``out`` is written atomically, inputs are never touched.
+    """
+    t0 = time.perf_counter()
+    tgt = get_target(target)
+    tgt.require()
+    opts = tgt.parse_options(dict(options or {}))
+    if precision not in tgt.capability.precisions:
+        raise UsageError(f"target {target!r} does not take precision {precision!r} (takes {', '.join(tgt.capability.precisions)})")
+    buckets = normalize_shapes(shapes)
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or directory")
+    io.check_output_path(out, [src])
+    model_dir = _is_model_dir(src)
+    src_manifest = _source_manifest(src, model_dir)
+    pipeline = _pipeline_text(src_manifest)
+
+    # 1. load every submodel and check it: all problems, before any work
+    jobs: list[tuple[str, Model, LowerContext]] = []
+    if model_dir:
+        names = [s for s in SUBMODELS if (src / s / "model.onnx").is_file()]
+        wanted = list(submodels) if submodels else names
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise UsageError(f"{src} has no submodel {', '.join(unknown)} (has {', '.join(names)})")
+        for name in wanted:
+            m = Model.load(src / name / "model.onnx")
+            m.metadata.setdefault("sdgraph.role", name)
+            jobs.append((name, m, None))
+    else:
+        m = Model.load(src)
+        role = m.role
+        jobs.append((role if role in ROLES else "model", m, None))
+    known_inputs = {t.name for _, m, _ in jobs for t in m.graph.inputs}
+    for b in buckets:
+        missing = [k for k in b if k not in known_inputs]
+        if missing:
+            raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known_inputs))})")
+    problems: list[str] = []
+    for i, (name, m, _) in enumerate(jobs):
+        ctx = LowerContext(precision=precision, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
+        jobs[i] = (name, m, ctx)
+        found = generic_problems(m, tgt, ctx) + list(tgt.check(m, ctx))
+        problems += [f"{name}: {p}" if len(jobs) > 1 or model_dir else str(p) for p in found]
+    if problems:
+        raise UnsupportedError(f"{len(problems)} problem(s) keep the graph from lowering to {target!r} (listed above)"
+                               if len(problems) > 1 else f"cannot lower to {target!r}: {problems[0]}", problems)
+
+    # 2. build each submodel (or restore it from the cache) into a temporary folder, then rename
+    store = ArtifactCache(cache_dir)
+    tools = {"sdgraph": _version(), **tgt.tool_versions()}
+    results: dict[str, dict[str, Any]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    with io.atomic_dir(out) as tmp:
+        tmp.chmod(0o755)
+        if model_dir:
+            for item in sorted(src.iterdir()):
+                if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+                else:
+                    shutil.copy2(item, tmp / item.name)
+        for name, m, ctx in jobs:
+            t1 = time.perf_counter()
+            sub = tmp / name
+            sub.mkdir()
+            components = {
+                "graph": graph_hash([m.path] + _external_files(m), store.root) if cache else "",
+                "pipeline": pipeline,
+                "target": target,
+                "options": {k: v for k, v in sorted(opts.items())},
+                "precision": precision,
+                "shapes": [{k: list(v) for k, v in b.items()} for b in ctx.shapes],
+                "tools": tools,
+                "source": str(m.path.resolve()) if m.path else "",
+                "role": name,
+            }
+            hit, reason = (None, "disabled (--no-cache)") if not cache else store.lookup(target, components)
+            if hit is not None:
+                entry = store.restore(hit, sub)
+                state = "hit"
+                _say(progress, f"{name}: cache hit ({hit.name[:12]})")
+            else:
+                _say(progress, f"{name}: cache {'off' if not cache else 'miss'}: {reason}; legalizing for {target}")
+                tl = time.perf_counter()
+                tgt.legalize(m, ctx)
+                legal_s = time.perf_counter() - tl
+                _say(progress, f"{name}: building {target} artifact")
+                tb = time.perf_counter()
+                entry = dict(tgt.build(m, sub, ctx))
+                entry.setdefault("inputs", [t.name for t in m.graph.inputs])
+                entry.setdefault("outputs", [t.name for t in m.graph.outputs])
+                entry["timing"] = {"legalize_s": round(legal_s, 3), "build_s": round(time.perf_counter() - tb, 3)}
+                state = "miss" if cache else "off"
+                if cache:
+                    store.store(target, components, sub, entry)
+            entry["files"] = {str(p.relative_to(sub)): p.stat().st_size for p in sorted(sub.rglob("*")) if p.is_file()}
+            entry["shapes"] = components["shapes"]
+            entry["graph_hash"] = components["graph"]
+            entry.setdefault("dynamic", True)
+            entries[name] = entry
+            results[name] = {"cache": state, "reason": reason, "seconds": round(time.perf_counter() - t1, 3)}
+        manifest = {
+            "kind": ARTIFACT_KIND,
+            "sdgraph_version": _version(),
+            "target": target,
+            "precision": precision,
+            "options": opts,
+            "shapes": [{k: list(v) for k, v in b.items()} for b in buckets],
+            "source": {"path": str(src.resolve()), "pipeline": pipeline, "kind": src_manifest.get("kind", "")},
+            "source_manifest": {k: v for k, v in src_manifest.items() if k not in ("submodels",)},
+            "tool_versions": tools,
+            "submodels": entries,
+        }
+        write_manifest(tmp, manifest)
+    secs = time.perf_counter() - t0
+    _say(progress, f"wrote {out} ({target}, {precision}) in {secs:.1f} s")
+    return LowerResult(out=out, target=target, precision=precision, submodels=results, manifest=manifest, seconds=secs)
+
+
+def _version() -> str:
+    from sdgraph import __version__
+
+    return __version__
+
+
+# -- load ---------------------------------------------------------------------------------------
+class _ShapeGuard:
+    """Wraps a runner: feeds at an undeclared shape run dynamically or fail naming the buckets."""
+
+    def __init__(self, runner, name: str, buckets: list[dict[str, list[int]]], dynamic: bool):
+        self.inner = runner
+        self.name = name
+        self.buckets = buckets
+        self.dynamic = dynamic
+        self.input_names = list(runner.input_names)
+        self.output_names = list(runner.output_names)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"{self.name}: missing input(s) {', '.join(missing)} (inputs: {', '.join(self.input_names)})")
+        if self.buckets and bucket_for(feeds, self.buckets) is None:
+            shown = _fmt_bucket({k: np.shape(v) for k, v in feeds.items() if any(k in b for b in self.buckets)})
+            declared = " | ".join(_fmt_bucket(b) for b in self.buckets)
+            if not self.dynamic:
+                raise InputError(f"{self.name}: input shapes {shown} match no declared shape bucket (declared: {declared}); "
+                                 "lower again with another --shape")
+            log.info("%s: shapes %s are outside the declared buckets (%s); running dynamically", self.name, shown, declared)
+        return self.inner(feeds)
+
+    def __getattr__(self, item):
+        return getattr(self.inner, item)
+
+
+class Artifact:
+    """A lowered artifact folder: ``.target``, ``.manifest``, ``.runners`` (loaded lazily), ``.runner(name)``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], target: Target, strict_shapes: bool | None):
+        self.path = path
+        self.manifest = manifest
+        self.target = manifest["target"]
+        self.target_impl = target
+        self.precision = manifest.get("precision", "fp32")
+        self.submodels = list(manifest["submodels"])
+        self._strict = strict_shapes
+        self._runners: dict[str, Any] = {}
+
+    def runner(self, submodel: str | None = None):
+        if submodel is None:
+            if len(self.submodels) != 1:
+                raise UsageError(f"{self.path}: name a submodel ({', '.join(self.submodels)})")
+            submodel = self.submodels[0]
+        if submodel not in self.manifest["submodels"]:
+            raise UsageError(f"{self.path} has no submodel {submodel!r} (has {', '.join(self.submodels)})")
+        if submodel not in self._runners:
+            entry = self.manifest["submodels"][submodel]
+            ctx = LowerContext(precision=self.precision, shapes=[{k: tuple(v) for k, v in b.items()} for b in entry.get("shapes", [])],
+                               options=dict(self.manifest.get("options", {})), role=submodel, submodel=submodel)
+            inner = self.target_impl.load(self.path / submodel, entry, ctx)
+            dynamic = bool(entry.get("dynamic", True)) if self._strict is None else not self._strict
+            self._runners[submodel] = _ShapeGuard(inner, submodel, entry.get("shapes", []), dynamic)
+        return self._runners[submodel]
+
+    @property
+    def runners(self) -> dict[str, Any]:
+        return {name: self.runner(name) for name in self.submodels}
+
+    def __repr__(self) -> str:
+        return f"Artifact({str(self.path)!r}, target={self.target}, submodels={self.submodels})"
+
+
+def load_artifact(path, target: str | None = None, strict_shapes: bool | None = None) -> Artifact:
+    """Open an artifact folder written by ``lower``; fails with one line when it is not usable here."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: not an artifact directory")
+    manifest = read_manifest(path, required=True)
+    if manifest.get("kind") != ARTIFACT_KIND:
+        raise InputError(f"{path}: not an sdgraph artifact (manifest kind {manifest.get('kind')!r}; lower it with `sdgraph lower`)")
+    if manifest.get("sdgraph_version") != _version():
+        raise InputError(f"{path}: built by sdgraph {manifest.get('sdgraph_version')}, this is {_version()}; lower it again")
+    if target is not None and manifest.get("target") != target:
+        raise InputError(f"{path}: artifact is for target {manifest.get('target')!r}, not {target!r}")
+    subs = manifest.get("submodels")
+    if not isinstance(subs, dict) or not subs:
+        raise InputError(f"{path}: corrupted artifact (manifest lists no submodels)")
+    for name, entry in subs.items():
+        for rel, size in dict(entry.get("files", {})).items():
+            f = path / name / rel
+            if not f.is_file():
+                raise InputError(f"{path}: corrupted artifact ({name}/{rel} is missing)")
+            if f.stat().st_size != size:
+                raise InputError(f"{path}: corrupted artifact ({name}/{rel} is {f.stat().st_size} bytes, manifest says {size})")
+    tgt = get_target(manifest["target"])
+    tgt.require()
+    return Artifact(path, manifest, tgt, strict_shapes)
