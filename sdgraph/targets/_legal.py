@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import onnx
+import onnx.inliner
 
 from sdgraph.ir.model import Model
 

@@ -1,0 +1,220 @@
+"""The ``openvino`` target: OpenVINO IR (.xml/.bin) through openvino's converter, compiled and checked on CPU."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from sdgraph.errors import InputError
+from sdgraph.ir.model import Model
+from sdgraph.passes.base import Option
+from sdgraph.targets._legal import inline_functions
+from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
+
+__all__ = ["OpenVinoTarget", "OpenVinoRunner", "ov_has_rule"]
+
+log = logging.getLogger(__name__)
+
+# precision -> (inference precision hint, compress weights to fp16 on save)
+_PRECISION = {"fp32": ("f32", False), "bf16": ("bf16", False), "fp16": ("f32", True), "int8": ("f32", False)}
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@functools.lru_cache(maxsize=None)
+def ov_has_rule(domain: str, op: str, opset: int, n_in: int, n_out: int) -> tuple[bool, str]:
+    """Whether OpenVINO's ONNX frontend has a conversion rule for this op (probed on a one-node graph)."""
+    import openvino as ov
+
+    ins = [onnx.helper.make_tensor_value_info(f"i{k}", onnx.TensorProto.FLOAT, None) for k in range(n_in)]
+    outs = [onnx.helper.make_tensor_value_info(f"o{k}", onnx.TensorProto.FLOAT, None) for k in range(n_out)]
+    node = onnx.helper.make_node(op, [f"i{k}" for k in range(n_in)], [f"o{k}" for k in range(n_out)], domain=domain)
+    imports = [onnx.helper.make_opsetid("", opset)] + ([onnx.helper.make_opsetid(domain, 1)] if domain else [])
+    proto = onnx.helper.make_model(onnx.helper.make_graph([node], "probe", ins, outs), opset_imports=imports)
+    proto.ir_version = 8
+    with tempfile.TemporaryDirectory(prefix="sdgraph-ovprobe-") as d:
+        f = Path(d) / "p.onnx"
+        onnx.save(proto, str(f))
+        try:
+            ov.convert_model(str(f))
+        except Exception as exc:  # a rule that needs constant inputs still counts as a rule
+            msg = str(exc)
+            if "No conversion rule found" in msg:
+                return False, "no conversion rule in OpenVINO's ONNX frontend"
+    return True, ""
+
+
+class OpenVinoRunner:
+    """A compiled OpenVINO model per shape bucket (imported from the exported blob when present)."""
+
+    def __init__(self, core, artifact_dir: Path, entry: Mapping[str, Any], config: dict[str, str], dynamic_ok: bool):
+        from sdgraph.targets.driver import bucket_for
+
+        self._bucket_for = bucket_for
+        self.core, self.dir, self.entry, self.config = core, artifact_dir, entry, config
+        self.buckets = [dict(b) for b in entry.get("shapes", [])]
+        self.blobs = list(entry.get("blobs", []))
+        self.dynamic_ok = dynamic_ok
+        self.input_names = list(entry["inputs"])
+        self.output_names = list(entry["outputs"])
+        self._compiled: dict[Any, Any] = {}
+        self._model = None
+        # compile the first (or only) variant now: a load is ready to run
+        self._get(0 if self.buckets else None)
+
+    def _read(self):
+        if self._model is None:
+            self._model = self.core.read_model(str(self.dir / self.entry["xml"]))
+        return self._model
+
+    def _get(self, idx):
+        if idx in self._compiled:
+            return self._compiled[idx]
+        blob = self.blobs[idx if idx is not None else 0] if self.blobs and (idx is not None or not self.buckets) else None
+        if blob and (self.dir / blob).is_file():
+            with open(self.dir / blob, "rb") as f:
+                compiled = self.core.import_model(f.read(), "CPU", self.config)
+        else:
+            model = self._read()
+            if idx is not None:
+                model = model.clone()
+                model.reshape({k: list(v) for k, v in self.buckets[idx].items()})
+            compiled = self.core.compile_model(model, "CPU", self.config)
+        self._compiled[idx] = (compiled, compiled.create_infer_request())
+        return self._compiled[idx]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        idx = self._bucket_for(feeds, self.buckets) if self.buckets else None
+        if self.buckets and idx is None:
+            idx = "dynamic"
+            if idx not in self._compiled:
+                self._compiled[idx] = None
+                compiled = self.core.compile_model(self._read(), "CPU", self.config)
+                self._compiled[idx] = (compiled, compiled.create_infer_request())
+        compiled, req = self._get(idx)
+        res = req.infer({k: np.ascontiguousarray(feeds[k]) for k in self.input_names})
+        return {name: np.array(res[compiled.output(name)]) for name in self.output_names}
+
+
+@register_target
+class OpenVinoTarget(Target):
+    """OpenVINO on CPU.
+
+    1. check: every node's op has a conversion rule in OpenVINO's ONNX frontend (probed per op).
+    2. legalize: canonical functions are inlined (the ONNX frontend has no rule for model-local
+       functions: "No conversion rule found for operations: ai.sdgraph.*").
+    3. build: ``openvino.convert_model`` -> ``model.xml``/``model.bin`` (fp16 weight compression for
+       precision fp16; QDQ graphs become FakeQuantize and run int8), compiled on CPU with an explicit
+       INFERENCE_PRECISION_HINT (this CPU's default is bf16), exported as a blob per shape bucket.
+    4. load: imports the blob (no recompilation) or compiles the IR.
+    """
+
+    name = "openvino"
+    summary = "OpenVINO IR (.xml/.bin) compiled for CPU; fp32/bf16 by hint, fp16 weights, int8 from QDQ"
+    extra = "openvino"
+    capability = Capability(
+        ops=None,  # probed per op against OpenVINO's ONNX frontend
+        canonical_ops=frozenset(),
+        dtypes=frozenset({"float32", "float16", "int64", "int32", "int8", "uint8", "bool"}),
+        precisions=("fp32", "bf16", "fp16", "int8"),
+        static_shapes=False,
+    )
+    options = (
+        Option("threads", int, 0, "INFERENCE_NUM_THREADS (0: OpenVINO's default)", min=0),
+        Option("hint", str, "auto", "PERFORMANCE_HINT", choices=("auto", "latency", "throughput")),
+        Option("blob", bool, True, "export the compiled model per shape bucket for fast loading"),
+        Option("dynamic", bool, False, "with shape buckets, run undeclared shapes on a dynamic compile instead of failing"),
+    )
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return False, "openvino is not installed"
+        return True, ""
+
+    def tool_versions(self) -> dict[str, str]:
+        import openvino as ov
+
+        return {"openvino": ov.get_version()}
+
+    def check(self, model: Model, ctx: LowerContext) -> list[Problem]:
+        problems = []
+        for n in model.graph.nodes:
+            d = n.domain or ""
+            if (d, n.op) in model.functions:
+                continue  # inlined in legalize
+            ok, why = ov_has_rule("" if d == "ai.onnx" else d, n.op, model.opset if d in ("", "ai.onnx") else 1,
+                                  len(n.inputs), len(n.outputs))
+            if not ok:
+                problems.append(Problem(n.name, n.op if d in ("", "ai.onnx") else f"{d}::{n.op}", why,
+                                        "try --target ort, or a pass that rewrites it to standard ops"))
+        if ctx.precision == "int8" and not any(n.op in _QDQ for n in model.graph.nodes):
+            problems.append(Problem(model.name, "graph", "precision int8 needs a quantized (QDQ) graph",
+                                    "run the qdq pass first (sdgraph optimize --passes qdq)"))
+        return problems
+
+    def legalize(self, model: Model, ctx: LowerContext) -> None:
+        inline_functions(model)
+
+    def _config(self, ctx: LowerContext, precision: str) -> dict[str, str]:
+        cfg = {"INFERENCE_PRECISION_HINT": _PRECISION[precision][0]}
+        if ctx.options.get("threads"):
+            cfg["INFERENCE_NUM_THREADS"] = str(int(ctx.options["threads"]))
+        if ctx.options.get("hint", "auto") != "auto":
+            cfg["PERFORMANCE_HINT"] = ctx.options["hint"].upper()
+        return cfg
+
+    def build(self, model: Model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:
+        import openvino as ov
+
+        with tempfile.TemporaryDirectory(prefix="sdgraph-ov-", dir=out_dir.parent) as d:
+            f = model.save_to_dir_unchecked(Path(d))
+            try:
+                ov_model = ov.convert_model(str(f))
+            except Exception as exc:
+                raise InputError(f"{ctx.submodel}: OpenVINO could not convert the graph: {_first(exc)}") from None
+        compress = _PRECISION[ctx.precision][1]
+        ov.save_model(ov_model, str(out_dir / "model.xml"), compress_to_fp16=compress)
+        config = self._config(ctx, ctx.precision)
+        core = ov.Core()
+        entry: dict[str, Any] = {"xml": "model.xml", "bin": "model.bin", "config": config, "compress_to_fp16": compress,
+                                 "dynamic": not ctx.shapes or bool(ctx.options.get("dynamic")),
+                                 "inputs": [p.get_any_name() for p in ov_model.inputs],
+                                 "outputs": [p.get_any_name() for p in ov_model.outputs], "blobs": []}
+        variants = [None] if not ctx.shapes else list(range(len(ctx.shapes)))
+        saved = core.read_model(str(out_dir / "model.xml"))
+        for i in variants:
+            m = saved
+            if i is not None:
+                m = saved.clone()
+                m.reshape({k: list(v) for k, v in ctx.shapes[i].items()})
+            try:
+                compiled = core.compile_model(m, "CPU", config)  # the compile check
+            except Exception as exc:
+                raise InputError(f"{ctx.submodel}: OpenVINO cannot compile it on CPU: {_first(exc)}") from None
+            if ctx.options.get("blob", True):
+                name = "model.blob" if i is None else f"model.{i}.blob"
+                with open(out_dir / name, "wb") as fh:
+                    blob = compiled.export_model()
+                    fh.write(blob.getvalue() if hasattr(blob, "getvalue") else blob)
+                entry["blobs"].append(name)
+        return entry
+
+    def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> OpenVinoRunner:
+        import openvino as ov
+
+        try:
+            return OpenVinoRunner(ov.Core(), artifact_dir, entry, dict(entry.get("config", {})), bool(entry.get("dynamic")))
+        except Exception as exc:
+            raise InputError(f"{artifact_dir}: corrupted artifact, OpenVINO cannot load it: {_first(exc)}") from None
+
+
+def _first(exc: Exception) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith(("Check ", "FrontEnd API"))]
+    return lines[0] if lines else type(exc).__name__
