@@ -187,17 +187,9 @@ def write_proto(
                         fh = handles[src] = open(src, "rb")
                     offset = int(info.get("offset", 0))
                     length = int(info["length"]) if "length" in info else src.stat().st_size - offset
-                    fh.seek(offset)
                     pos = _align(out, written)
-                    written = pos
-                    remaining = length
-                    while remaining:
-                        chunk = fh.read(min(_COPY_CHUNK, remaining))
-                        if not chunk:
-                            raise InputError(f"{src}: external data ends early for tensor {t.name!r}")
-                        out.write(chunk)
-                        remaining -= len(chunk)
-                    written += length
+                    _copy_range(fh, offset, out, length, src, t.name)
+                    written = pos + length
                     _set_external(t, data_name, pos, length)
                 else:
                     nbytes = len(t.raw_data) if t.HasField("raw_data") else _typed_nbytes(t)
@@ -219,6 +211,30 @@ def write_proto(
     with open(out_file, "wb") as f:
         f.write(proto.SerializeToString())
     return written
+
+
+def _copy_range(fh, offset: int, out, length: int, src: Path, name: str) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``fh`` to the end of ``out`` (in-kernel when possible)."""
+    out.flush()
+    remaining, pos = length, offset
+    if hasattr(os, "copy_file_range"):
+        try:
+            while remaining:
+                n = os.copy_file_range(fh.fileno(), out.fileno(), min(remaining, 1 << 30), pos)
+                if n == 0:
+                    break
+                remaining -= n
+                pos += n
+        except OSError:
+            pass  # e.g. across filesystems on old kernels: fall back to read/write
+        out.seek(0, os.SEEK_END)
+    fh.seek(pos)
+    while remaining:
+        chunk = fh.read(min(_COPY_CHUNK, remaining))
+        if not chunk:
+            raise InputError(f"{src}: external data ends early for tensor {name!r}")
+        out.write(chunk)
+        remaining -= len(chunk)
 
 
 def _typed_nbytes(t: onnx.TensorProto) -> int:
