@@ -1,0 +1,363 @@
+"""tome: token merging (ToMe for SD) around a UNet's transformer-block attention, as graph surgery.
+
+The merge/unmerge are the canonical ops ``ai.sdgraph::TomeMerge`` / ``TomeUnmerge`` (ONNX
+functions over standard ops; interface and the Ascend ``TomeMerged``/``TomeUnmerged`` mapping are
+documented in :mod:`sdgraph.ir.canonical_tome`). Destinations are constants chosen here: the first
+token of each sx*sy cell (tomesd with ``use_rand=False``) or, with ``random=true``, one token per
+cell drawn from ``numpy.random.default_rng(seed)`` (one draw per block, in graph order).
+
+Static latent height/width are required: token counts and the index constants are computed at
+pass time; a UNet whose spatial axes are dynamic is refused with one clear line (fix the shapes
+first, e.g. export at the size you run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from sdgraph.errors import PassError, UnsupportedError
+from sdgraph.ir.canonical_tome import MIN_OPSET, TOME_MERGE, TOME_UNMERGE, make_tome_functions
+from sdgraph.ir.model import CANONICAL_DOMAIN
+from sdgraph.ir.shapes import infer_shapes, static_shape
+from sdgraph.passes.base import Option, Pass, PassResult, register
+
+__all__ = ["Tome", "TomeBlock", "find_blocks", "tome_indices"]
+
+log = logging.getLogger(__name__)
+
+_REGION_CAP = 600  # nodes: a transformer sub-layer is ~20-80; more means the walk escaped
+_ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "ScaledDotProductAttention"}
+
+
+@dataclasses.dataclass
+class Region:
+    """One sub-layer of a transformer block: LayerNorm -> ... -> residual Add."""
+
+    norm: gs.Node  # the LayerNormalization node
+    add: gs.Node  # the residual Add
+    branch: gs.Tensor  # the Add operand coming from the sub-layer
+    nodes: list[gs.Node]  # nodes between norm output and branch
+    kind: str  # "attn" | "crossattn" | "mlp"
+
+
+@dataclasses.dataclass
+class TomeBlock:
+    """A transformer block found structurally: its input, token count and sub-layer regions."""
+
+    name: str
+    hidden: gs.Tensor  # block input [B, N, C] = the similarity metric
+    tokens: int
+    regions: dict[str, Region]
+    downsample: int = 1
+    h: int = 0
+    w: int = 0
+
+
+def _consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list(t.outputs)
+
+
+def _region_after(norm: gs.Node) -> tuple[Region | None, str]:
+    """Walk from a LayerNorm to the residual Add that closes its sub-layer."""
+    h, y = norm.inputs[0], norm.outputs[0]
+    adds = [n for n in _consumers(h) if n.op == "Add" and n is not norm]
+    for add in adds:
+        other = add.inputs[1] if add.inputs[0] is h else add.inputs[0]
+        if other is h:
+            continue
+        nodes: dict[int, gs.Node] = {}
+        leaves: set[int] = set()
+        stack, seen, reached = [other], set(), False
+        while stack:
+            t = stack.pop()
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if t is y:
+                reached = True
+                continue
+            if isinstance(t, gs.Constant) or not t.inputs:
+                if not isinstance(t, gs.Constant):
+                    leaves.add(id(t))
+                continue
+            node = t.inputs[0]
+            if node is norm or node.op == "Constant":
+                continue
+            if id(node) not in nodes:
+                nodes[id(node)] = node
+                if len(nodes) > _REGION_CAP:
+                    break
+                stack.extend(node.inputs)
+        if not reached or len(nodes) > _REGION_CAP:
+            continue
+        region_nodes = list(nodes.values())
+        inside = set(nodes)
+        for n in region_nodes:
+            for o in n.outputs:
+                for c in o.outputs:
+                    if id(c) not in inside and c is not add:
+                        return None, f"sub-layer output {o.name} escapes to {c.name}"
+        for c in _consumers(y):
+            if id(c) not in inside:
+                return None, f"LayerNorm output also feeds {c.name} outside the sub-layer"
+        ops = {n.op for n in region_nodes}
+        if ops & _ATTENTION_OPS:
+            kind = "crossattn" if leaves else "attn"
+        else:
+            kind = "mlp"
+        return Region(norm, add, other, region_nodes, kind), ""
+    return None, "no residual Add closes it"
+
+
+def find_blocks(model) -> tuple[list[TomeBlock], list[tuple[str, str]], int]:
+    """Transformer blocks in graph order: (blocks, near misses, self-attention candidates)."""
+    graph = model.graph
+    blocks: list[TomeBlock] = []
+    misses: list[tuple[str, str]] = []
+    regions: dict[int, Region] = {}
+    for node in graph.nodes:
+        if node.op != "LayerNormalization":
+            continue
+        reg, why = _region_after(node)
+        if reg is None:
+            misses.append((node.name, why))
+            continue
+        regions[id(node)] = reg
+    by_input = {id(r.norm.inputs[0]): r for r in regions.values()}
+    candidates = 0
+    for reg in regions.values():
+        if reg.kind != "attn":
+            continue
+        candidates += 1
+        hidden = reg.norm.inputs[0]
+        shape = static_shape(hidden)
+        if shape is None or len(shape) != 3:
+            raise UnsupportedError(
+                f"tome needs static token shapes [batch, tokens, channels]; {hidden.name} has {hidden.shape} "
+                "(export or fix the UNet at a static latent size: tome does not compute sizes in-graph)"
+            )
+        chain = {"attn": reg}
+        nxt = by_input.get(id(reg.add.outputs[0]))
+        if nxt is not None and nxt.kind == "crossattn":
+            chain["crossattn"] = nxt
+            nxt = by_input.get(id(nxt.add.outputs[0]))
+        if nxt is not None and nxt.kind == "mlp":
+            chain["mlp"] = nxt
+        blocks.append(TomeBlock(reg.norm.name, hidden, int(shape[1]), chain))
+    return blocks, misses, candidates
+
+
+def _latent_hw(model, blocks: list[TomeBlock]) -> tuple[int, int]:
+    for t in model.graph.inputs:
+        if t.shape is not None and len(t.shape) == 4:
+            hw = t.shape[2:]
+            if all(isinstance(d, (int, np.integer)) and d > 0 for d in hw):
+                return int(hw[0]), int(hw[1])
+            raise UnsupportedError(
+                f"tome needs a static latent height/width; input {t.name} has shape {list(t.shape)} "
+                "(tome does not compute sizes in-graph: export or fix the UNet at the size you run)"
+            )
+    n0 = max(b.tokens for b in blocks)
+    side = math.isqrt(n0)
+    if side * side != n0:
+        raise UnsupportedError(f"tome cannot tell the latent height/width (no 4-D input; {n0} tokens is not square)")
+    return side, side
+
+
+def tome_indices(h: int, w: int, sx: int, sy: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(src_idx, dst_idx) for an h x w token grid: one destination per full sy x sx cell.
+
+    Without ``rng`` the destination is each cell's first (top-left) token, as tomesd with
+    ``use_rand=False``; rows/columns past the last full cell are all sources.
+    """
+    hsy, wsx = h // sy, w // sx
+    if rng is None:
+        pick = np.zeros((hsy, wsx), dtype=np.int64)
+    else:
+        pick = rng.integers(0, sy * sx, size=(hsy, wsx))
+    is_dst = np.zeros((h, w), dtype=bool)
+    ii, jj = np.meshgrid(np.arange(hsy), np.arange(wsx), indexing="ij")
+    is_dst[ii * sy + pick // sx, jj * sx + pick % sx] = True
+    flat = is_dst.reshape(-1)
+    return np.flatnonzero(~flat).astype(np.int64), np.flatnonzero(flat).astype(np.int64)
+
+
+def _merge_count(tokens: int, ratio: float, n_src: int) -> int:
+    return min(int(tokens * ratio), n_src)  # tomesd: r = int(N * ratio), at most |src|
+
+
+def _const_value(t: gs.Tensor) -> np.ndarray | None:
+    if isinstance(t, gs.Constant):
+        shape = tuple(t.shape or ())
+        if len(shape) != 1 or shape[0] > 8:  # never read weights (they may live on disk)
+            return None
+        return np.asarray(t.values)
+    if t.inputs and t.inputs[0].op == "Constant" and isinstance(t.inputs[0].attrs.get("value"), gs.Constant):
+        return np.asarray(t.inputs[0].attrs["value"].values)
+    return None
+
+
+def _fix_shape_constants(region: Region, n: int, n_new: int, batch: int) -> str | None:
+    """Rewrite Reshape targets inside a merged region from n tokens to n_new; reason if impossible."""
+    plans = []
+    for node in region.nodes:
+        for i, inp in enumerate(node.inputs):
+            vals = _const_value(inp)
+            if vals is None or vals.dtype not in (np.int64, np.int32):
+                continue
+            if vals.ndim != 1 or vals.size > 8:
+                continue
+            hits = [k for k, v in enumerate(vals) if v in (n, batch * n)]
+            if not hits:
+                continue
+            if node.op != "Reshape" or i != 1:
+                return f"{node.op} {node.name} has a constant {vals.tolist()} holding the token count"
+            if len(hits) > 1:
+                return f"Reshape {node.name} target {vals.tolist()} names the token count twice"
+            new = vals.copy()
+            k = hits[0]
+            new[k] = n_new if vals[k] == n else batch * n_new
+            plans.append((node, i, new))
+    for node, i, new in plans:
+        node.inputs[i] = gs.Constant(f"{node.name}_tome_shape", new)
+    return None
+
+
+@register
+class Tome(Pass):
+    """Token merging around the transformer blocks' attention (ToMe for SD, tomesd's algorithm).
+
+    1. Finds each transformer block structurally: a LayerNormalization whose output reaches, and
+       only reaches, the other operand of the residual Add on its input; a sub-layer with Softmax
+       (or a fused ``Attention``) and no other activation input is self-attention, with one
+       (encoder states) cross-attention, without attention an MLP. Works before and after ``fa``.
+    2. Picks blocks by resolution: ``tome:N`` the first N blocks, highest resolution first (the
+       Ascend seed's TOME_num); ``tome`` alone all blocks with downsample <= ``max_downsample``.
+    3. Inserts TomeMerge after the LayerNorm (metric = block input, as tomesd) and TomeUnmerge in
+       front of the residual Add, for self-attention and optionally cross-attention / MLP, and
+       rewrites Reshape targets holding the token count inside the merged sub-layer.
+    4. Skips blocks whose sub-layer cannot be resized (a near miss says why); refuses dynamic
+       spatial axes and opset < 16 with one line.
+    """
+
+    name = "tome"
+    summary = "token merging (ToMe) around transformer-block attention; approximate"
+    exact = False
+    pattern = True
+    roles = ("unet",)
+    options = (
+        Option("blocks", int, 0, "merge the first N transformer blocks, highest resolution first (0: by max_downsample)",
+               positional=True, min=0),
+        Option("ratio", float, 0.5, "fraction of tokens merged (tomesd ratio)", min=0.0, max=0.99),
+        Option("sx", int, 2, "destination stride along width", min=1),
+        Option("sy", int, 2, "destination stride along height", min=1),
+        Option("random", bool, False, "one random destination per cell instead of the first"),
+        Option("seed", int, 0, "seed for random=true"),
+        Option("max_downsample", int, 0, "merge blocks with at most this downsampling (0: 1, or all when N is given)",
+               min=0),
+        Option("attn", bool, True, "merge around self-attention"),
+        Option("crossattn", bool, False, "merge around cross-attention"),
+        Option("mlp", bool, False, "merge around the MLP"),
+        Option("min_cosine", float, None, "fail --verify below this output cosine"),
+    )
+
+    def run(self, model) -> PassResult:
+        if not (self.attn or self.crossattn or self.mlp):
+            raise PassError("tome: nothing to merge (attn, crossattn and mlp are all false)")
+        if model.opset < MIN_OPSET:
+            raise UnsupportedError(f"tome needs opset >= {MIN_OPSET} (ScatterElements with reduction); model has {model.opset}")
+        infer_shapes(model)
+        blocks, misses, candidates = find_blocks(model)
+        result = PassResult(False, {"blocks_found": len(blocks), "blocks_merged": 0, "tokens_removed": 0})
+        result.expected = candidates
+        if self.debug:
+            result.near_misses = list(misses)
+        if not blocks:
+            result.matched = 0
+            return result
+        lh, lw = _latent_hw(model, blocks)
+        n0 = lh * lw
+        for b in blocks:
+            b.downsample = int(math.ceil(math.sqrt(n0 // b.tokens))) if b.tokens <= n0 else 1
+            b.h, b.w = int(math.ceil(lh / b.downsample)), int(math.ceil(lw / b.downsample))
+        max_ds = self.max_downsample or (1 if self.blocks == 0 else 1 << 30)
+        chosen = [b for b in blocks if b.downsample <= max_ds]
+        chosen.sort(key=lambda b: b.downsample)  # stable: graph order within a resolution
+        if self.blocks:
+            chosen = chosen[: self.blocks]
+        result.expected = len(chosen)
+        merge_fn, unmerge_fn = make_tome_functions(model.opset)
+        rng = np.random.default_rng(self.seed) if self.random else None
+        kinds = [k for k in ("attn", "crossattn", "mlp") if self.config[k]]
+        merged = 0
+        for b in chosen:
+            if b.h * b.w != b.tokens:
+                misses.append((b.name, f"{b.tokens} tokens do not form the {b.h}x{b.w} grid of the latent"))
+                continue
+            src, dst = tome_indices(b.h, b.w, self.sx, self.sy, rng)
+            r = _merge_count(b.tokens, self.ratio, len(src))
+            if r <= 0 or len(dst) == 0:
+                misses.append((b.name, f"ratio {self.ratio} merges no token of {b.tokens}"))
+                continue
+            batch = int(b.hidden.shape[0])
+            done = self._merge_block(model, b, kinds, src, dst, r, batch, misses)
+            if done:
+                merged += 1
+                result.stats["tokens_removed"] += r * done
+        result.matched = merged
+        result.stats["blocks_merged"] = merged
+        if merged:
+            model.add_function(merge_fn)
+            model.add_function(unmerge_fn)
+            model.graph.cleanup().toposort()
+            infer_shapes(model)
+            result.modified = True
+        if self.debug:
+            result.near_misses = list(misses)
+        log.info("tome: merged %d of %d blocks (ratio %s)", merged, len(chosen), self.ratio)
+        return result
+
+    def _merge_block(self, model, b: TomeBlock, kinds: list[str], src: np.ndarray, dst: np.ndarray, r: int,
+                     batch: int, misses: list) -> int:
+        graph = model.graph
+        base = b.name.replace("/", "_").strip("_") + "_tome"
+        src_c = gs.Constant(f"{base}_src_idx", src)
+        dst_c = gs.Constant(f"{base}_dst_idx", dst)
+        count = 0
+        for kind in kinds:
+            reg = b.regions.get(kind)
+            if reg is None:
+                continue
+            why = _fix_shape_constants(reg, b.tokens, b.tokens - r, batch)
+            if why:
+                misses.append((b.name, f"{kind}: {why}"))
+                continue
+            y = reg.norm.outputs[0]
+            dtype = y.dtype
+            merged = gs.Variable(f"{base}_{kind}_merged", dtype=dtype)
+            order = gs.Variable(f"{base}_{kind}_order", dtype=np.int64)
+            node_idx = gs.Variable(f"{base}_{kind}_node_idx", dtype=np.int64)
+            for c in list(y.outputs):
+                for i, t in enumerate(c.inputs):
+                    if t is y:
+                        c.inputs[i] = merged
+            graph.nodes.append(gs.Node(TOME_MERGE, f"{base}_{kind}_merge", attrs={"r": r},
+                                       inputs=[y, b.hidden, src_c, dst_c], outputs=[merged, order, node_idx],
+                                       domain=CANONICAL_DOMAIN))
+            for n in reg.nodes:
+                for o in n.outputs:
+                    o.shape = None
+            out = gs.Variable(f"{base}_{kind}_unmerged", dtype=dtype, shape=list(b.hidden.shape))
+            graph.nodes.append(gs.Node(TOME_UNMERGE, f"{base}_{kind}_unmerge", attrs={"r": r},
+                                       inputs=[reg.branch, src_c, dst_c, order, node_idx], outputs=[out],
+                                       domain=CANONICAL_DOMAIN))
+            for i, t in enumerate(reg.add.inputs):
+                if t is reg.branch:
+                    reg.add.inputs[i] = out
+            count += 1
+        return count
