@@ -1,0 +1,644 @@
+"""Image generation from an exported model dir (ONNX Runtime) or a lowered artifact dir, any target."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from sdgraph.errors import InputError, TargetUnavailable, UsageError
+from sdgraph.manifest import read_manifest
+
+__all__ = [
+    "SCHEDULERS",
+    "OrtRunner",
+    "Pipeline",
+    "Generation",
+    "open_pipeline",
+    "make_scheduler",
+    "read_prompts",
+    "load_image",
+    "make_grid",
+    "save_images",
+]
+
+log = logging.getLogger(__name__)
+
+# --scheduler name -> diffusers class (all numpy/torch level: no weights).
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
+}
+_SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+# --------------------------------------------------------------------------- runners
+class OrtRunner:
+    """One ONNX submodel in an ONNX Runtime CPU session: ``runner(feeds) -> {name: array}``."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InputError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
+        ins = self.session.get_inputs()
+        self.input_names = [i.name for i in ins]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_shapes = {i.name: list(i.shape) for i in ins}
+        self.input_dtypes = {i.name: np.dtype(_ORT_TYPES.get(i.type, np.float32)) for i in ins}
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, dict(feeds))
+        return dict(zip(self.output_names, outs))
+
+
+class _Timed:
+    """Wraps a runner; adds up wall time and calls per submodel (for bench)."""
+
+    def __init__(self, runner, name: str, stats: dict):
+        self.runner, self.name, self.stats = runner, name, stats
+        self.input_names = list(runner.input_names)
+        self.output_names = list(runner.output_names)
+        self.input_shapes = dict(getattr(runner, "input_shapes", {}) or {})
+        self.input_dtypes = dict(getattr(runner, "input_dtypes", {}) or {})
+
+    def __call__(self, feeds):
+        t0 = time.perf_counter()
+        out = self.runner(feeds)
+        dt = time.perf_counter() - t0
+        s = self.stats.setdefault(self.name, {"calls": 0, "seconds": 0.0, "first": None})
+        s["calls"] += 1
+        s["seconds"] += dt
+        if s["first"] is None:
+            s["first"] = dt
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- inputs
+def read_prompts(prompt: str | None, prompt_file: str | os.PathLike | None) -> list[str]:
+    """The prompts of ``--prompt`` or one per non-empty line of ``--prompt-file``."""
+    if prompt is not None and prompt_file is not None:
+        raise UsageError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        p = Path(prompt_file)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{p}: prompt file is unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"{p}: prompt file is empty (one prompt per line)")
+        return prompts
+    if prompt is None:
+        raise UsageError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    return [prompt]
+
+
+def load_image(path: str | os.PathLike, width: int, height: int, notes: list[str] | None = None):
+    """An RGB PIL image of exactly ``width`` x ``height``; a different size is resized and noted."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        img = Image.open(p)
+        img.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{p}: not a readable image ({exc})".splitlines()[0]) from None
+    img = img.convert("RGB")
+    if img.size != (width, height):
+        msg = f"{p.name}: image is {img.size[0]}x{img.size[1]}, resized to {width}x{height}"
+        log.warning(msg)
+        if notes is not None:
+            notes.append(msg)
+        img = img.resize((width, height), Image.LANCZOS)
+    return img
+
+
+def make_grid(images: Sequence, cols: int | None = None):
+    """Tile images (same size) into one grid image, row-major."""
+    from PIL import Image
+
+    if not images:
+        raise UsageError("no images to put in a grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_images(images: Sequence, out: str | os.PathLike, grid: bool = False) -> list[Path]:
+    """Write images: one image and ``out`` ending in .png/.jpg -> that file; else a folder of PNGs.
+
+    With ``grid`` a ``grid.png`` (or ``<out stem>_grid.png``) tiles them all.
+    """
+    from sdgraph.ir.io import atomic_file
+
+    out = Path(out)
+    written: list[Path] = []
+    is_file = out.suffix.lower() in (".png", ".jpg", ".jpeg")
+    if is_file and len(images) == 1:
+        targets = [out]
+    elif is_file:
+        targets = [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(len(images))]
+    else:
+        targets = [out / f"image_{i:03d}.png" for i in range(len(images))]
+    for img, path in zip(images, targets):
+        with atomic_file(path) as tmp:
+            img.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+        written.append(path)
+    if grid:
+        gpath = out.with_name(f"{out.stem}_grid.png") if is_file else out / "grid.png"
+        with atomic_file(gpath) as tmp:
+            make_grid(images).save(tmp, format="PNG")
+        written.append(gpath)
+    return written
+
+
+def make_scheduler(name: str | None, config: Mapping[str, Any] | None):
+    """A diffusers scheduler by ``--scheduler`` name (or the model dir's own class when None)."""
+    import diffusers
+
+    cfg = dict(config or {})
+    if name is None:
+        cls_name = cfg.get("_class_name") or "DDIMScheduler"
+    elif name in SCHEDULERS:
+        cls_name = SCHEDULERS[name]
+    else:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise UsageError(f"scheduler class {cls_name!r} from the model dir is not in diffusers {diffusers.__version__}")
+    if not cfg:
+        cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1)
+    cfg.setdefault("clip_sample", False)  # what diffusers' SD pipelines force for latent diffusion
+    dlog = logging.getLogger("diffusers.configuration_utils")
+    level = dlog.level
+    dlog.setLevel(logging.ERROR)  # other classes' config keys are expected and ignored
+    try:
+        extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
+        return cls.from_config(cfg, **extra)
+    finally:
+        dlog.setLevel(level)
+
+
+# --------------------------------------------------------------------------- the pipeline
+@dataclasses.dataclass
+class Generation:
+    """Images from one ``generate`` call, with what happened on the way."""
+
+    images: list
+    seconds: float
+    notes: list[str]
+    stats: dict[str, dict]  # per submodel: calls, seconds, first
+    steps_run: int
+
+
+def _find_key(obj: Any, key: str):
+    if isinstance(obj, dict):
+        if key in obj and not isinstance(obj[key], (dict, list)):
+            return obj[key]
+        for v in obj.values():
+            r = _find_key(v, key)
+            if r is not None:
+                return r
+    elif isinstance(obj, list):
+        for v in obj:
+            r = _find_key(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+class Pipeline:
+    """Stable Diffusion sampling over loaded submodels (runners); numpy/torch glue, no weights here.
+
+    Handles: 1. txt2img with classifier-free guidance; 2. img2img with ``strength``;
+    3. InstructPix2Pix (8-channel UNet: image latents concatenated, three-way guidance);
+    4. SDXL / Turbo (two text encoders, ``text_embeds`` and ``time_ids``, guidance 0 = one batch);
+    5. ``devices`` > 1: the guidance batch is split over that many runner instances, run in threads.
+    """
+
+    def __init__(self, path: Path, runners: dict[str, list], manifest: dict, kind: str, target: str,
+                 load_seconds: dict[str, float]):
+        self.path = path
+        self.manifest = manifest
+        self.kind = kind  # "model" or "artifact"
+        self.target = target
+        self.load_seconds = load_seconds
+        self.stats: dict[str, dict] = {}
+        self.instances = {name: [_Timed(r, name, self.stats) for r in rs] for name, rs in runners.items()}
+        if "unet" not in self.instances:
+            raise InputError(f"{path}: no unet submodel (need at least unet/ and vae_decoder/)")
+        if "vae_decoder" not in self.instances:
+            raise InputError(f"{path}: no vae_decoder submodel")
+        if "text_encoder" not in self.instances:
+            raise InputError(f"{path}: no text_encoder submodel")
+        self.unet = self.instances["unet"][0]
+        self.is_xl = "text_embeds" in self.unet.input_names or "text_encoder_2" in self.instances
+        self.in_channels = self._static_dim(self.unet, self._unet_name("sample"), 1) or 4
+        self.is_pix2pix = self.in_channels == 8
+        self.tokenizer = self._tokenizer("tokenizer")
+        self.tokenizer_2 = self._tokenizer("tokenizer_2") if self.is_xl else None
+        sf = _find_key(manifest, "scaling_factor") or _find_key(manifest, "vae_scaling_factor")
+        self.scaling_factor = float(sf) if sf else (0.13025 if self.is_xl else 0.18215)
+        self.shift_factor = float(_find_key(manifest, "shift_factor") or 0.0)
+        sched_cfg = path / "scheduler" / "scheduler_config.json"
+        self.scheduler_config = json.loads(sched_cfg.read_text()) if sched_cfg.is_file() else {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _tokenizer(self, sub: str):
+        from transformers import CLIPTokenizer
+
+        d = self.path / sub
+        if not d.is_dir():
+            if sub == "tokenizer_2":
+                return self.tokenizer
+            raise InputError(f"{self.path}: no {sub}/ folder (the tokenizer is read from the model dir)")
+        try:
+            return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+        except Exception as exc:
+            raise InputError(f"{d}: cannot load the CLIP tokenizer ({str(exc).splitlines()[0]})") from None
+
+    @staticmethod
+    def _static_dim(runner, name: str | None, axis: int) -> int | None:
+        shape = runner.input_shapes.get(name) if name else None
+        if shape and len(shape) > axis and isinstance(shape[axis], (int, np.integer)) and shape[axis] > 0:
+            return int(shape[axis])
+        return None
+
+    def _unet_name(self, want: str) -> str:
+        names = self.unet.input_names
+        if want in names:
+            return want
+        aliases = {"sample": ("latent", "x"), "timestep": ("t", "timesteps"),
+                   "encoder_hidden_states": ("hidden_states", "context")}
+        for a in aliases.get(want, ()):
+            if a in names:
+                return a
+        order = {"sample": 0, "timestep": 1, "encoder_hidden_states": 2}
+        if want in order and len(names) > order[want]:
+            return names[order[want]]
+        raise InputError(f"{self.path}: unet has no input {want!r} (inputs: {', '.join(names)})")
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Declared (height, width) buckets in pixels; empty when any size (multiple of 8) is fine."""
+        out: list[tuple[int, int]] = []
+        h = self._static_dim(self.unet, self._unet_name("sample"), 2)
+        w = self._static_dim(self.unet, self._unet_name("sample"), 3)
+        if h and w:
+            out.append((h * 8, w * 8))
+        unet_entry = (self.manifest.get("submodels") or {}).get("unet") if isinstance(self.manifest.get("submodels"), dict) else None
+        for b in (unet_entry or {}).get("shapes", []) or []:
+            s = b.get(self._unet_name("sample")) if isinstance(b, dict) else None
+            if s and len(s) == 4 and all(isinstance(x, int) for x in s[2:]):
+                out.append((s[2] * 8, s[3] * 8))
+        return sorted(set(out))
+
+    def default_size(self) -> tuple[int, int]:
+        b = self.buckets()
+        if b:
+            return b[0]
+        src = self.manifest.get("source_manifest") or {}
+        h = self.manifest.get("height") or src.get("height")
+        w = self.manifest.get("width") or src.get("width")
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+        return 512, 512
+
+    def check_size(self, height: int, width: int) -> None:
+        if height <= 0 or width <= 0 or height % 8 or width % 8:
+            raise UsageError(f"height/width {height}x{width}: both must be positive multiples of 8")
+        b = self.buckets()
+        if b and (height, width) not in b:
+            raise UsageError(f"height/width {height}x{width} is outside the declared shape buckets "
+                             f"({', '.join(f'{h}x{w}' for h, w in b)}) of {self.path}")
+
+    def _encode_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompt embeddings (and SDXL's pooled embeddings) for a batch of prompts."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="np").input_ids
+        te = self.instances["text_encoder"][0]
+        out1 = te({te.input_names[0]: ids.astype(te.input_dtypes.get(te.input_names[0], np.int64))})
+        if not self.is_xl:
+            return _pick(out1, ("last_hidden_state",), 0), None
+        h1 = _penultimate(out1)
+        te2 = self.instances.get("text_encoder_2", [te])[0]
+        ids2 = self.tokenizer_2(prompts, padding="max_length", max_length=self.tokenizer_2.model_max_length,
+                                truncation=True, return_tensors="np").input_ids
+        out2 = te2({te2.input_names[0]: ids2.astype(te2.input_dtypes.get(te2.input_names[0], np.int64))})
+        h2 = _penultimate(out2)
+        pooled = _pick(out2, ("text_embeds", "pooler_output"), 0)
+        return np.concatenate([h1, h2], axis=-1), pooled
+
+    def _unet(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Run the UNet on guidance chunks: one batched call, or split across device instances."""
+        insts = self.instances["unet"]
+        out_name = None
+
+        def call(runner, feeds):
+            outs = runner(feeds)
+            return _pick(outs, ("out_sample", "noise_pred", "sample"), 0)
+
+        static_batch = self._static_dim(insts[0], self._unet_name("sample"), 0)
+        if len(insts) > 1 and len(chunks) > 1:
+            with concurrent.futures.ThreadPoolExecutor(len(insts)) as ex:
+                futs = [ex.submit(call, insts[i % len(insts)], c) for i, c in enumerate(chunks)]
+                return [f.result() for f in futs]
+        total = sum(c[self._unet_name("sample")].shape[0] for c in chunks)
+        if static_batch is not None and static_batch != total:
+            return [call(insts[0], c) for c in chunks]
+        merged = {k: np.concatenate([c[k] for c in chunks], axis=0) if chunks[0][k].ndim else chunks[0][k]
+                  for k in chunks[0]}
+        res = call(insts[0], merged)
+        del out_name
+        sizes = np.cumsum([c[self._unet_name("sample")].shape[0] for c in chunks])[:-1]
+        return np.split(res, sizes, axis=0)
+
+    def _timestep(self, t, batch: int) -> np.ndarray:
+        name = self._unet_name("timestep")
+        dtype = self.unet.input_dtypes.get(name, np.dtype(np.float32))
+        shape = self.unet.input_shapes.get(name)
+        val = np.asarray(float(t)).astype(dtype)
+        if shape is not None and len(shape) == 0:
+            return val
+        if shape is not None and len(shape) == 1 and self._static_dim(self.unet, name, 0) == 1:
+            return val.reshape(1)
+        return np.full((batch,), val, dtype=dtype)
+
+    def _vae_encode(self, img, sample: bool, generator) -> np.ndarray:
+        import torch
+
+        enc = self.instances.get("vae_encoder")
+        if not enc:
+            raise InputError(f"{self.path}: img2img and pix2pix need a vae_encoder/ submodel")
+        x = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        x = x.transpose(2, 0, 1)[None]
+        out = _pick(enc[0]({enc[0].input_names[0]: x}), ("latent_parameters", "latent_sample", "latent_dist"), 0)
+        if out.shape[1] == 8:  # mean and log-variance of the latent distribution
+            mean, logvar = out[:, :4], np.clip(out[:, 4:], -30.0, 20.0)
+            if sample:
+                noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).numpy()
+                return mean + np.exp(0.5 * logvar) * noise
+            return mean
+        return out
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
+                 seed: int = 0, height: int | None = None, width: int | None = None,
+                 scheduler: str | None = None, eta: float = 0.0, image=None, strength: float = 0.8,
+                 image_guidance: float = 1.5, callback: Callable[[int], None] | None = None) -> Generation:
+        """One image for ``prompt``; ``image`` (PIL or path) selects img2img or, on an 8-channel UNet, pix2pix."""
+        import torch
+
+        notes: list[str] = []
+        dh, dw = self.default_size()
+        height, width = height or dh, width or dw
+        self.check_size(height, width)
+        if steps < 1:
+            raise UsageError(f"--steps {steps}: need at least 1 step")
+        if self.is_pix2pix and image is None:
+            raise UsageError(f"{self.path} is an InstructPix2Pix model (8-channel UNet): give --image")
+        img2img = image is not None and not self.is_pix2pix
+        if img2img:
+            if not 0.0 < strength <= 1.0:
+                raise UsageError(f"--strength {strength}: must be in (0, 1]")
+            if int(steps * strength) < 1:
+                raise UsageError(f"--steps {steps} x --strength {strength} = {steps * strength:g} gives no denoising "
+                                 "step; steps x strength must be >= 1")
+        if image is not None and not hasattr(image, "size"):
+            image = load_image(image, width, height, notes)
+        elif image is not None and image.size != (width, height):
+            notes.append(f"image is {image.size[0]}x{image.size[1]}, resized to {width}x{height}")
+            from PIL import Image
+
+            image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+
+        self.stats.clear()
+        t_start = time.perf_counter()
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        gen = torch.Generator().manual_seed(int(seed))
+        cfg = guidance > 1.0
+        cond, pooled = self._encode_text([prompt])
+        if cfg or self.is_pix2pix:
+            if self.is_xl and not negative_prompt:
+                uncond, upooled = np.zeros_like(cond), (np.zeros_like(pooled) if pooled is not None else None)
+            else:
+                uncond, upooled = self._encode_text([negative_prompt])
+        # Latents.
+        lh, lw = height // 8, width // 8
+        sched.set_timesteps(steps)
+        timesteps = sched.timesteps
+        image_latents = None
+        if img2img:  # same order of random draws as diffusers: latent sample first, then noise
+            init = torch.from_numpy((self._vae_encode(image, True, gen) - self.shift_factor) * self.scaling_factor)
+            noise = torch.randn((1, 4, lh, lw), generator=gen, dtype=torch.float32)
+            init_steps = min(int(steps * strength), steps)
+            begin = max(steps - init_steps, 0)
+            timesteps = timesteps[begin * sched.order:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(begin * sched.order)
+            latents = sched.add_noise(init, noise, timesteps[:1])
+        else:
+            noise = torch.randn((1, 4, lh, lw), generator=gen, dtype=torch.float32)
+            latents = noise * sched.init_noise_sigma
+            if self.is_pix2pix:
+                image_latents = self._vae_encode(image, False, gen)
+        extra = {}
+        import inspect
+
+        if "eta" in inspect.signature(sched.step).parameters:
+            extra["eta"] = eta
+        if "generator" in inspect.signature(sched.step).parameters:
+            extra["generator"] = gen
+        time_ids = np.array([[height, width, 0, 0, height, width]], dtype=np.float32)
+        names = {k: self._unet_name(k) for k in ("sample", "timestep", "encoder_hidden_states")}
+
+        def chunk(x: np.ndarray, ctx: np.ndarray, pool, t) -> dict[str, np.ndarray]:
+            d = {names["sample"]: x.astype(np.float32), names["timestep"]: self._timestep(t, x.shape[0]),
+                 names["encoder_hidden_states"]: ctx.astype(np.float32)}
+            if self.is_xl:
+                d["text_embeds"] = pool.astype(np.float32)
+                d["time_ids"] = np.repeat(time_ids, x.shape[0], axis=0)
+            return d
+
+        for i, t in enumerate(timesteps):
+            x = sched.scale_model_input(latents, t).numpy()
+            if self.is_pix2pix:
+                zeros = np.zeros_like(image_latents)
+                parts = [(np.concatenate([x, image_latents], 1), cond), (np.concatenate([x, image_latents], 1), uncond),
+                         (np.concatenate([x, zeros], 1), uncond)]
+                if cfg:
+                    preds = self._unet([chunk(a, c, None, t) for a, c in parts])
+                    p_text, p_img, p_unc = preds
+                    eps = p_unc + guidance * (p_text - p_img) + image_guidance * (p_img - p_unc)
+                else:
+                    eps = self._unet([chunk(*parts[0], None, t)])[0]
+            elif cfg:
+                p_unc, p_text = self._unet([chunk(x, uncond, upooled, t), chunk(x, cond, pooled, t)])
+                eps = p_unc + guidance * (p_text - p_unc)
+            else:
+                eps = self._unet([chunk(x, cond, pooled, t)])[0]
+            latents = sched.step(torch.from_numpy(np.ascontiguousarray(eps)), t, latents, **extra).prev_sample
+            if callback:
+                callback(i)
+        dec = self.instances["vae_decoder"][0]
+        z = (latents.numpy() / self.scaling_factor + self.shift_factor).astype(np.float32)
+        pix = _pick(dec({dec.input_names[0]: z}), ("sample",), 0)
+        images = _to_pil(pix)
+        if not np.isfinite(pix).all():
+            notes.append("the decoded image has NaN/Inf values")
+        return Generation(images=images, seconds=time.perf_counter() - t_start, notes=notes,
+                          stats={k: dict(v) for k, v in self.stats.items()}, steps_run=len(timesteps))
+
+
+def _pick(outs: Mapping[str, np.ndarray], names: Sequence[str], fallback: int) -> np.ndarray:
+    for n in names:
+        if n in outs:
+            return np.asarray(outs[n])
+    return np.asarray(list(outs.values())[fallback])
+
+
+def _penultimate(outs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """SDXL conditions on the penultimate hidden state of each text encoder."""
+    for k, v in outs.items():
+        if "penultimate" in k:
+            return np.asarray(v)
+    numbered = sorted((int(m.group(1)), k) for k in outs if (m := re.search(r"hidden_states\.(\d+)$", k)))
+    if len(numbered) >= 2:
+        return np.asarray(outs[numbered[-2][1]])
+    log.warning("no penultimate hidden state among %s; using the last hidden state", list(outs))
+    return _pick(outs, ("last_hidden_state",), 0)
+
+
+def _to_pil(pix: np.ndarray) -> list:
+    from PIL import Image
+
+    arr = np.nan_to_num(pix.astype(np.float32))
+    arr = np.clip((arr / 2.0 + 0.5) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return [Image.fromarray(a.transpose(1, 2, 0)) for a in arr]
+
+
+# --------------------------------------------------------------------------- loading
+def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None = None,
+                  target: str | None = None) -> Pipeline:
+    """Load a model dir (ONNX Runtime) or a lowered artifact dir (its target's runtime)."""
+    from sdgraph.targets.base import ARTIFACT_KIND
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: not a directory (need an exported model dir or a lowered artifact dir)")
+    if devices < 1:
+        raise UsageError(f"--devices {devices}: must be >= 1")
+    manifest = read_manifest(path)
+    is_artifact = manifest.get("kind") == ARTIFACT_KIND
+    if devices > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 2) // devices)
+    runners: dict[str, list] = {}
+    load_seconds: dict[str, float] = {}
+    if is_artifact:
+        try:
+            from sdgraph.targets import load_artifact
+        except ImportError as exc:  # pragma: no cover
+            raise TargetUnavailable(f"cannot load artifacts: {exc}") from None
+        artifact = load_artifact(path, target=target)
+        for name in _SUBMODELS:
+            for _ in range(devices if name == "unet" else 1):
+                t0 = time.perf_counter()
+                r = _load_artifact_submodel(artifact, path, name)
+                if r is None:
+                    break
+                load_seconds[name] = load_seconds.get(name, 0.0) + time.perf_counter() - t0
+                runners.setdefault(name, []).append(r)
+        tgt = str(manifest.get("target", "artifact"))
+    else:
+        if target not in (None, "onnxruntime", "ort"):
+            raise InputError(f"{path}: a plain model dir runs on ONNX Runtime only; lower it with "
+                             f"`sdgraph lower {path} --target {target}` first")
+        found = False
+        for name in _SUBMODELS:
+            f = path / name / "model.onnx"
+            if not f.is_file():
+                continue
+            found = True
+            n = devices if name == "unet" else 1
+            for _ in range(n):
+                t0 = time.perf_counter()
+                runners.setdefault(name, []).append(OrtRunner(f, threads=threads))
+                load_seconds[name] = load_seconds.get(name, 0.0) + time.perf_counter() - t0
+        if not found:
+            raise InputError(f"{path}: no <submodel>/model.onnx here (not an exported model dir or artifact dir)")
+        tgt = "onnxruntime"
+    return Pipeline(path, runners, manifest, "artifact" if is_artifact else "model", tgt, load_seconds)
+
+
+def _io_info(path: Path, manifest: dict, name: str) -> tuple[dict, dict]:
+    """Input shapes and dtypes of a submodel, from its ONNX file in the artifact or in the source dir."""
+    import onnx
+
+    src = Path(str((manifest.get("source") or {}).get("path", "")))
+    for f in (path / name / "model.onnx", src / name / "model.onnx", *sorted((path / name).glob("*.onnx"))):
+        if f.is_file():
+            try:
+                g = onnx.load(str(f), load_external_data=False).graph
+            except Exception:  # noqa: BLE001 - an unreadable candidate: try the next one
+                log.debug("cannot read %s for input info", f, exc_info=True)
+                continue
+            shapes, dtypes = {}, {}
+            for i in g.input:
+                tt = i.type.tensor_type
+                shapes[i.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
+                dtypes[i.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+            return shapes, dtypes
+    return {}, {}
+
+
+def _load_artifact_submodel(artifact, path: Path, name: str):
+    """One fresh runner of submodel ``name`` from an opened artifact (``sdgraph.targets.load_artifact``)."""
+    if name not in artifact.submodels:
+        return None
+    runner = artifact.runner(name)
+    artifact._runners.pop(name, None)  # the next call loads another instance (--devices)
+    if not getattr(runner, "input_shapes", None) or not getattr(runner, "input_dtypes", None):
+        shapes, dtypes = _io_info(path, artifact.manifest, name)
+        runner = _WithInfo(runner, shapes, dtypes)
+    return runner
+
+
+class _WithInfo:
+    """A runner plus the input shapes/dtypes the pipeline needs (timestep dtype, static dims)."""
+
+    def __init__(self, runner, shapes: dict, dtypes: dict):
+        self.runner = runner
+        self.input_names = list(runner.input_names)
+        self.output_names = list(runner.output_names)
+        self.input_shapes = shapes
+        self.input_dtypes = dtypes
+
+    def __call__(self, feeds):
+        return self.runner(feeds)
