@@ -26,7 +26,7 @@ from sdgraph.ir.model import CANONICAL_DOMAIN
 from sdgraph.ir.shapes import infer_shapes, static_shape
 from sdgraph.passes.base import Option, Pass, PassResult, register
 
-__all__ = ["Tome", "TomeBlock", "find_blocks", "tome_indices"]
+__all__ = ["Tome", "TomeBlock", "find_blocks", "tome_indices", "estimate"]
 
 log = logging.getLogger(__name__)
 
@@ -339,9 +339,10 @@ class Tome(Pass):
                 continue
             y = reg.norm.outputs[0]
             dtype = y.dtype
-            merged = gs.Variable(f"{base}_{kind}_merged", dtype=dtype)
-            order = gs.Variable(f"{base}_{kind}_order", dtype=np.int64)
-            node_idx = gs.Variable(f"{base}_{kind}_node_idx", dtype=np.int64)
+            bsz, chans = b.hidden.shape[0], b.hidden.shape[2]
+            merged = gs.Variable(f"{base}_{kind}_merged", dtype=dtype, shape=[bsz, b.tokens - r, chans])
+            order = gs.Variable(f"{base}_{kind}_order", dtype=np.int64, shape=[bsz, len(src)])
+            node_idx = gs.Variable(f"{base}_{kind}_node_idx", dtype=np.int64, shape=[bsz, len(src)])
             for c in list(y.outputs):
                 for i, t in enumerate(c.inputs):
                     if t is y:
@@ -361,3 +362,57 @@ class Tome(Pass):
                     reg.add.inputs[i] = out
             count += 1
         return count
+
+
+def _flops(model) -> int:
+    """Multiply-add FLOPs (x2) of MatMul/Gemm/Conv nodes whose shapes are static after inference."""
+    total = 0
+    for node in model.graph.nodes:
+        if node.op not in ("MatMul", "Gemm", "Conv") or not node.outputs:
+            continue
+        out = static_shape(node.outputs[0])
+        a = static_shape(node.inputs[0]) if node.inputs else None
+        w = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        if out is None or a is None or w is None:
+            continue
+        if node.op == "MatMul":
+            total += 2 * int(np.prod(out)) * a[-1]
+        elif node.op == "Gemm":
+            total += 2 * int(np.prod(out)) * (a[0] if node.attrs.get("transA", 0) else a[-1])
+        else:
+            total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+    return total
+
+
+def estimate(model, **options) -> dict:
+    """FLOPs of the UNet before and after ``tome`` with ``options``, and the Amdahl speed-up.
+
+    Counts MatMul/Gemm/Conv FLOPs on the graph as exported (static shapes), applies the pass to a
+    copy, counts again and adds the merge's own similarity MatMul (2*B*Ns*Nd*C per merge). The
+    model is not changed.
+    """
+    before = model.copy()
+    infer_shapes(before)
+    flops_before = _flops(before)
+    after = model.copy()
+    p = Tome(**options)
+    res = p.run(after)
+    flops_after = _flops(after)
+    overhead = 0
+    for node in after.graph.nodes:
+        if node.op == TOME_MERGE and node.domain == CANONICAL_DOMAIN:
+            x = static_shape(node.inputs[0])
+            ns, nd = (int(np.prod(node.inputs[i].shape)) for i in (2, 3))
+            if x is not None:
+                overhead += 2 * x[0] * ns * nd * x[2]
+    total_after = flops_after + overhead
+    return {
+        "blocks_found": res.stats.get("blocks_found", 0),
+        "blocks_merged": res.stats.get("blocks_merged", 0),
+        "tokens_removed": res.stats.get("tokens_removed", 0),
+        "gflops_before": flops_before / 1e9,
+        "gflops_after": total_after / 1e9,
+        "gflops_removed": (flops_before - total_after) / 1e9,
+        "merge_overhead_gflops": overhead / 1e9,
+        "expected_speedup": flops_before / total_after if total_after else 1.0,
+    }

@@ -1,0 +1,197 @@
+"""Benchmark the tome pass on a full-size SD1.5-architecture UNet (random weights), one process.
+
+Exports the UNet (torch.onnx.export, legacy exporter, opset 17, static shapes) at the requested
+latent size once, applies ``tome{ratio=R}`` for each ratio, and times one UNet call side by side:
+ONNX Runtime and OpenVINO (fp32) without and with ToMe, plus PyTorch eager with and without
+tomesd at ratio 0.5. Graph variants are written beside the exported weights (graph file only,
+weights shared). Run under ``flock /tmp/sdgraph-heavy.lock``.
+
+    python tools/bench_tome.py --px 512 --batch 2 --repeat 3 --work /tmp/tome-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _unet(seed: int = 0):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdgraph.demo import _UNET
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**_UNET[("sd15", "full")]).eval()
+
+
+def _feeds(batch: int, lat: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "sample": rng.standard_normal((batch, 4, lat, lat)).astype(np.float32),
+        "timestep": np.array([500.0], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, 768)).astype(np.float32),
+    }
+
+
+def export(unet, path: Path, feeds: dict[str, np.ndarray]) -> None:
+    import torch
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, u):
+            super().__init__()
+            self.u = u
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.u(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
+    with torch.no_grad():
+        torch.onnx.export(Wrap(unet), args, str(path), input_names=list(feeds), output_names=["out_sample"],
+                          opset_version=17, dynamo=False)
+
+
+def tome_variant(base: Path, ratio: float, inline: bool) -> tuple[Path, dict]:
+    """Apply tome{ratio} and write the graph (only) beside the base model's weights."""
+    import onnx
+    import onnx.inliner
+
+    from sdgraph.ir.model import Model
+    from sdgraph.passes.manager import PassManager
+
+    m = Model.load(base)
+    rep = PassManager(f"tome{{ratio={ratio}}}").run(m)
+    proto = m.to_proto()
+    if inline:
+        proto = onnx.inliner.inline_local_functions(proto)
+    out = base.parent / f"tome{ratio}{'_inl' if inline else ''}.onnx"
+    onnx.save(proto, str(out))
+    return out, rep.records[0].stats
+
+
+def time_calls(fn, repeat: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), warm
+
+
+def bench_ort(path: Path, feeds, repeat: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, feeds)[0]
+    med, _ = time_calls(lambda: sess.run(None, feeds), repeat)
+    del sess
+    gc.collect()
+    return med, out
+
+
+def bench_ov(path: Path, feeds, repeat: int):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2})
+    req = compiled.create_infer_request()
+    out = np.array(req.infer(feeds)[compiled.outputs[0]])
+    med, _ = time_calls(lambda: req.infer(feeds), repeat)
+    del req, compiled
+    gc.collect()
+    return med, out
+
+
+def bench_torch(unet, feeds, repeat: int, ratio: float | None):
+    import torch
+    import tomesd
+
+    torch.set_num_threads(2)
+    if ratio:
+        tomesd.apply_patch(unet, ratio=ratio, use_rand=False)
+    args = tuple(torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
+
+    def call():
+        with torch.no_grad():
+            return unet(*args, return_dict=False)[0]
+
+    out = call().numpy()
+    med, _ = time_calls(call, repeat)
+    if ratio:
+        tomesd.remove_patch(unet)
+    return med, out
+
+
+def cosine(a, b) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--px", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ratios", default="0.3,0.5,0.6")
+    ap.add_argument("--engines", default="ort,ov,torch")
+    ap.add_argument("--work", default="/tmp/tome-bench")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    lat = a.px // 8
+    feeds = _feeds(a.batch, lat)
+    base = Path(a.work) / f"unet_{a.px}_b{a.batch}" / "model.onnx"
+    unet = _unet()
+    if not base.exists():
+        t0 = time.perf_counter()
+        export(unet, base, feeds)
+        print(f"exported {base} in {time.perf_counter() - t0:.0f} s", flush=True)
+    engines = a.engines.split(",")
+    ratios = [float(r) for r in a.ratios.split(",")]
+    rows = []
+    for engine in ("ort", "ov"):
+        if engine not in engines:
+            continue
+        run = bench_ort if engine == "ort" else bench_ov
+        t_base, ref = run(base, feeds, a.repeat)
+        rows.append(dict(engine=engine, variant="no ToMe", seconds=t_base, speedup=1.0, cosine=1.0))
+        print(rows[-1], flush=True)
+        for r in ratios:
+            path, stats = tome_variant(base, r, inline=(engine == "ov"))
+            t, out = run(path, feeds, a.repeat)
+            rows.append(dict(engine=engine, variant=f"tome ratio {r}", seconds=t, speedup=t_base / t,
+                             cosine=cosine(ref, out), blocks=stats["blocks_merged"]))
+            print(rows[-1], flush=True)
+    if "torch" in engines:
+        t_base, ref = bench_torch(unet, feeds, a.repeat, None)
+        rows.append(dict(engine="torch eager", variant="no ToMe", seconds=t_base, speedup=1.0, cosine=1.0))
+        print(rows[-1], flush=True)
+        t, out = bench_torch(unet, feeds, a.repeat, 0.5)
+        rows.append(dict(engine="torch eager", variant="tomesd ratio 0.5", seconds=t, speedup=t_base / t,
+                         cosine=cosine(ref, out)))
+        print(rows[-1], flush=True)
+    print(f"\n| engine | variant | s/call ({a.px} px, batch {a.batch}) | speed-up | cosine vs no ToMe |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['engine']} | {row['variant']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | {row['cosine']:.4f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(px=a.px, batch=a.batch, repeat=a.repeat, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
