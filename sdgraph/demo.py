@@ -175,7 +175,7 @@ _SD15_UNET = dict(
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
 _TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -297,10 +297,12 @@ def build_demo_pipeline(out_dir: str | os.PathLike, arch: str = "sd15", size: st
                                StableDiffusionXLPipeline)
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise TargetUnavailable(f"demo-model needs the export extra ({exc.name} missing): pip install 'sdgraph[export]'") from None
+    from sdgraph.export import _open_mode
     from sdgraph.ir.io import atomic_dir
 
     out = Path(out_dir)
     with atomic_dir(out, force=force) as tmp:
+        _open_mode(tmp)
         comps = _components(arch, size, seed)
         if arch == "sdxl":
             pipe = StableDiffusionXLPipeline(**comps)
@@ -329,9 +331,11 @@ def build_demo_vae(out_dir: str | os.PathLike, kind: str = "taesd", size: str = 
     import torch
     from diffusers import AutoencoderTiny
 
+    from sdgraph.export import _open_mode
     from sdgraph.ir.io import atomic_dir
 
     with atomic_dir(Path(out_dir), force=force) as tmp:
+        _open_mode(tmp)
         torch.manual_seed(seed)
         AutoencoderTiny(**_TAESD[size]).eval().save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)

@@ -1,0 +1,764 @@
+"""Export a diffusers pipeline to an optimum-style ONNX model directory, checked against torch.
+
+Families: SD 1.x, SD 2.x (epsilon and v-prediction), SDXL / SDXL-Turbo (two text encoders,
+``text_time`` added conditioning), InstructPix2Pix (8-channel UNet), with a TAESD
+(``AutoencoderTiny``) VAE when the pipeline carries one or ``vae=`` names one.
+
+Submodel interfaces (names follow optimum):
+
+==============  ===========================================  ====================================
+submodel        inputs                                       outputs
+==============  ===========================================  ====================================
+text_encoder    input_ids int64 [B, 77]                      last_hidden_state, pooler_output
+text_encoder_2  input_ids int64 [B, 77]                      last_hidden_state, text_embeds
+unet            sample [B, C, h, w], timestep float [B],     out_sample
+                encoder_hidden_states [B, 77, D]
+                (+ text_embeds [B, P], time_ids [B, T] SDXL)
+vae_decoder     latent_sample [B, 4, h, w]                   sample [B, 3, H, W]
+vae_encoder     sample [B, 3, H, W]                          latent_sample [B, 4, h, w]
+==============  ===========================================  ====================================
+
+SDXL text encoders also output every layer's ``hidden_states.{i}`` (the pipeline uses the
+penultimate one). ``vae_encoder`` outputs the *mean* of the latent distribution (its mode; a
+TAESD encoder's latents directly): deterministic, so it can be checked. Scaling by the VAE's
+``scaling_factor`` stays outside the graphs, as in diffusers; each submodel folder keeps its
+``config.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UnsupportedError, UsageError, VerificationError
+
+__all__ = [
+    "EXPORTERS",
+    "FAMILIES",
+    "SUBMODELS",
+    "DEFAULT_OPSET",
+    "DEFAULT_TOLERANCE",
+    "export_pipeline",
+    "detect_family",
+]
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("legacy", "dynamo")
+SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
+LEGACY_MAX_OPSET = 20
+SDPA_MIN_OPSET = 14  # torch's legacy exporter has scaled_dot_product_attention from opset 14
+DEFAULT_TOLERANCE = 1e-3  # worst max_rel (max |onnx - torch| / max |torch|) an export may show
+ATTENTION = ("sdpa", "classic")
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+# Pipeline classes by family; SD 1.x and 2.x share classes and are told apart by the UNet.
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionInstructPix2PixPipeline": "pix2pix",
+}
+_TORCH_CLASSES = {
+    "text_encoder": {"CLIPTextModel", "CLIPTextModelWithProjection"},
+    "text_encoder_2": {"CLIPTextModel", "CLIPTextModelWithProjection"},
+    "unet": {"UNet2DConditionModel"},
+    "vae": {"AutoencoderKL", "AutoencoderTiny"},
+}
+
+Progress = Callable[[str, str, int, int], None]  # (submodel, stage, step, steps)
+_STAGES = ("load", "export", "save", "verify")
+
+
+# --------------------------------------------------------------------------- source
+class _Source:
+    """Where the pipeline comes from: a local diffusers directory, or a hub id (needs a network)."""
+
+    def __init__(self, src: str | os.PathLike):
+        self.spec = str(src)
+        path = Path(src)
+        self.local = path.exists()
+        if self.local:
+            if not path.is_dir() or not (path / "model_index.json").is_file():
+                raise InputError(f"{src}: not a diffusers pipeline directory (no model_index.json)")
+            self.root: str = str(path.resolve())
+            try:
+                self.index = json.loads((path / "model_index.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{src}/model_index.json: unreadable ({exc})") from None
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", self.spec) and not self.spec.startswith((".", "/")):
+            self.root = self.spec
+            self.index = self._hub_index()
+        else:
+            raise InputError(f"{src}: no such directory (and not a hub id like org/name)")
+        if not isinstance(self.index, dict) or "_class_name" not in self.index:
+            raise InputError(f"{src}: model_index.json names no pipeline class")
+
+    def _hub_index(self) -> dict:
+        try:  # the code path for hub ids; needs a network, so tests use local directories only
+            from diffusers import DiffusionPipeline
+
+            return dict(DiffusionPipeline.load_config(self.spec))
+        except Exception as exc:
+            raise InputError(f"{self.spec}: cannot fetch the pipeline from the hub ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+    def component(self, name: str) -> tuple[str, str] | None:
+        spec = self.index.get(name)
+        if not isinstance(spec, (list, tuple)) or len(spec) != 2 or spec[1] is None:
+            return None
+        return str(spec[0]), str(spec[1])
+
+    def has_folder(self, name: str) -> bool:
+        return not self.local or (Path(self.root) / name / "config.json").is_file()
+
+    def folder(self, name: str) -> Path | None:
+        return Path(self.root) / name if self.local else None
+
+
+def detect_family(index: dict, unet_config: dict) -> str:
+    """``sd1``, ``sd2``, ``sdxl`` or ``pix2pix`` from the pipeline class and the UNet config."""
+    cls = index.get("_class_name", "?")
+    fam = FAMILIES.get(cls)
+    if fam is None:
+        raise InputError(f"unknown pipeline family {cls!r}; sdgraph exports {', '.join(sorted(FAMILIES))}")
+    if fam == "sd":
+        sd2 = unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024
+        return "sd2" if sd2 else "sd1"
+    return fam
+
+
+# --------------------------------------------------------------------------- torch side
+def _load_module(src: _Source, name: str, lib_cls: tuple[str, str], attention: str, path: str | None = None):
+    """Load one torch component in fp32 from the source (or ``path`` for a --vae override)."""
+    import torch
+
+    lib, cls_name = lib_cls
+    folder = name if name != "vae_override" else None
+    allowed = _TORCH_CLASSES["vae" if name == "vae_override" else name]
+    if cls_name not in allowed:
+        raise InputError(f"{name}: class {lib}.{cls_name} is not one sdgraph exports ({', '.join(sorted(allowed))})")
+    where = path or src.root
+    kw = {"subfolder": folder} if folder else {}
+    try:
+        if lib == "transformers":
+            import transformers
+
+            cls = getattr(transformers, cls_name)
+            mod = cls.from_pretrained(where, dtype=torch.float32,
+                                      attn_implementation="eager" if attention == "classic" else "sdpa", **kw)
+        else:
+            import diffusers
+
+            cls = getattr(diffusers, cls_name)
+            mod = cls.from_pretrained(where, torch_dtype=torch.float32, **kw)
+            if attention == "classic" and hasattr(mod, "set_attn_processor"):
+                from diffusers.models.attention_processor import AttnProcessor
+
+                mod.set_attn_processor(AttnProcessor())
+    except SdgraphError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"{where}{'/' + folder if folder else ''}: cannot load {cls_name} ({type(exc).__name__}: {first})") from None
+    return mod.eval()
+
+
+def _wrappers():
+    """nn.Module wrappers giving each submodel plain tensor inputs and a fixed tuple of outputs."""
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, model, all_hidden: bool):
+            super().__init__()
+            self.model, self.all_hidden = model, all_hidden
+
+        def forward(self, input_ids):
+            out = self.model(input_ids=input_ids, output_hidden_states=self.all_hidden, return_dict=True)
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            extra = tuple(out.hidden_states) if self.all_hidden else ()
+            return (out.last_hidden_state, pooled) + extra
+
+    class UNet(torch.nn.Module):
+        def __init__(self, model, xl: bool):
+            super().__init__()
+            self.model, self.xl = model, xl
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.xl else None
+            return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, latent_sample):
+            return self.model.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample):
+            out = self.model.encode(sample, return_dict=True)
+            if hasattr(out, "latent_dist"):
+                return out.latent_dist.mean
+            return out.latents
+
+    return TextEncoder, UNet, VaeDecoder, VaeEncoder
+
+
+class _Spec:
+    """One submodel to export: its torch wrapper, names, example inputs and dynamic axes."""
+
+    def __init__(self, name: str, module, inputs: dict[str, np.ndarray], outputs: list[str],
+                 dynamic_axes: dict[str, dict[int, str]], config: dict):
+        self.name, self.module, self.inputs, self.outputs = name, module, inputs, outputs
+        self.dynamic_axes, self.config = dynamic_axes, config
+
+
+def _tokens(tokenizer, batch: int) -> np.ndarray:
+    prompts = [PROMPT if i == 0 else f"{PROMPT}, variant {i}" for i in range(batch)]
+    if tokenizer is None:
+        return np.random.default_rng(0).integers(0, 256, size=(batch, 77)).astype(np.int64)
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    return ids.astype(np.int64)
+
+
+def _vae_scale(vae_config: dict) -> int:
+    return 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+
+
+def _make_inputs(name: str, geo: dict, batch: int, seed: int, tokenizer=None) -> dict[str, np.ndarray]:
+    """Seeded example inputs for one submodel at ``batch`` (shapes from ``geo``)."""
+    rng = np.random.default_rng(seed)
+    h, w, lh, lw = geo["height"], geo["width"], geo["height"] // geo["scale"], geo["width"] // geo["scale"]
+    if name.startswith("text_encoder"):
+        return {"input_ids": _tokens(tokenizer, batch)}
+    if name == "unet":
+        feeds = {
+            "sample": rng.standard_normal((batch, geo["in_channels"], lh, lw)).astype(np.float32),
+            "timestep": np.full((batch,), 999.0 if seed % 2 == 0 else 501.0, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, 77, geo["cross_dim"])).astype(np.float32),
+        }
+        if geo.get("text_embeds_dim"):
+            feeds["text_embeds"] = rng.standard_normal((batch, geo["text_embeds_dim"])).astype(np.float32)
+            ids = ([h, w, 0, 0, h, w] + [6.0] * geo["time_ids_dim"])[: geo["time_ids_dim"]]
+            feeds["time_ids"] = np.tile(np.asarray(ids, dtype=np.float32), (batch, 1))
+        return feeds
+    if name == "vae_decoder":
+        return {"latent_sample": rng.standard_normal((batch, geo["latent_channels"], lh, lw)).astype(np.float32)}
+    return {"sample": rng.uniform(-1, 1, (batch, 3, h, w)).astype(np.float32)}
+
+
+def _dynamic_axes(name: str, outputs: list[str], xl: bool) -> dict[str, dict[int, str]]:
+    if name.startswith("text_encoder"):
+        axes = {"input_ids": {0: "batch"}}
+        axes.update({o: {0: "batch"} for o in outputs})
+        return axes
+    if name == "unet":
+        axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+                "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch", 2: "height", 3: "width"}}
+        if xl:
+            axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
+        return axes
+    latent = {0: "batch", 2: "height", 3: "width"}
+    image = {0: "batch", 2: "image_height", 3: "image_width"}
+    if name == "vae_decoder":
+        return {"latent_sample": latent, "sample": image}
+    return {"sample": image, "latent_sample": latent}
+
+
+# --------------------------------------------------------------------------- exporters
+@contextlib.contextmanager
+def _quiet():
+    """Keep torch's and onnxscript's exporter chatter (warnings, banners) out of the user's terminal."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+def _opset_error(exc: Exception, exporter: str, opset: int) -> SdgraphError:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "scaled_dot_product_attention" in msg:
+        return UsageError(_sdpa_message(opset))
+    return UnsupportedError(f"the {exporter} exporter cannot export this model at opset {opset}: {msg}")
+
+
+def _sdpa_message(opset: int) -> str:
+    return (f"opset {opset} is too old for torch's legacy exporter with the default attention "
+            f"(scaled_dot_product_attention needs opset {SDPA_MIN_OPSET}); use --opset {SDPA_MIN_OPSET} or later, "
+            "or --attention classic to export diffusers' classic AttnProcessor at this opset")
+
+
+def _torch_export(spec: _Spec, work: Path, exporter: str, opset: int, dynamic: bool) -> Path:
+    """Run torch's exporter into ``work``; returns the .onnx it wrote (weights in whatever layout)."""
+    import torch
+
+    args = tuple(torch.from_numpy(v) for v in spec.inputs.values())
+    names = list(spec.inputs)
+    target = work / "model.onnx"
+    with _quiet(), torch.no_grad():
+        try:
+            if exporter == "legacy":
+                torch.onnx.export(
+                    spec.module, args, str(target), dynamo=False, opset_version=opset, input_names=names,
+                    output_names=spec.outputs, dynamic_axes=spec.dynamic_axes if dynamic else None,
+                    do_constant_folding=True,
+                )
+            else:
+                try:
+                    import onnxscript  # noqa: F401
+                except ImportError:
+                    raise TargetUnavailable("the dynamo exporter needs onnxscript: pip install onnxscript "
+                                            "(or use --exporter legacy)") from None
+                program = torch.onnx.export(
+                    spec.module, args, dynamo=True, opset_version=opset, input_names=names,
+                    output_names=spec.outputs, dynamic_axes=spec.dynamic_axes if dynamic else None,
+                    verbose=False, optimize=True,
+                )
+                program.save(str(target), external_data=True)
+        except SdgraphError:
+            raise
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            raise _opset_error(exc, exporter, opset) from None
+        except Exception as exc:
+            if "opset" in str(exc).lower() or "scaled_dot_product_attention" in str(exc):
+                raise _opset_error(exc, exporter, opset) from None
+            raise UnsupportedError(f"{spec.name}: torch's {exporter} exporter failed: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return target
+
+
+def _finalize(raw: Path, out_file: Path, name: str, opset: int, exporter: str) -> dict:
+    """Rewrite torch's output as ``model.onnx`` + one ``model.onnx_data``; IR version ORT accepts."""
+    import onnx
+
+    from sdgraph.ir import io
+
+    proto, base = io.load_proto(raw)
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise UsageError(f"the {exporter} exporter cannot produce opset {opset} for {name} (it wrote opset {got}); "
+                         f"use --opset {got}" + (" or --exporter legacy" if exporter == "dynamo" else ""))
+    proto.ir_version = min(proto.ir_version, io.MAX_IR_VERSION)
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key="sdgraph.role", value=name)
+    proto.producer_name = proto.producer_name or "pytorch"
+    params = sum(int(np.prod(t.dims)) if t.dims else 1 for t in proto.graph.initializer)
+    info = {
+        "nodes": len(proto.graph.node),
+        "parameters": params,
+        "inputs": [_value_info(v) for v in proto.graph.input],
+        "outputs": [_value_info(v) for v in proto.graph.output],
+    }
+    io.write_proto(proto, out_file, base)
+    del proto
+    onnx.checker.check_model(str(out_file))  # path form: works past 2 GB with external data
+    return info
+
+
+def _value_info(v) -> dict:
+    import onnx
+
+    t = v.type.tensor_type
+    dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else None)
+            for d in t.shape.dim]
+    return {"name": v.name, "shape": dims, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))}
+
+
+def _verify(spec: _Spec, model_file: Path, feeds_list: list[dict[str, np.ndarray]], tolerance: float) -> dict:
+    """Run ORT and torch on the same seeded inputs; raise VerificationError beyond ``tolerance``."""
+    import torch
+
+    from sdgraph.ir.runtime import compare, session, worst
+
+    sess = session(model_file)
+    ort_inputs = {i.name for i in sess.get_inputs()}
+    reports = []
+    for feeds in feeds_list:
+        with torch.no_grad():
+            ref = spec.module(*(torch.from_numpy(v) for v in feeds.values()))
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        ref_np = {n: r.detach().numpy() for n, r in zip(spec.outputs, ref)}
+        got = sess.run(spec.outputs, {k: v for k, v in feeds.items() if k in ort_inputs})
+        reports.append(compare(ref_np, dict(zip(spec.outputs, got))))
+    merged: dict[str, dict] = {}
+    for rep in reports:  # worst over the checked shapes, per output
+        for out, r in rep.items():
+            m = merged.setdefault(out, dict(r))
+            for k in ("max_abs", "max_rel", "mean_abs"):
+                m[k] = max(m[k], r[k])
+            m["cosine"] = min(m["cosine"], r["cosine"])
+            m["finite"] = m["finite"] and r["finite"]
+    w = worst(merged)
+    bad = [o for o, r in merged.items() if not r["finite"] or not r["max_rel"] <= tolerance]
+    if bad:
+        r = merged[bad[0]]
+        raise VerificationError(
+            f"{spec.name}: ONNX output {bad[0]!r} does not match torch: max_rel {r['max_rel']:.3g} > {tolerance:g} "
+            f"(max_abs {r['max_abs']:.3g}, cosine {r['cosine']:.6f}, finite {r['finite']})")
+    return {"tolerance": tolerance, "shapes_checked": [{k: list(v.shape) for k, v in f.items()} for f in feeds_list],
+            "outputs": merged, "worst": w}
+
+
+# --------------------------------------------------------------------------- driver
+def _check_args(exporter, opset, batch, height, width, submodels, attention, tolerance) -> tuple[int, list[str] | None]:
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter {exporter!r}; choose legacy or dynamo")
+    if attention not in ATTENTION:
+        raise UsageError(f"unknown attention {attention!r}; choose sdpa or classic")
+    opset = DEFAULT_OPSET[exporter] if opset is None else int(opset)
+    if opset < 9 or opset > 23:
+        raise UsageError(f"opset {opset} is outside what torch exports (9..23)")
+    if exporter == "legacy" and opset > LEGACY_MAX_OPSET:
+        raise UsageError(f"torch's legacy exporter goes up to opset {LEGACY_MAX_OPSET}, not {opset}; "
+                         f"use --opset {LEGACY_MAX_OPSET} or --exporter dynamo")
+    if exporter == "legacy" and opset < SDPA_MIN_OPSET and attention == "sdpa":
+        raise UsageError(_sdpa_message(opset))
+    if batch < 1:
+        raise UsageError(f"batch must be at least 1, not {batch}")
+    for label, v in (("height", height), ("width", width)):
+        if v is not None and (v < 8 or v % 8):
+            raise UsageError(f"{label} must be a positive multiple of 8, not {v}")
+    if not tolerance > 0:
+        raise UsageError(f"tolerance must be positive, not {tolerance}")
+    if submodels is not None:
+        if isinstance(submodels, str):
+            submodels = [s.strip() for s in submodels.split(",") if s.strip()]
+        unknown = [s for s in submodels if s not in SUBMODELS]
+        if unknown or not submodels:
+            raise UsageError(f"unknown submodel {', '.join(unknown) or '(none given)'}; choose from {', '.join(SUBMODELS)}")
+        submodels = list(dict.fromkeys(submodels))
+    return opset, submodels
+
+
+def _check_out(out: Path, src: _Source, force: bool) -> None:
+    from sdgraph.ir.io import check_output_path
+
+    if src.local:
+        root = Path(src.root)
+        o = out.resolve()
+        if o == root or root in o.parents or o in root.parents:
+            raise InputError(f"{out}: output would overwrite or sit inside the source pipeline {src.spec}; "
+                             "choose another output directory")
+        check_output_path(out, [root])
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out}: output directory is not empty (use --force to replace it)")
+
+
+def _plan(src: _Source, submodels: list[str] | None, vae_override: str | None) -> list[str]:
+    """Submodels to export, checking that the source has each one's folder."""
+    present = []
+    for name in ("text_encoder", "text_encoder_2", "unet"):
+        if src.component(name):
+            present.append(name)
+    if src.component("vae") or vae_override:
+        present += ["vae_encoder", "vae_decoder"]
+    if "unet" not in present:
+        raise InputError(f"{src.spec}: model_index.json lists no unet; not a Stable Diffusion pipeline")
+    wanted = present if submodels is None else submodels
+    for name in wanted:
+        if name not in present:
+            raise InputError(f"{src.spec}: the pipeline has no {name} (it has {', '.join(present)})")
+        folder = "vae" if name.startswith("vae") else name
+        if folder == "vae" and vae_override:
+            continue
+        if not src.has_folder(folder):
+            raise InputError(f"{src.spec}: missing submodel folder {folder}/ (model_index.json lists it; "
+                             f"no {folder}/config.json)")
+    return [n for n in SUBMODELS if n in wanted]
+
+
+def _read_config(src: _Source, folder: str, override: str | None = None) -> dict:
+    if override is not None:
+        path = Path(override)
+        if not path.exists():
+            if not re.fullmatch(r"[\w.-]+/[\w.-]+", override):
+                raise InputError(f"{override}: no such VAE directory")
+            try:
+                from diffusers import AutoencoderTiny
+
+                return dict(AutoencoderTiny.load_config(override))
+            except Exception as exc:
+                raise InputError(f"{override}: cannot fetch the VAE from the hub ({type(exc).__name__})") from None
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise InputError(f"{override}: not a diffusers VAE directory (no config.json)")
+        return json.loads(cfg.read_text())
+    if src.local:
+        try:
+            return json.loads((Path(src.root) / folder / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{src.spec}/{folder}/config.json: unreadable ({exc})") from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(src.spec, "config.json", subfolder=folder)).read_text())
+    except Exception as exc:
+        raise InputError(f"{src.spec}/{folder}: cannot fetch config.json ({type(exc).__name__})") from None
+
+
+def export_pipeline(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    exporter: str = "legacy",
+    opset: int | None = None,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    dynamic: bool = False,
+    submodels: list[str] | str | None = None,
+    vae: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    attention: str = "sdpa",
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> dict:
+    """Export ``src`` (a diffusers pipeline directory or hub id) to ``out_dir``; return the manifest.
+
+    Every submodel is exported with torch's ``exporter`` at ``opset`` (fp32), rewritten as
+    ``<submodel>/model.onnx`` + ``model.onnx_data``, then run in ONNX Runtime on seeded inputs and
+    compared with the torch module; a worst ``max_rel`` above ``tolerance`` raises
+    VerificationError. ``batch``/``height``/``width`` fix the example shapes (static unless
+    ``dynamic``: then batch, height and width are symbolic and a second batch size is checked too).
+    ``out_dir`` appears only when everything succeeded.
+    """
+    opset, submodels = _check_args(exporter, opset, batch, height, width, submodels, attention, tolerance)
+    source = _Source(src)
+    out = Path(out_dir)
+    _check_out(out, source, force)
+    unet_cfg = _read_config(source, "unet") if source.has_folder("unet") else {}
+    family = detect_family(source.index, unet_cfg)
+    vae_override = (str(Path(vae).resolve()) if Path(vae).exists() else str(vae)) if vae is not None else None
+    names = _plan(source, submodels, vae_override)
+    vae_cfg = _read_config(source, "vae", vae_override) if any(n.startswith("vae") for n in names) or \
+        source.component("vae") else {}
+    if vae_override and vae_cfg.get("_class_name") not in _TORCH_CLASSES["vae"]:
+        raise InputError(f"{vae}: config names {vae_cfg.get('_class_name')!r}, not a VAE sdgraph exports "
+                         "(AutoencoderKL, AutoencoderTiny)")
+    geo = _geometry(source, unet_cfg, vae_cfg, height, width)
+    prediction = _scheduler_config(source).get("prediction_type", "epsilon")
+    notify = progress or (lambda *a: None)
+    manifest: dict[str, Any] = {}
+    from sdgraph.ir.io import atomic_dir
+
+    with atomic_dir(out, force=True) as tmp:
+        _open_mode(tmp)
+        tokenizers = _copy_assets(source, tmp, vae_override, vae_cfg)
+        results = {}
+        for name in names:
+            results[name] = _export_one(source, name, tmp, geo, tokenizers, exporter, opset, batch, dynamic,
+                                        attention, tolerance, seed, vae_override, family, notify)
+        manifest = _manifest(source, vae_override, family, prediction, exporter, opset, batch, geo, dynamic,
+                             attention, tolerance, seed, vae_cfg, results, tokenizers)
+        from sdgraph.manifest import write_manifest
+
+        write_manifest(tmp, manifest)
+    log.info("exported %s (%s) to %s", src, family, out)
+    return manifest
+
+
+def _open_mode(path: Path) -> None:
+    """mkdtemp makes 0700 folders; give the output directory the mode a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _geometry(src: _Source, unet_cfg: dict, vae_cfg: dict, height: int | None, width: int | None) -> dict:
+    scale = _vae_scale(vae_cfg) if vae_cfg else 8
+    sample = unet_cfg.get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    h = height or sample * scale
+    w = width or sample * scale
+    for label, v in (("height", h), ("width", w)):
+        if v % scale:
+            raise UsageError(f"{label} {v} is not a multiple of the VAE's scale factor {scale}")
+    geo = {"height": h, "width": w, "scale": scale, "in_channels": unet_cfg.get("in_channels", 4),
+           "cross_dim": unet_cfg.get("cross_attention_dim", 768),
+           "latent_channels": vae_cfg.get("latent_channels", 4), "text_embeds_dim": 0, "time_ids_dim": 0}
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        te2 = _read_config(src, "text_encoder_2") if src.component("text_encoder_2") and src.has_folder("text_encoder_2") else {}
+        proj = te2.get("projection_dim") or te2.get("hidden_size") or 1280
+        total = unet_cfg.get("projection_class_embeddings_input_dim") or proj + 6 * 256
+        geo["text_embeds_dim"] = proj
+        geo["time_ids_dim"] = (total - proj) // unet_cfg.get("addition_time_embed_dim", 256)
+    return geo
+
+
+def _scheduler_config(src: _Source) -> dict:
+    if src.local:
+        p = Path(src.root) / "scheduler" / "scheduler_config.json"
+        try:
+            return json.loads(p.read_text()) if p.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def _copy_assets(src: _Source, tmp: Path, vae_override: str | None, vae_cfg: dict) -> dict:
+    """Copy tokenizer(s), scheduler and model_index.json; return loaded tokenizers by folder."""
+    tokenizers = {}
+    for folder in ("tokenizer", "tokenizer_2", "scheduler"):
+        if not src.component(folder):
+            continue
+        if src.local and (Path(src.root) / folder).is_dir():
+            shutil.copytree(Path(src.root) / folder, tmp / folder)
+        if folder.startswith("tokenizer"):
+            tok = _load_tokenizer(src, folder)
+            if tok is not None:
+                tokenizers[folder] = tok
+                if not src.local:
+                    tok.save_pretrained(tmp / folder)
+        elif not src.local:  # hub: re-save the scheduler config
+            import diffusers
+
+            cls = getattr(diffusers, src.component(folder)[1])
+            cls.from_pretrained(src.root, subfolder=folder).save_pretrained(tmp / folder)
+    index = dict(src.index)
+    if vae_override:
+        index["vae"] = ["diffusers", vae_cfg.get("_class_name", "AutoencoderTiny")]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return tokenizers
+
+
+def _load_tokenizer(src: _Source, folder: str):
+    lib_cls = src.component(folder)
+    try:
+        import transformers
+
+        cls = getattr(transformers, lib_cls[1], None) or transformers.AutoTokenizer
+        return cls.from_pretrained(src.root, subfolder=folder)
+    except Exception as exc:  # a pipeline with a broken tokenizer still exports; parity uses random ids
+        log.warning("%s: tokenizer not loadable (%s); parity uses random token ids", folder, exc)
+        return None
+
+
+def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict, exporter: str, opset: int,
+                batch: int, dynamic: bool, attention: str, tolerance: float, seed: int, vae_override: str | None,
+                family: str, notify: Progress) -> dict:
+    TextEncoder, UNet, VaeDecoder, VaeEncoder = _wrappers()
+    steps = len(_STAGES)
+    notify(name, "load", 0, steps)
+    folder = "vae" if name.startswith("vae") else name
+    if folder == "vae" and vae_override:
+        cfg = _read_config(src, "vae", vae_override)
+        module = _load_module(src, "vae_override", ("diffusers", cfg["_class_name"]), attention, path=vae_override)
+    else:
+        module = _load_module(src, folder, src.component(folder), attention)
+    config = dict(module.config) if not hasattr(module.config, "to_dict") else module.config.to_dict()
+    tok = tokenizers.get("tokenizer_2" if name == "text_encoder_2" else "tokenizer")
+    if name.startswith("text_encoder"):
+        xl_hidden = family == "sdxl"
+        n_layers = module.config.num_hidden_layers
+        wrapper = TextEncoder(module, xl_hidden)
+        pooled = "text_embeds" if type(module).__name__.endswith("WithProjection") else "pooler_output"
+        outputs = ["last_hidden_state", pooled] + ([f"hidden_states.{i}" for i in range(n_layers + 1)] if xl_hidden else [])
+    elif name == "unet":
+        wrapper, outputs = UNet(module, bool(geo["text_embeds_dim"])), ["out_sample"]
+    elif name == "vae_decoder":
+        wrapper, outputs = VaeDecoder(module), ["sample"]
+    else:
+        wrapper, outputs = VaeEncoder(module), ["latent_sample"]
+    wrapper.eval()
+    feeds = _make_inputs(name, geo, batch, seed, tok)
+    spec = _Spec(name, wrapper, feeds, outputs, _dynamic_axes(name, outputs, bool(geo["text_embeds_dim"])), config)
+    notify(name, "export", 1, steps)
+    work = tmp / f".work-{name}"
+    work.mkdir()
+    t0 = time.perf_counter()
+    raw = _torch_export(spec, work, exporter, opset, dynamic)
+    notify(name, "save", 2, steps)
+    sub = tmp / name
+    sub.mkdir()
+    info = _finalize(raw, sub / "model.onnx", name, opset, exporter)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(work)
+    (sub / "config.json").write_text(json.dumps(_jsonable(config), indent=2, default=str) + "\n")
+    notify(name, "verify", 3, steps)
+    checks = [feeds]
+    if dynamic:
+        checks.append(_make_inputs(name, geo, batch + 1, seed + 1, tok))
+    parity = _verify(spec, sub / "model.onnx", checks, tolerance)
+    from sdgraph.manifest import file_hash
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_hash(p)} for p in sorted(sub.iterdir())
+             if p.name.startswith("model.onnx")}
+    info.update({
+        "path": f"{name}/model.onnx",
+        "class": type(module).__name__,
+        "files": files,
+        "bytes": sum(f["bytes"] for f in files.values()),
+        "export_seconds": round(seconds, 3),
+        "parity": parity,
+    })
+    notify(name, "done", steps, steps)
+    del spec, wrapper, module
+    return info
+
+
+def _jsonable(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+def _manifest(src: _Source, vae_override, family, prediction, exporter, opset, batch, geo, dynamic, attention,
+              tolerance, seed, vae_cfg, results, tokenizers) -> dict:
+    from sdgraph import __version__
+    from sdgraph.ir.io import MAX_IR_VERSION
+    from sdgraph.manifest import package_versions
+
+    return {
+        "kind": "model",
+        "created_by": f"sdgraph {__version__} export",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": {"path": src.spec if not src.local else str(Path(src.root)), "hub": not src.local,
+                   "pipeline_class": src.index.get("_class_name"), "vae": vae_override},
+        "family": family,
+        "prediction_type": prediction,
+        "exporter": exporter,
+        "opset": opset,
+        "ir_version_max": MAX_IR_VERSION,
+        "attention": attention,
+        "dtype": "float32",
+        "batch": batch,
+        "height": geo["height"],
+        "width": geo["width"],
+        "vae_scale_factor": geo["scale"],
+        "dynamic": dynamic,
+        "dynamic_axes": ["batch", "height", "width"] if dynamic else [],
+        "vae": {"class": vae_cfg.get("_class_name"), "scaling_factor": vae_cfg.get("scaling_factor"),
+                "shift_factor": vae_cfg.get("shift_factor"), "encoder_output": "latent distribution mean"
+                if vae_cfg.get("_class_name") == "AutoencoderKL" else "latents"} if vae_cfg else None,
+        "tokenizers": sorted(tokenizers),
+        "scheduler": "scheduler" if src.component("scheduler") else None,
+        "parity": {"seed": seed, "tolerance": tolerance, "metric": "max_rel = max|onnx - torch| / max|torch|"},
+        "submodels": results,
+        "passes": [],
+        "packages": package_versions(),
+    }
