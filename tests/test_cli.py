@@ -124,6 +124,7 @@ def test_bad_model_files(tmp_path, make, match):
 @pytest.mark.parametrize("spec,match", [
     ("fold,nosuch", "unknown pass 'nosuch'"),
     ("fold{max_growth=abc}", "bad value 'abc'"),
+    ("tome:abc", "bad value 'abc' for option"),
     ("fold{max_growth=1", "unbalanced"),
 ])
 def test_bad_pipelines(model_file, tmp_path, spec, match):
