@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -18,6 +17,7 @@ from sdgraph.errors import UnsupportedError
 from sdgraph.ir.canonical import make_node
 from sdgraph.ir.canonical_tome import make_tome_functions
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
+from sdgraph.ir.runtime import seeded_inputs, session
 from sdgraph.targets import get_target
 from sdgraph.targets.ascend import atc_command, customize_dtypes_text, prepare, rewrite_vendor_ops
 from sdgraph.targets.base import LowerContext
@@ -64,7 +64,7 @@ def attention_model(seq: int, heads: int, head_dim: int, fused: bool, batch="B",
 
 
 def _ort(model: Model, feeds):
-    sess = ort.InferenceSession(model.to_proto().SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session(model)
     return sess.run(None, feeds)[0]
 
 
@@ -323,3 +323,134 @@ def test_check_names_inputs_needing_shape_and_opset():
     assert [p.node for p in probs] == ["x"] and "--shape x=" in probs[0].hint
     m.opset_imports[""] = 19
     assert any("opsets 8..18" in p.reason for p in tgt.check(m, ctx))
+
+
+# -- end to end: tiny exported UNet (tome:N,fa), text encoder, VAE decoder through lower() ---------
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+# heads 2 x head dim 40 at the top level (FlashAttentionTik takes D=40); 16x16 latents -> 256 tokens
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(80, 80),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+
+
+class _UNetWrap(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _TextWrap(torch.nn.Module):
+    def __init__(self, te):
+        super().__init__()
+        self.te = te
+
+    def forward(self, input_ids):
+        return self.te(input_ids, return_dict=False)[0]
+
+
+class _VaeWrap(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def _export(module, args, names, out_names, path: Path, dynamic: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), input_names=names, output_names=out_names, opset_version=17,
+                          dynamo=False, dynamic_axes=dynamic or None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A model dir (unet optimized with fold,tome:1,fa; text_encoder and vae_decoder with fold,fa) from tiny random modules."""
+    from sdgraph.passes.manager import PassManager
+
+    root = tmp_path_factory.mktemp("ascend_tiny")
+    raw = root / "raw"
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    _export(_UNetWrap(unet), (torch.randn(2, 4, 16, 16), torch.tensor([10], dtype=torch.int64), torch.randn(2, 7, 32)),
+            ["sample", "timestep", "encoder_hidden_states"], ["out_sample"], raw / "unet" / "model.onnx",
+            None)  # static: tome needs static token shapes
+    cfg = transformers.CLIPTextConfig(hidden_size=80, intermediate_size=96, num_attention_heads=2, num_hidden_layers=1,
+                                      vocab_size=100, max_position_embeddings=16)
+    te = transformers.CLIPTextModel(cfg).eval()
+    _export(_TextWrap(te), (torch.randint(0, 100, (1, 16)),), ["input_ids"], ["last_hidden_state"],
+            raw / "text_encoder" / "model.onnx", {"input_ids": {0: "batch"}})
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                  layers_per_block=1, sample_size=16).eval()
+    _export(_VaeWrap(vae), (torch.randn(1, 4, 8, 8),), ["latent_sample"], ["sample"], raw / "vae_decoder" / "model.onnx",
+            {"latent_sample": {0: "batch"}})
+    opt = root / "opt"
+    for sub, spec in (("unet", "fold,tome:1,fa"), ("text_encoder", "fold,fa"), ("vae_decoder", "fold,fa")):
+        m = Model.load(raw / sub / "model.onnx")
+        PassManager(spec).run(m)
+        m.save(opt / sub)
+    return raw, opt
+
+
+SHAPES = {"sample": (2, 4, 16, 16), "encoder_hidden_states": (2, 7, 32), "input_ids": (1, 16), "latent_sample": (1, 4, 8, 8)}
+
+
+def test_tiny_pipeline_prepared_graphs_match_ort(tiny_dir):
+    """Stage 1 (static shapes, int32 timestep, before any vendor op) still matches the optimized graph in ORT."""
+    raw, opt = tiny_dir
+    for sub in ("unet", "text_encoder", "vae_decoder"):
+        m = Model.load(opt / sub / "model.onnx")
+        shapes = {t.name: SHAPES[t.name] for t in m.graph.inputs if t.name in SHAPES}
+        feeds = seeded_inputs(m, 0, shapes)
+        want = _ort(m, feeds)
+        prepare(m, LowerContext(shapes=[shapes], role=sub, submodel=sub))
+        feeds = {k: (v.astype(np.int32) if k == "timestep" else v) for k, v in feeds.items()}
+        got = _ort(m, feeds)
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), sub
+
+
+@pytest.mark.parametrize("target,fa_op", [("ascend310p", "FlashAttentionTik"), ("ascend910b", "UnpadFlashAttentionMix")])
+def test_tiny_pipeline_lowers_for_both_socs(tiny_dir, tmp_path, fake_atc, target, fa_op):
+    from sdgraph.manifest import read_manifest
+    from sdgraph.targets import lower
+
+    raw, opt = tiny_dir
+    src = Model.load(opt / "unet" / "model.onnx").op_histogram()
+    n_attn, n_tome = src["ai.sdgraph::Attention"], src["ai.sdgraph::TomeMerge"]
+    assert n_attn == 8 and n_tome == 1
+    out = tmp_path / target
+    lower(opt, target, out, shapes=[SHAPES], cache=False)
+    man = read_manifest(out)
+    calls = [json.loads(line)["args"] for line in fake_atc.read_text().splitlines()]
+    roles = {c[1]: c for c in calls}  # by --model=...
+    assert len(calls) == 4  # unet, unet batch 1, text encoder, vae decoder
+    unet = onnx.load(str(out / "unet" / "model.onnx"))
+    ops = [n.op_type for n in unet.graph.node]
+    if target == "ascend310p":
+        assert ops.count("FlashAttentionTik") == n_attn and ops.count("Softmax") == 0
+        assert ops.count("TomeMerged") == n_tome and ops.count("TomeUnmerged") == n_tome
+    else:  # 256 tokens: below UnpadFlashAttentionMix's 1024; ToMe plugins are 310P only
+        assert ops.count(fa_op) == 0 and ops.count("Softmax") == n_attn
+        assert "TomeMerged" not in ops and not any(n.domain == CANONICAL_DOMAIN for n in unet.graph.node)
+    assert next(i for i in unet.graph.input if i.name == "timestep").type.tensor_type.elem_type == TensorProto.INT32
+    vae_call = next(c for c in calls if "--input_shape=latent_sample:1,4,8,8" in c)
+    assert "--input_format=NCHW" in vae_call and any(a.startswith("--customize_dtypes=") for a in vae_call)
+    cfg = (out / "vae_decoder" / "model.customize_dtypes.cfg").read_text().splitlines()
+    assert cfg and all(line.startswith("Opname::") and line.endswith("OutputDtype:float32") for line in cfg)
+    te_call = next(c for c in calls if "--input_shape=input_ids:1,16" in c)
+    assert "--input_format=ND" in te_call and not any("implmode" in a for a in te_call)
+    unet_calls = [c for c in calls if "--op_select_implmode=high_performance" in c]
+    assert len(unet_calls) == 2 and all("--optypelist_for_implmode=Gelu,Sigmoid" in c for c in unet_calls)
+    soc = "Ascend310P3" if target == "ascend310p" else "Ascend910B4"
+    assert all(f"--soc_version={soc}" in c for c in calls)
+    assert man["submodels"]["unet"]["converted"] and (out / "unet" / "model_bs1.om").is_file()
+    assert roles  # every call named its model
