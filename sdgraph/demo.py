@@ -13,6 +13,7 @@ from sdgraph.errors import TargetUnavailable, UsageError
 __all__ = [
     "ARCHS",
     "SIZES",
+    "TINY_VOCAB",
     "build_demo_pipeline",
     "build_demo_vae",
     "clip_bpe",
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 ARCHS = ("sd15", "sd21", "sdxl", "pix2pix")
 SIZES = ("tiny", "full")
 REAL_CLIP_VOCAB = 49408  # the real CLIP BPE vocabulary size; full-size text encoders keep it
+TINY_VOCAB = 2048  # the generated vocabulary: every corpus word below becomes one token
 
 # Words the generated BPE vocabulary is learned from: the kind of text prompts carry. Any text still
 # tokenizes (every byte is in the vocabulary); these words just come out as few tokens.
@@ -63,7 +65,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def clip_bpe(vocab_size: int = 1000) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_bpe(vocab_size: int = TINY_VOCAB) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level CLIP BPE vocabulary of ``vocab_size`` tokens, learned from a built-in corpus.
 
     Laid out exactly like CLIP's: the 256 byte symbols, the same with ``</w>``, one token per merge,
@@ -104,28 +106,27 @@ def clip_bpe(vocab_size: int = 1000) -> tuple[dict[str, int], list[tuple[str, st
                     i += 1
             new_words[tuple(out)] += cnt
         words = new_words
-    # Pad with merges of frequent byte pairs if the corpus ran out (keeps vocab_size exact).
-    seen = {a + b for a, b in merges} | set(base)
+    # The corpus ran out: pad with merges of existing tokens and a letter (keeps vocab_size exact).
+    tokens = list(dict.fromkeys(base + [a + b for a, b in merges]))
+    seen = set(tokens)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    for a in letters:
-        for b in letters:
-            if len(merges) >= n_merges:
+    lefts = iter([t for t in tokens if not t.endswith("</w>")])
+    while len(tokens) < vocab_size - 2:
+        left = next(lefts)
+        for right in letters + [c + "</w>" for c in letters]:
+            if len(tokens) >= vocab_size - 2:
                 break
-            if a + b not in seen and a + b + "</w>" not in seen:
-                merges.append((a, b))
-                seen.add(a + b)
-    tokens = base + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    if len(vocab) != vocab_size:  # a merge produced a token already present: top up with unique fillers
-        for i in range(vocab_size):
-            if len(vocab) >= vocab_size:
-                break
-            tok = f"<|unused{i}|>"
-            vocab.setdefault(tok, len(vocab))
+            if left + right not in seen:
+                merges.append((left, right))
+                tokens.append(left + right)
+                seen.add(left + right)
+    tokens = tokens[: vocab_size - 2] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [m for m in merges if m[0] + m[1] in vocab]
     return vocab, merges
 
 
-def make_clip_tokenizer(vocab_size: int = 1000, out_dir: str | os.PathLike | None = None):
+def make_clip_tokenizer(vocab_size: int = TINY_VOCAB, out_dir: str | os.PathLike | None = None):
     """A working ``CLIPTokenizer`` over :func:`clip_bpe`; also saved to ``out_dir`` when given.
 
     The saved folder holds ``tokenizer.json`` plus CLIP's own ``vocab.json`` / ``merges.txt``, so
@@ -263,11 +264,10 @@ def _components(arch: str, size: str, seed: int) -> dict:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    tiny_vocab = 1000
-    tok = make_clip_tokenizer(tiny_vocab)
+    tok = make_clip_tokenizer(TINY_VOCAB)
     # Full-size encoders keep CLIP's 49,408-row embedding (real parameter count); the generated
-    # tokenizer only ever produces ids below 1,000, all of which exist there.
-    vocab_size = REAL_CLIP_VOCAB if size == "full" else tiny_vocab
+    # tokenizer only ever produces ids below TINY_VOCAB, all of which exist there.
+    vocab_size = REAL_CLIP_VOCAB if size == "full" else TINY_VOCAB
     comps: dict = {}
     torch.manual_seed(seed)
     comps["unet"] = UNet2DConditionModel(**_UNET[(arch, size)]).eval()
