@@ -41,7 +41,8 @@ def ov_has_rule(domain: str, op: str, opset: int, n_in: int, n_out: int) -> tupl
         f = Path(d) / "p.onnx"
         onnx.save(proto, str(f))
         try:
-            ov.convert_model(str(f))
+            fe = ov.frontend.FrontEndManager().load_by_framework("onnx")  # ~1000x cheaper than convert_model
+            fe.convert(fe.load(str(f)))
         except Exception as exc:  # a rule that needs constant inputs still counts as a rule
             msg = str(exc)
             if "No conversion rule found" in msg:
