@@ -1,0 +1,239 @@
+"""Commands that use built models: ``sdgraph run``, ``bench``, ``verify`` and the main job ``demo``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from sdgraph.cli._app import command, console, err_console
+from sdgraph.errors import InputError, UsageError
+
+__all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
+
+
+@command("run")
+def run_cmd(
+    model_dir: Path = typer.Argument(..., help="Lowered artifact dir, or an exported model dir (runs on ONNX Runtime)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line"),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt"),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps (1 for Turbo)"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (0 or 1: no guidance, one batch)"),
+    seed: int = typer.Option(0, "--seed", help="Seed; image i of a prompt uses seed + i"),
+    height: Optional[int] = typer.Option(None, "--height", help="Pixels, multiple of 8 (default: the model's size)"),
+    width: Optional[int] = typer.Option(None, "--width", help="Pixels, multiple of 8 (default: the model's size)"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler | euler-a | dpm++ | lcm (default: the model dir's)"),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta"),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt"),
+    grid: bool = typer.Option(False, "--grid", help="Also write a grid of all images"),
+    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image on an InstructPix2Pix model"),
+    strength: float = typer.Option(0.8, "--strength", help="img2img strength (steps x strength must be >= 1)"),
+    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
+    devices: int = typer.Option(1, "--devices", help="Split the guidance batch over this many UNet instances, run concurrently"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .png (one image) or folder"),
+) -> None:
+    """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, on any target's artifacts."""
+    from sdgraph.pipeline.runner import load_image, open_pipeline, read_prompts, save_images
+
+    prompts = read_prompts(prompt, prompt_file)
+    if num_images < 1:
+        raise UsageError(f"--num-images {num_images}: must be >= 1")
+    if image is not None and not image.is_file():
+        raise InputError(f"{image}: no such image file")
+    pipe = open_pipeline(model_dir, devices=devices)
+    h, w = height or pipe.default_size()[0], width or pipe.default_size()[1]
+    pipe.check_size(h, w)
+    init = None
+    if image is not None:
+        notes: list[str] = []
+        init = load_image(image, w, h, notes)
+        for n in notes:
+            err_console.print(f"note: {n}", markup=False)
+    images, total = [], 0.0
+    for p in prompts:
+        for i in range(num_images):
+            g = pipe.generate(p, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
+                              height=h, width=w, scheduler=scheduler, eta=eta, image=init, strength=strength,
+                              image_guidance=image_guidance)
+            images += g.images
+            total += g.seconds
+            for n in g.notes:
+                err_console.print(f"note: {n}", markup=False)
+    written = save_images(images, out, grid=grid)
+    console.print(f"{len(images)} image(s) {w}x{h} on {pipe.target} in {total:.2f} s "
+                  f"({total / len(images):.2f} s/image) -> {', '.join(map(str, written[:4]))}"
+                  + (" ..." if len(written) > 4 else ""))
+
+
+def bench_table(report: dict, labels: list[str] | None = None) -> Table:
+    res = report["results"]
+    t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
+    for col in ("dir", "target", "load s", "warm-up compile s", "warm-up cache s", "s/image", "x", "UNet it/s",
+                "UNet ms/call", "text enc ms", "VAE dec ms", "peak RSS MB", "RSS x"):
+        t.add_column(col, justify="left" if col in ("dir", "target") else "right")
+    for i, r in enumerate(res):
+        sub = r["submodel_ms"]
+        t.add_row(labels[i] if labels else Path(r["path"]).name, r["target"], f"{r['load_s']:.2f}",
+                  f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['e2e_s']:.3f}",
+                  f"{r['ratios']['e2e_speedup']:.2f}", f"{r['unet_its']:.2f}", f"{r['unet_call_ms']:.1f}",
+                  f"{sub.get('text_encoder', 0):.1f}", f"{sub.get('vae_decoder', 0):.1f}",
+                  f"{r['peak_rss_delta_mb']:.0f}", f"{r['ratios']['peak_rss']:.2f}")
+    return t
+
+
+@command("bench")
+def bench_cmd(
+    dirs: List[Path] = typer.Argument(..., help="Model or artifact dirs; ratios are against the first"),
+    steps: int = typer.Option(20, "--steps"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    repeats: int = typer.Option(3, "--repeats", help="Timed images per dir (median)"),
+    devices: int = typer.Option(1, "--devices", help="UNet instances splitting the guidance batch"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
+) -> None:
+    """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
+    from sdgraph.pipeline.bench import bench, write_json, write_plot
+
+    for d in dirs:
+        if not d.is_dir():
+            raise InputError(f"{d}: not a directory")
+    report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
+                   scheduler=scheduler, progress=lambda m: err_console.print(m, markup=False))
+    console.print(bench_table(report))
+    if json_out:
+        console.print(f"json: {write_json(report, json_out)}")
+    if plot:
+        console.print(f"plot: {write_plot(report, plot)}")
+
+
+def _fmt(x: float) -> str:
+    return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.4g}"
+
+
+def verify_table(report: dict, title: str = "verify") -> Table:
+    t = Table(title=title)
+    for col in ("what", "max abs", "max rel", "cosine", "PSNR dB", "SSIM", "max pixel diff"):
+        t.add_column(col, justify="left" if col == "what" else "right")
+    for name, s in report.get("submodels", {}).items():
+        w = s["worst"]
+        t.add_row(name, _fmt(w["max_abs"]), _fmt(w["max_rel"]), f"{w['cosine']:.6f}", "", "", "")
+    for m in report.get("images", []):
+        t.add_row(f"image seed {m['seed']}: {m['prompt'][:30]}", "", "", "", _fmt(m["psnr"]), f"{m['ssim']:.4f}",
+                  str(m["max_pixel_diff"]))
+    return t
+
+
+@command("verify")
+def verify_cmd(
+    ref: Path = typer.Argument(..., help="Reference: model dir, artifact dir, or a .onnx file"),
+    cand: Path = typer.Argument(..., help="Candidate of the same kind"),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Fixed prompt(s) for end-to-end images"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file"),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds"),
+    steps: int = typer.Option(10, "--steps"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the side-by-side sheet, images and verify.json"),
+    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local CLIP model dir for CLIP score"),
+    fid_model: Optional[Path] = typer.Option(None, "--fid-model", help="Local TorchScript Inception file for FID"),
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="Fail below this PSNR (dB)"),
+    min_ssim: Optional[float] = typer.Option(None, "--min-ssim", help="Fail below this SSIM"),
+    max_pixel_diff: Optional[int] = typer.Option(None, "--max-pixel-diff", help="Fail above this max pixel difference"),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail below this output cosine"),
+    max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Fail above this max abs output difference"),
+) -> None:
+    """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
+    from sdgraph.pipeline.runner import read_prompts
+    from sdgraph.pipeline.verify import DEFAULT_PROMPTS, check_thresholds, compare_onnx_files, raise_on, verify_dirs
+
+    for p in (ref, cand):
+        if not p.exists():
+            raise InputError(f"{p}: no such file or directory")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    if ref.is_file() != cand.is_file():
+        raise UsageError("compare two .onnx files or two directories, not one of each")
+    if ref.is_file():
+        from sdgraph.ir.runtime import worst
+
+        per = compare_onnx_files(ref, cand)
+        report = {"reference": str(ref), "candidate": str(cand), "submodels": {ref.name: {"outputs": per, "worst": worst(per)}}}
+        t = Table(title=f"verify {ref.name} vs {cand.name}")
+        for col in ("output", "max abs", "max rel", "cosine"):
+            t.add_column(col, justify="left" if col == "output" else "right")
+        for name, m in per.items():
+            t.add_row(name, _fmt(m["max_abs"]), _fmt(m["max_rel"]), f"{m['cosine']:.6f}")
+        console.print(t)
+        report["summary"] = {"cosine_min": worst(per)["cosine"], "max_abs": worst(per)["max_abs"]}
+    else:
+        prompts = list(prompt) if prompt else (read_prompts(None, prompt_file) if prompt_file else list(DEFAULT_PROMPTS))
+        report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
+                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model)
+        console.print(verify_table(report, f"verify {cand} against {ref}"))
+        for n in report["notes"]:
+            console.print(f"note: {n}", markup=False)
+        if "clip_score" in report:
+            console.print(f"CLIP score: reference {report['clip_score']['reference']:.3f}, "
+                          f"candidate {report['clip_score']['candidate']:.3f}")
+        if "fid" in report:
+            console.print(f"FID (candidate vs reference images): {report['fid']:.3f}")
+        if report.get("sheet"):
+            console.print(f"sheet: {report['sheet']}")
+    if out is not None:
+        from sdgraph.ir.io import atomic_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / "verify.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    raise_on(check_thresholds(report, min_psnr=min_psnr, min_ssim=min_ssim, max_pixel=max_pixel_diff,
+                              min_cosine=min_cosine, max_abs=max_abs))
+
+
+@command("demo")
+def demo_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for everything: models, artifacts, images, plot, JSON"),
+    steps: int = typer.Option(10, "--steps"),
+    repeats: int = typer.Option(2, "--repeats", help="Timed images per dir in the bench"),
+    size: Optional[int] = typer.Option(None, "--size", help="Image size in pixels (default: the demo model's, 128)"),
+    no_openvino: bool = typer.Option(False, "--no-openvino", help="Do not lower to OpenVINO even when installed"),
+) -> None:
+    """The main job: random-weight demo pipeline -> export -> optimize -> lower -> run -> bench -> verify."""
+    from sdgraph.pipeline.main_job import run_demo
+
+    rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino,
+                   say=lambda m: err_console.print(m, markup=False))
+    t = Table(title="stages")
+    t.add_column("stage")
+    t.add_column("seconds", justify="right")
+    for k, v in rep["stages"].items():
+        t.add_row(k, f"{v:.1f}")
+    console.print(t)
+    for s in rep["skipped"]:
+        console.print(f"skipped: {s}", markup=False)
+    for label, o in rep.get("optimize", {}).items():
+        ot = Table(title=f"optimize {label}: {rep['pipelines'][label]}")
+        for col in ("submodel", "nodes before", "nodes after", "pass stats"):
+            ot.add_column(col)
+        for sub, d in o.items():
+            ot.add_row(sub, str(d["nodes_before"]), str(d["nodes_after"]),
+                       "; ".join(f"{p}: {s}" for p, s in d["stats"].items())[:120])
+        console.print(ot)
+    if rep.get("bench"):
+        console.print(bench_table(rep["bench"], rep["bench_labels"]))
+    for label, v in rep.get("verify", {}).items():
+        console.print(verify_table(v, f"verify {label} against the exported model (ORT, no passes)"))
+    console.print(f"image: {rep.get('image')}  plot: {rep.get('plot')}  all in {out} ({rep['seconds']:.0f} s)")
+    for f in rep["failed"]:
+        err_console.print(f"failed: {f}", markup=False)
+    if rep["failed"]:
+        raise typer.Exit(1)

@@ -1,0 +1,187 @@
+"""Benchmark model/artifact dirs side by side: per-submodel latency, UNet it/s, s/image, peak RSS, warm-up."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sdgraph.errors import TargetUnavailable, UsageError
+
+__all__ = ["METRICS", "RssSampler", "bench", "write_plot", "write_json"]
+
+log = logging.getLogger(__name__)
+
+# Every per-dir metric the JSON carries (tests check them all).
+METRICS = ("load_s", "warmup_compile_s", "warmup_cache_s", "e2e_s", "e2e_s_runs", "unet_its", "unet_call_ms",
+           "submodel_ms", "peak_rss_mb", "peak_rss_delta_mb", "steps", "height", "width", "target")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: fall back to the high-water mark
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssSampler:
+    """Samples this process's resident set size every ``interval`` s; ``peak`` is the largest seen.
+
+    RSS, not tracemalloc: runtimes (ONNX Runtime, OpenVINO) allocate outside Python's allocator.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = self.start = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:  # give freed heap back to the OS so the next dir's peak starts from a fair baseline
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None, repeats: int, prompt: str,
+               seed: int, scheduler: str | None, guidance: float, devices: int,
+               say: Callable[[str], None]) -> dict[str, Any]:
+    from sdgraph.pipeline.runner import open_pipeline
+
+    _release_memory()
+    with RssSampler() as mem:
+        kw = dict(steps=steps, height=height, width=width, seed=seed, scheduler=scheduler, guidance=guidance)
+        # 1. warm-up with compilation: load (compile) + first image, as a fresh process would see it.
+        t0 = time.perf_counter()
+        pipe = open_pipeline(path, devices=devices)
+        load_s = time.perf_counter() - t0
+        pipe.check_size(height or pipe.default_size()[0], width or pipe.default_size()[1])
+        pipe.generate(prompt, **kw)
+        warm_compile = time.perf_counter() - t0
+        say(f"{path}: warm-up with compilation {warm_compile:.2f} s (load {load_s:.2f} s)")
+        del pipe
+        _release_memory()
+        # 2. warm-up with cache: the same again; targets reuse their compiled blobs / caches now.
+        t0 = time.perf_counter()
+        pipe = open_pipeline(path, devices=devices)
+        pipe.generate(prompt, **kw)
+        warm_cache = time.perf_counter() - t0
+        # 3. steady state: median of ``repeats`` images.
+        runs, unet_its, unet_ms, sub_ms = [], [], [], {}
+        for _ in range(repeats):
+            g = pipe.generate(prompt, **kw)
+            runs.append(g.seconds)
+            u = g.stats.get("unet", {"seconds": 0.0, "calls": 0})
+            unet_its.append(g.steps_run / u["seconds"] if u["seconds"] else 0.0)
+            unet_ms.append(1000.0 * u["seconds"] / max(u["calls"], 1))
+            for name, s in g.stats.items():
+                sub_ms.setdefault(name, []).append(1000.0 * s["seconds"] / max(s["calls"], 1))
+        h, w = height or pipe.default_size()[0], width or pipe.default_size()[1]
+        target = pipe.target
+        del pipe
+    _release_memory()
+    say(f"{path}: {statistics.median(runs):.3f} s/image")
+    return {
+        "path": str(path), "target": target, "steps": steps, "height": h, "width": w, "devices": devices,
+        "load_s": load_s, "warmup_compile_s": warm_compile, "warmup_cache_s": warm_cache,
+        "e2e_s": statistics.median(runs), "e2e_s_runs": runs,
+        "unet_its": statistics.median(unet_its), "unet_call_ms": statistics.median(unet_ms),
+        "submodel_ms": {k: statistics.median(v) for k, v in sub_ms.items()},
+        "peak_rss_mb": mem.peak / 2**20, "peak_rss_delta_mb": (mem.peak - mem.start) / 2**20,
+    }
+
+
+def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | None = None, width: int | None = None,
+          repeats: int = 3, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 0,
+          scheduler: str | None = None, guidance: float = 7.5, devices: int = 1,
+          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Bench each dir in this one process, in order; ratios are against the first dir."""
+    if not dirs:
+        raise UsageError("give at least one model or artifact dir to bench")
+    if steps < 1 or repeats < 1:
+        raise UsageError("--steps and --repeats must be >= 1")
+    say = progress or (lambda m: log.info(m))
+    results = [_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats, prompt=prompt,
+                          seed=seed, scheduler=scheduler, guidance=guidance, devices=devices, say=say) for d in dirs]
+    base = results[0]
+    for r in results:
+        r["ratios"] = {
+            "e2e_speedup": base["e2e_s"] / r["e2e_s"] if r["e2e_s"] else 0.0,
+            "unet_its": r["unet_its"] / base["unet_its"] if base["unet_its"] else 0.0,
+            "peak_rss": r["peak_rss_delta_mb"] / base["peak_rss_delta_mb"] if base["peak_rss_delta_mb"] > 0 else 0.0,
+            "warmup_compile": r["warmup_compile_s"] / base["warmup_compile_s"] if base["warmup_compile_s"] else 0.0,
+        }
+    from sdgraph.manifest import package_versions
+
+    return {"steps": steps, "repeats": repeats, "prompt": prompt, "seed": seed, "devices": devices,
+            "cpu_count": os.cpu_count(), "packages": package_versions(), "results": results}
+
+
+def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    from sdgraph.ir.io import atomic_file
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
+    """A PNG with three panels: s/image, UNet it/s and peak RSS per dir (ratios vs the first on the bars)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TargetUnavailable("the bench plot needs matplotlib: pip install 'sdgraph[plot]'") from None
+    from sdgraph.ir.io import atomic_file
+
+    res = report["results"]
+    names = list(labels) if labels else [Path(r["path"]).name for r in res]
+    panels = (("e2e_s", "end-to-end s / image", "e2e_speedup", "x faster"),
+              ("unet_its", "UNet it/s", "unet_its", "x"),
+              ("peak_rss_delta_mb", "peak RSS over start (MB)", "peak_rss", "x"))
+    fig, axes = plt.subplots(1, 3, figsize=(4.2 * 3, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title, rkey, unit) in zip(axes, panels):
+        vals = [r[key] for r in res]
+        bars = ax.bar(range(len(vals)), vals, color=[colors[i % len(colors)] for i in range(len(vals))])
+        for b, r in zip(bars, res):
+            ax.annotate(f"{r['ratios'][rkey]:.2f}{unit}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(vals)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"sdgraph bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, "
+                 f"median of {report['repeats']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,139 @@
+"""The README's main job: demo pipeline -> export -> optimize -> lower -> run -> bench -> verify, in one folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from sdgraph.errors import SdgraphError, TargetUnavailable
+
+__all__ = ["run_demo", "optimize_pipelines"]
+
+log = logging.getLogger(__name__)
+
+
+def optimize_pipelines() -> dict[str, str]:
+    """The two optimize pipelines, from the passes registered now: ``fold,fa,gn`` and the same with ``tome``."""
+    from sdgraph.passes.base import registry
+
+    have = registry()
+    fast = [p for p in ("fold", "fa", "gn") if p in have]
+    out = {"opt": ",".join(fast)}
+    if "tome" in have:
+        out["tome"] = ",".join(["fold", "tome", *[p for p in fast if p != "fold"]])
+    return out
+
+
+def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: int | None = None,
+             prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 0,
+             openvino: bool = True, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the whole chain on a random-weight tiny SD1.5 pipeline; everything lands in ``out_dir``.
+
+    A stage whose dependency is missing is skipped with its reason in ``report["skipped"]``; a stage
+    that fails with an sdgraph error is listed in ``report["failed"]``; both are said, and later stages
+    run with what exists (a failed lowering of an optimized dir benches that model dir on ORT instead).
+    """
+    from sdgraph.demo import build_demo_pipeline
+    from sdgraph.export import export_pipeline
+    from sdgraph.passes.manager import optimize_path
+    from sdgraph.pipeline.bench import bench, write_json, write_plot
+    from sdgraph.pipeline.runner import open_pipeline, save_images
+    from sdgraph.pipeline.verify import verify_dirs
+    from sdgraph.targets import lower
+    from sdgraph.targets.base import targets
+
+    say = say or (lambda m: log.info(m))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"out": str(out), "stages": {}, "skipped": [], "failed": []}
+    t_all = time.perf_counter()
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        say(f"[{name}] ...")
+        try:
+            res = fn()
+        except (ImportError, TargetUnavailable) as exc:
+            why = f"{name}: skipped ({exc})"
+            report["skipped"].append(why)
+            say(why)
+            return None
+        except SdgraphError as exc:  # stages after it still run where they can; the demo exits 1
+            why = f"{name}: FAILED ({exc})"
+            report["failed"].append(why)
+            say(why)
+            return None
+        report["stages"][name] = round(time.perf_counter() - t0, 2)
+        say(f"[{name}] done in {report['stages'][name]:.1f} s")
+        return res
+
+    src = out / "diffusers"
+    stage("demo pipeline", lambda: build_demo_pipeline(src, arch="sd15", size="tiny", seed=seed, force=True))
+    model = out / "model"
+    geo = {"height": size, "width": size} if size else {}
+    stage("export", lambda: export_pipeline(src, model, force=True, **geo))
+    pipes = optimize_pipelines()
+    report["pipelines"] = pipes
+    say("optimize pipelines from the registered passes: " + "; ".join(f"{k} = {v}" for k, v in pipes.items()))
+    opt_dirs: dict[str, Path] = {}
+    for label, spec in pipes.items():
+        d = out / f"model-{label}"
+        reports = stage(f"optimize {label} ({spec})", lambda d=d, spec=spec: optimize_path(model, spec, d))
+        if reports is not None:
+            opt_dirs[label] = d
+            report.setdefault("optimize", {})[label] = {
+                sub: {"nodes_before": sum(r.ops_before.values()), "nodes_after": sum(r.ops_after.values()),
+                      "stats": {rec.spec: rec.stats for rec in r.records if rec.stats}}
+                for sub, r in reports.items()}
+    # Lower: the reference and each optimized dir to ORT; the fast one to OpenVINO when installed.
+    artifacts: dict[str, Path] = {}
+    for label, d in [("fp32", model), *opt_dirs.items()]:
+        a = out / f"ort-{label}"
+        if stage(f"lower ort-{label}", lambda d=d, a=a: lower(d, "ort", a)) is not None:
+            artifacts[f"ort-{label}"] = a
+        elif label != "fp32":  # still bench and verify the optimized model dir itself, on ORT
+            artifacts[f"model-{label}"] = d
+    if openvino and "openvino" in targets():
+        ok, why = targets()["openvino"]().available()
+        if ok:
+            a = out / "openvino-opt"
+            src_dir = opt_dirs.get("opt", model)
+            if stage("lower openvino-opt", lambda: lower(src_dir, "openvino", a)) is not None:
+                artifacts["openvino-opt"] = a
+        else:
+            report["skipped"].append(f"lower openvino: skipped ({why})")
+            say(report["skipped"][-1])
+    elif openvino:
+        report["skipped"].append("lower openvino: skipped (no openvino target registered)")
+        say(report["skipped"][-1])
+    report["artifacts"] = {k: str(v) for k, v in artifacts.items()}
+    # Run one image on the fastest-looking artifact (optimized ORT when there).
+    run_dir = artifacts.get("ort-opt") or artifacts.get("ort-fp32") or model
+
+    def run_one():
+        pipe = open_pipeline(run_dir)
+        g = pipe.generate(prompt, steps=steps, seed=seed)
+        return save_images(g.images, out / "image.png")[0]
+
+    img = stage("run", run_one)
+    report["image"] = str(img) if img else None
+    bench_dirs = [model, *artifacts.values()]
+    report["bench_labels"] = ["model (ORT, no passes)", *artifacts]
+    b = stage("bench", lambda: bench(bench_dirs, steps=steps, repeats=repeats, prompt=prompt, seed=seed, progress=say))
+    if b is not None:
+        report["bench"] = b
+        write_json(b, out / "bench.json")
+        p = stage("plot", lambda: write_plot(b, out / "bench.png", labels=report["bench_labels"]))
+        report["plot"] = str(p) if p else None
+    report["verify"] = {}
+    for label, a in artifacts.items():
+        v = stage(f"verify {label}", lambda a=a, label=label: verify_dirs(
+            model, a, out / f"verify-{label}", prompts=(prompt,), seeds=(seed,), steps=steps))
+        if v is not None:
+            report["verify"][label] = v
+    report["seconds"] = round(time.perf_counter() - t_all, 1)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
