@@ -190,7 +190,8 @@ class CastPass(Pass):
             acts, runtime = probe_activations(model, tensors, feeds, runtime="ort")
             already = {name for name, (_, finite) in acts.items() if not finite}
             over = {name for name, (mx, _) in acts.items() if mx > limit}
-            producers = [n for n in low if any(o.name in over for o in n.outputs)]
+            # a low node overflows if it writes such a value or must cast one in from float32
+            producers = [n for n in low if any(t.name in over for t in list(n.outputs) + list(n.inputs))]
             if producers:
                 names = [n.name for n in producers]
                 notes.append(f"{len(names)} node(s) would overflow {self.kind} and stay float32: "
@@ -208,7 +209,10 @@ class CastPass(Pass):
             bad, runtime = nan_scan(model, feeds, ignore=already)
             stats["nan_scan"] = runtime
             if bad is not None:
-                raise VerificationError(f"{self.name}: NaN/Inf after casting, first produced by node {bad.name!r} ({bad.op})")
+                src = bad.inputs[0].inputs[0] if bad.op == "Cast" and bad.name.endswith(f"_to_{self.kind}") and bad.inputs[0].inputs else None
+                where = (f"node {src.name!r} ({src.op}), whose float32 output overflows {self.kind} when cast"
+                         if src is not None else f"node {bad.name!r} ({bad.op})")
+                raise VerificationError(f"{self.name}: NaN/Inf after casting, first produced by {where}")
         return PassResult(modified=bool(low), stats=stats, notes=notes)
 
 

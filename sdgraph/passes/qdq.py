@@ -206,7 +206,7 @@ class Qdq(Pass):
         work = _workdir()
         src = model.save_to_dir_unchecked(work, "float.onnx")
         key = hashlib.sha256(model.to_proto().SerializeToString())
-        key.update(repr((self.calib, self.method, self.symmetric, self.steps, self.act_matmul, self.prompt_file,
+        key.update(repr((sorted(excluded), self.calib, self.method, self.symmetric, self.steps, self.act_matmul, self.prompt_file,
                          [sorted(f) for f in feeds[:1]], [float(np.asarray(v).ravel()[:8].sum()) for f in feeds for v in f.values()])).encode())
         ranges = cache_dir() / f"ranges-{key.hexdigest()[:24]}.json"
         if not self.cache:

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_tiny_sd15"]
+__all__ = ["build_tiny_sd15", "tiny_sd15_dir"]
+
+_BUILT: dict[str, Path] = {}
+
+
+def tiny_sd15_dir() -> Path:
+    """Build the tiny pipeline once per test process (in a temporary folder) and return it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "dir" not in _BUILT:
+        root = Path(tempfile.mkdtemp(prefix="sdgraph-precision-"))
+        atexit.register(shutil.rmtree, root, True)
+        _BUILT["dir"] = build_tiny_sd15(root / "sd15")
+    return _BUILT["dir"]
 
 
 def build_tiny_sd15(out: Path) -> Path:

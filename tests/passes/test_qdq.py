@@ -1,0 +1,201 @@
+"""qdq: INT8 QDQ quantization with Stable Diffusion calibration on a tiny exported SD1.5 pipeline."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from sdgraph import calibration
+from sdgraph.errors import InputError, UsageError, VerificationError
+from sdgraph.ir import runtime as rt
+from sdgraph.ir.model import Model
+from sdgraph.passes._precision import default_scope, run_any
+from sdgraph.passes.base import create_pass
+from sdgraph.passes.manager import PassManager
+from sdgraph.passes.qdq import quantized_nodes
+from tests.passes.precision_models import tiny_sd15_dir
+
+FAST = {"calib": "2", "steps": "2", "held_out": "1"}
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SDGRAPH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield tiny_sd15_dir()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def unet_int8(sd):
+    m = Model.load(sd / "unet" / "model.onnx")
+    scope, _ = default_scope(m)
+    res = create_pass("qdq", named=dict(FAST, sensitivity="2")).run(m)
+    return m, res, scope
+
+
+def test_default_scope_found_structurally(sd):
+    m = Model.load(sd / "unet" / "model.onnx")
+    names, notes = default_scope(m)
+    convs = [n.name for n in m.graph.toposort().nodes if n.op == "Conv"]
+    assert notes == []  # nothing needed the name fallback
+    assert convs[0] in names and convs[-1] in names  # conv_in, conv_out
+    assert "conv_in" in convs[0] and "conv_out" in convs[-1]
+    shortcut = [n for n in names if "conv_shortcut" in n]
+    assert shortcut == ["/u/up_blocks.0/resnets.0/conv_shortcut/Conv"] or len(shortcut) == 1
+    time = [n for n in names if "time_emb" in n]
+    # time_embedding.linear_1/2 plus one time_emb_proj per resnet (2 down x 2 + 2 mid + 3 up x 2)
+    assert len(time) == 2 + 4 + 2 + 6 - 2 or len(time) >= 10
+    assert all("attn" not in n for n in names)  # attention proj_out 1x1 convs are not shortcuts
+
+
+def test_unet_qdq_placed_outside_scope(unet_int8):
+    m, res, scope = unet_int8
+    q = {n.name for n in quantized_nodes(m.graph)}
+    hist = m.op_histogram()
+    assert res.modified and res.stats["quantized"] == len(q) > 0
+    assert hist["QuantizeLinear"] == res.stats["quantize_linear"] > 0
+    assert hist["DequantizeLinear"] >= hist["QuantizeLinear"]
+    assert not (q & set(scope)), "a node of the ignored scope was quantized"
+    convs = {n.name for n in m.graph.nodes if n.op == "Conv"}
+    # every Conv outside the scope is quantized
+    assert convs - set(scope) <= q
+    # activation x activation MatMuls (attention scores) stay float by default
+    act_mm = [n for n in m.graph.nodes if n.op == "MatMul" and n.inputs[1].inputs and n.inputs[1].inputs[0].op != "DequantizeLinear"]
+    assert act_mm and not (q & {n.name for n in act_mm})
+    assert res.stats["holdout_cosine"] > 0.95
+    assert res.stats["calib_samples"] == 2
+
+
+def test_unet_int8_runs_in_ort_and_openvino(unet_int8, sd, tmp_path):
+    m, _, _ = unet_int8
+    ref = Model.load(sd / "unet" / "model.onnx")
+    saved = m.save(tmp_path / "int8")
+    feeds = rt.seeded_inputs(ref, 3)
+    want = rt.run(ref, feeds)
+    got_ort = rt.run(Model.load(saved), feeds)
+    pytest.importorskip("openvino")
+    from sdgraph.passes._precision import _run_openvino
+
+    got_ov = _run_openvino(Model.load(saved), feeds)
+    for got in (got_ort, got_ov):
+        assert rt.worst(rt.compare(want, got))["cosine"] > 0.95
+    assert saved.stat().st_size + (saved.parent / "model.onnx_data").stat().st_size > 0
+
+
+def test_sensitivity_report(unet_int8):
+    _, res, _ = unet_int8
+    sens = res.stats["sensitivity"]
+    assert len(sens) == 2
+    for name, one_minus_cos, max_rel in sens:
+        assert isinstance(name, str) and 0 <= one_minus_cos < 0.1 and max_rel >= 0
+    assert sens[0][1] >= sens[1][1]  # worst first
+
+
+def test_exclude_none_quantizes_conv_in(sd):
+    m = Model.load(sd / "unet" / "model.onnx")
+    conv_in = next(n.name for n in m.graph.toposort().nodes if n.op == "Conv")
+    create_pass("qdq", named=dict(FAST, exclude="none", held_out="0")).run(m)
+    assert conv_in in {n.name for n in quantized_nodes(m.graph)}
+
+
+def test_exclude_adds_names_and_rejects_unknown(sd):
+    m = Model.load(sd / "unet" / "model.onnx")
+    create_pass("qdq", named=dict(FAST, exclude="default|mid_block", held_out="0")).run(m)
+    q = {n.name for n in quantized_nodes(m.graph)}
+    assert q and not any("mid_block" in n for n in q)
+    with pytest.raises(UsageError, match="matches no node"):
+        create_pass("qdq", named=dict(FAST, exclude="no_such_layer")).run(Model.load(sd / "unet" / "model.onnx"))
+
+
+def test_auto_exclude_needs_min_cosine_and_excludes(sd):
+    with pytest.raises(UsageError, match="min_cosine"):
+        create_pass("qdq", named={"auto_exclude": "true"}).requires(Model.load(sd / "unet" / "model.onnx"))
+    m = Model.load(sd / "text_encoder" / "model.onnx")
+    res = create_pass("qdq", named=dict(FAST, auto_exclude="true", min_cosine="0.9999999", sensitivity="4")).run(m)
+    assert 1 <= len(res.stats["auto_excluded"]) <= 4
+    q = {n.name for n in quantized_nodes(m.graph)}
+    assert not (q & set(res.stats["auto_excluded"]))
+
+
+def test_text_encoder_and_vae_decoder(sd):
+    te = Model.load(sd / "text_encoder" / "model.onnx")
+    r = create_pass("qdq", named=FAST).run(te)
+    assert r.stats["quantized"] == sum(1 for n in quantized_nodes(te.graph)) > 0
+    assert all(n.op == "MatMul" for n in quantized_nodes(te.graph))
+    assert r.stats["holdout_cosine"] > 0.99
+    vae = Model.load(sd / "vae_decoder" / "model.onnx")
+    scope, _ = default_scope(vae)
+    r = create_pass("qdq", named=FAST).run(vae)
+    q = {n.name for n in quantized_nodes(vae.graph)}
+    assert q and not (q & set(scope))
+    assert any("post_quant_conv" in s for s in scope) and any("conv_out" in s for s in scope)
+    out, used = run_any(vae, rt.seeded_inputs(vae, 1))
+    assert used == "onnxruntime" and np.isfinite(out["sample"]).all()
+
+
+def test_unet_calibration_data_is_a_trajectory(sd):
+    unet = Model.load(sd / "unet" / "model.onnx")
+    feeds = calibration.calibration_feeds(unet, 3, steps=3)
+    ts = [float(f["timestep"].ravel()[0]) for f in feeds]
+    assert len(set(ts)) == 3 and ts == sorted(ts, reverse=True)  # spread over the schedule
+    for f in feeds:
+        assert f["sample"].shape == (2, 4, 16, 16)
+        ehs = f["encoder_hidden_states"]
+        assert not np.allclose(ehs[0], ehs[1])  # unconditional and conditional halves
+    np.testing.assert_array_equal(feeds[0]["encoder_hidden_states"][0], feeds[1]["encoder_hidden_states"][0])
+    held = calibration.calibration_feeds(unet, 3, steps=3, holdout=True)
+    assert not np.allclose(held[0]["sample"], feeds[0]["sample"])
+
+
+def test_calibration_cache_is_reused(sd, monkeypatch):
+    te = Model.load(sd / "text_encoder" / "model.onnx")
+    first = calibration.calibration_feeds(te, 3)
+    monkeypatch.setattr(calibration, "_make_feeds", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = calibration.calibration_feeds(te, 3)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_prompt_file(sd, tmp_path):
+    te = Model.load(sd / "text_encoder" / "model.onnx")
+    pf = tmp_path / "p.txt"
+    pf.write_text("# comment\na blue bicycle\n\n")
+    feeds = calibration.calibration_feeds(te, 2, prompt_file=str(pf), use_cache=False)
+    default = calibration.calibration_feeds(te, 2, use_cache=False)
+    np.testing.assert_array_equal(feeds[0]["input_ids"], feeds[1]["input_ids"])  # one prompt, repeated
+    assert not np.array_equal(feeds[0]["input_ids"], default[0]["input_ids"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(InputError, match="no prompts"):
+        calibration.calibration_feeds(te, 2, prompt_file=str(empty))
+    with pytest.raises(InputError, match="cannot read"):
+        calibration.calibration_feeds(te, 2, prompt_file=str(tmp_path / "missing.txt"))
+
+
+def test_missing_siblings_give_one_clear_error(sd, tmp_path):
+    (tmp_path / "unet").mkdir()
+    shutil.copy(sd / "unet" / "model.onnx", tmp_path / "unet" / "model.onnx")
+    lonely = Model.load(tmp_path / "unet" / "model.onnx")
+    with pytest.raises(InputError, match="needs the tokenizer"):
+        create_pass("qdq", named=FAST).run(lonely)
+
+
+def test_manager_verify_reports_and_min_cosine_fails(sd):
+    m = Model.load(sd / "text_encoder" / "model.onnx")
+    rep = PassManager("qdq{calib=2 steps=2 held_out=0}", verify=True).run(m)
+    rec = rep.records[-1]
+    assert rec.numbers is not None and 0.95 < rec.numbers["cosine"] < 1.0
+    m2 = Model.load(sd / "text_encoder" / "model.onnx")
+    with pytest.raises(VerificationError, match="min_cosine"):
+        PassManager("qdq{calib=2 steps=2 held_out=0 min_cosine=0.99999999}", verify=True).run(m2)
+    assert "QuantizeLinear" not in m2.op_histogram()  # rolled back
+
+
+def test_bad_options():
+    with pytest.raises(UsageError):
+        create_pass("qdq", named={"method": "kl"})
+    with pytest.raises(UsageError):
+        create_pass("qdq", named={"calib": "0"})
