@@ -70,20 +70,28 @@ def run_cmd(
                   + (" ..." if len(written) > 4 else ""))
 
 
-def bench_table(report: dict, labels: list[str] | None = None) -> Table:
+def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
+    """Two tables: the headline numbers with ratios vs the first dir, and per-submodel latency."""
     res = report["results"]
+    names = list(labels) if labels else [Path(r["path"]).name for r in res]
     t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
-    for col in ("dir", "target", "load s", "warm-up compile s", "warm-up cache s", "s/image", "x", "UNet it/s",
-                "UNet ms/call", "text enc ms", "VAE dec ms", "peak RSS MB", "RSS x"):
-        t.add_column(col, justify="left" if col in ("dir", "target") else "right")
-    for i, r in enumerate(res):
-        sub = r["submodel_ms"]
-        t.add_row(labels[i] if labels else Path(r["path"]).name, r["target"], f"{r['load_s']:.2f}",
-                  f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['e2e_s']:.3f}",
-                  f"{r['ratios']['e2e_speedup']:.2f}", f"{r['unet_its']:.2f}", f"{r['unet_call_ms']:.1f}",
-                  f"{sub.get('text_encoder', 0):.1f}", f"{sub.get('vae_decoder', 0):.1f}",
-                  f"{r['peak_rss_delta_mb']:.0f}", f"{r['ratios']['peak_rss']:.2f}")
-    return t
+    for col in ("dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"):
+        t.add_column(col, justify="left" if col == "dir" else "right")
+    for n, r in zip(names, res):
+        t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
+                  f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
+    subs = [s for s in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+            if any(s in r["submodel_ms"] for r in res)]
+    t2 = Table(title="latency per call (ms)")
+    t2.add_column("dir")
+    t2.add_column("target")
+    t2.add_column("load s", justify="right")
+    for s in subs:
+        t2.add_column(s, justify="right")
+    for n, r in zip(names, res):
+        t2.add_row(n, r["target"], f"{r['load_s']:.2f}",
+                   *[f"{r['submodel_ms'][s]:.1f}" if s in r["submodel_ms"] else "-" for s in subs])
+    return [t, t2]
 
 
 @command("bench")
@@ -106,7 +114,8 @@ def bench_cmd(
             raise InputError(f"{d}: not a directory")
     report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
                    scheduler=scheduler, progress=lambda m: err_console.print(m, markup=False))
-    console.print(bench_table(report))
+    for t in bench_table(report):
+        console.print(t)
     if json_out:
         console.print(f"json: {write_json(report, json_out)}")
     if plot:
@@ -125,7 +134,7 @@ def verify_table(report: dict, title: str = "verify") -> Table:
         w = s["worst"]
         t.add_row(name, _fmt(w["max_abs"]), _fmt(w["max_rel"]), f"{w['cosine']:.6f}", "", "", "")
     for m in report.get("images", []):
-        t.add_row(f"image seed {m['seed']}: {m['prompt'][:30]}", "", "", "", _fmt(m["psnr"]), f"{m['ssim']:.4f}",
+        t.add_row(f"image, seed {m['seed']}", "", "", "", _fmt(m["psnr"]), f"{m['ssim']:.4f}",
                   str(m["max_pixel_diff"]))
     return t
 
@@ -229,9 +238,10 @@ def demo_cmd(
                        "; ".join(f"{p}: {s}" for p, s in d["stats"].items())[:120])
         console.print(ot)
     if rep.get("bench"):
-        console.print(bench_table(rep["bench"], rep["bench_labels"]))
+        for t in bench_table(rep["bench"], rep["bench_labels"]):
+            console.print(t)
     for label, v in rep.get("verify", {}).items():
-        console.print(verify_table(v, f"verify {label} against the exported model (ORT, no passes)"))
+        console.print(verify_table(v, f"verify {label} against model (exported, ORT, no passes)"))
     console.print(f"image: {rep.get('image')}  plot: {rep.get('plot')}  all in {out} ({rep['seconds']:.0f} s)")
     for f in rep["failed"]:
         err_console.print(f"failed: {f}", markup=False)

@@ -121,7 +121,7 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     img = stage("run", run_one)
     report["image"] = str(img) if img else None
     bench_dirs = [model, *artifacts.values()]
-    report["bench_labels"] = ["model (ORT, no passes)", *artifacts]
+    report["bench_labels"] = ["model", *artifacts]
     b = stage("bench", lambda: bench(bench_dirs, steps=steps, repeats=repeats, prompt=prompt, seed=seed, progress=say))
     if b is not None:
         report["bench"] = b

@@ -238,11 +238,19 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
             continue
         ra, rc = pr.instances[name][0], pc.instances[name][0]
         feeds = _seeded_feeds(ra, pr, name, seed=0)
+        cfeeds = feeds
+        if set(rc.input_names) != set(ra.input_names) and len(rc.input_names) == len(ra.input_names):
+            # a runtime renamed an input (e.g. a folded timestep path): match the inputs by position
+            cfeeds = {nc: feeds[na] for na, nc in zip(ra.input_names, rc.input_names)}
+            report["notes"].append(f"{name}: candidate inputs {rc.input_names} matched by position to {ra.input_names}")
         try:
-            outs_a, outs_c = ra(feeds), rc({k: v.astype(rc.input_dtypes.get(k, v.dtype)) for k, v in feeds.items()})
+            outs_a = ra(feeds)
+            outs_c = rc({k: v.astype(rc.input_dtypes.get(k, v.dtype)) for k, v in cfeeds.items()})
         except Exception as exc:  # noqa: BLE001 - a runner refusing the feeds is reported, not fatal
             report["notes"].append(f"{name}: not compared ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
             continue
+        if not set(outs_a) & set(outs_c) and len(outs_a) == len(outs_c):
+            outs_c = dict(zip(outs_a, outs_c.values()))
         per = compare({k: v for k, v in outs_a.items() if k in outs_c}, outs_c)
         report["submodels"][name] = {"outputs": per, "worst": worst(per)}
     h, w = height or pr.default_size()[0], width or pr.default_size()[1]
