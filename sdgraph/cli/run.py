@@ -235,7 +235,9 @@ def demo_cmd(
             ot.add_column(col)
         for sub, d in o.items():
             ot.add_row(sub, str(d["nodes_before"]), str(d["nodes_after"]),
-                       "; ".join(f"{p}: {s}" for p, s in d["stats"].items())[:120])
+                       "; ".join(f"{p} " + ", ".join(f"{k}={v}" for k, v in [(k, v) for k, v in s.items()
+                                                                          if isinstance(v, (int, float)) and v][:2])
+                                 for p, s in d["stats"].items()))
         console.print(ot)
     if rep.get("bench"):
         for t in bench_table(rep["bench"], rep["bench_labels"]):
