@@ -1,0 +1,681 @@
+"""Intel Neural Engine (intel-extension-for-transformers 1.4.2): sdgraph's own emitter of the engine's IR (conf.yaml + model.bin)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from sdgraph.errors import PassError, TargetUnavailable, UnsupportedError
+from sdgraph.ir.canonical import inline_functions
+from sdgraph.ir.model import CANONICAL_DOMAIN, Model
+from sdgraph.ir.shapes import infer_shapes, static_shape
+from sdgraph.passes.base import Option
+from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
+
+__all__ = ["NeuralEngineTarget", "neural_engine_status", "emit_ir", "NE_OPS", "MAPPED_ONNX_OPS", "ne_python"]
+
+log = logging.getLogger(__name__)
+
+# Engine operator types we emit (executor classes of libneural_engine.so, 1.4.2).
+NE_OPS = frozenset({
+    "Input", "Output", "InnerProduct", "Matmul", "Convolution", "BinaryAdd", "BinaryOp", "Softmax", "LayerNorm",
+    "GroupNorm", "Reorder", "Reshape", "Gather", "Concat", "Slice", "Erf", "Exp", "Sigmoid", "Pow", "CosSin",
+    "Resampling", "ReduceMean", "ReduceSum", "Quantize",
+})
+# ONNX ops the emitter maps (after fold and static shapes); anything else is reported by check().
+MAPPED_ONNX_OPS = frozenset({
+    "MatMul", "Gemm", "Conv", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Softmax", "LayerNormalization",
+    "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Gather", "Concat", "Slice", "Erf", "Exp",
+    "Sigmoid", "Sin", "Cos", "Resize", "ReduceMean", "ReduceSum", "Identity", "Cast", "Constant", "Expand",
+})
+# Canonical ops with a native engine form; others are inlined to their bodies first.
+NATIVE_CANONICAL = frozenset({"Attention", "AttentionMasked", "GroupNorm", "GroupNormSilu"})
+_BINARY = {"Sub": "sub", "Mul": "mul", "Div": "div"}
+_NE_DTYPES = {np.dtype(np.float32): "fp32", np.dtype(np.int32): "s32", np.dtype(np.int64): "s32",
+              np.dtype(np.uint16): "bf16", np.dtype(np.float16): "fp16", np.dtype(np.bool_): "s32"}
+
+
+# -- the engine's environment ----------------------------------------------------------------------
+def ne_python() -> Path:
+    """The Python of the engine's own environment ($SDGRAPH_NE_PYTHON, else <repo>/.venv-ne)."""
+    env = os.environ.get("SDGRAPH_NE_PYTHON")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / ".venv-ne" / "bin" / "python"
+
+
+_PROBE = "import intel_extension_for_transformers.neural_engine_py as ne, numpy; print(numpy.__version__)"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=4)
+def _status(python: str) -> tuple[bool, str]:
+    if not Path(python).exists():
+        return False, f"no engine environment at {python} (create it: tools/setup_neural_engine.sh)"
+    try:
+        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, "the engine runtime did not import within 120 s"
+    if proc.returncode == -4:
+        avx = sorted(f for f in _cpu_flags() if f.startswith("avx"))
+        return False, (f"the engine runtime dies with SIGILL on import: libkernellibs.so runs an AVX-512 instruction "
+                       f"(vpbroadcastq from a general register, in jd::jit_generator's constructor) and this CPU has "
+                       f"{', '.join(avx) or 'no AVX'} only")
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return False, f"the engine runtime does not import (exit {proc.returncode}): {tail[0]}"
+    return True, f"{python} (numpy {proc.stdout.strip()})"
+
+
+def neural_engine_status() -> tuple[bool, str]:
+    """(usable, why): whether the engine's own environment exists and its runtime loads on this CPU."""
+    return _status(str(ne_python()))
+
+
+# -- the IR emitter ---------------------------------------------------------------------------------
+def _s(values) -> str:
+    return ",".join(str(int(v)) for v in values)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (truncation, as the engine's InsertBF16Node does)."""
+    return (np.ascontiguousarray(a, dtype=np.float32).view(np.int32) >> 16).astype(np.uint16)
+
+
+class _IR:
+    """Collects engine ops, constant tensors (model.bin) and graph inputs/outputs."""
+
+    def __init__(self, precision: str):
+        self.precision = precision
+        self.ops: OrderedDict[str, dict] = OrderedDict()
+        self.inputs: OrderedDict[str, dict] = OrderedDict()
+        self.consts: OrderedDict[str, tuple[np.ndarray, str]] = OrderedDict()
+        self.n = 0
+
+    def const(self, name: str, value: np.ndarray, ne_dtype: str | None = None) -> str:
+        arr = np.asarray(value)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if ne_dtype is None:
+            if arr.dtype in (np.int64, np.int32, np.bool_):
+                arr, ne_dtype = arr.astype(np.int32), "s32"
+            else:
+                arr, ne_dtype = arr.astype(np.float32), "fp32"
+        if name in self.consts:
+            self.n += 1
+            name = f"{name}__{self.n}"
+        self.consts[name] = (np.ascontiguousarray(arr), ne_dtype)
+        return name
+
+    def fconst(self, name: str, value) -> str:
+        return self.const(name, np.asarray(value, dtype=np.float32))
+
+    def op(self, name: str, typ: str, inputs: list[str], outputs: list[str], attr: dict | None = None) -> None:
+        if name in self.ops:
+            self.n += 1
+            name = f"{name}__{self.n}"
+        entry = OrderedDict(type=typ, input=OrderedDict((i, {}) for i in inputs),
+                            output=OrderedDict((o, {}) for o in outputs))
+        if attr:
+            entry["attr"] = OrderedDict((k, v) for k, v in attr.items())
+        self.ops[name] = entry
+
+    def tmp(self, base: str) -> str:
+        self.n += 1
+        return f"{base}:{self.n}"
+
+    def write(self, out_dir: Path, outputs: list[str]) -> dict[str, Any]:
+        import yaml
+
+        weights = bytearray()
+        input_out = OrderedDict()
+        for name, spec in self.inputs.items():
+            input_out[name] = spec
+        for name, (arr, dt) in self.consts.items():
+            start = len(weights)
+            data = arr.tobytes()
+            weights.extend(data)
+            input_out[name] = OrderedDict(dtype=dt, shape=[int(d) for d in arr.shape], location=[start, len(data)])
+        operators = OrderedDict()
+        operators["input_data"] = OrderedDict(type="Input", output=input_out)
+        operators.update(self.ops)
+        operators["output_data"] = OrderedDict(type="Output", input=OrderedDict((o, {}) for o in outputs))
+        net = OrderedDict(model=OrderedDict(name="model", operator=operators))
+
+        class _Dumper(yaml.SafeDumper):
+            pass
+
+        _Dumper.add_representer(OrderedDict, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data.items()))
+        _Dumper.add_representer(list, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+        (out_dir / "model.bin").write_bytes(bytes(weights))
+        (out_dir / "conf.yaml").write_text(yaml.dump(net, Dumper=_Dumper, default_flow_style=False, sort_keys=False))
+        return {"weights_bytes": len(weights), "operators": len(self.ops) + 2}
+
+
+def _cval(t) -> np.ndarray | None:
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def _shape(t) -> tuple[int, ...]:
+    s = static_shape(t)
+    if s is None:
+        raise UnsupportedError(f"tensor {t.name!r} has no static shape after inference; the emitter needs every shape")
+    return s
+
+
+def _reshape_attr(shape: tuple[int, ...]) -> str:
+    return _s(shape)
+
+
+class _Lowerer:
+    """ONNX node -> engine ops. Each handler returns nothing; unknown ops were rejected by check()."""
+
+    def __init__(self, model: Model, precision: str):
+        self.m, self.ir, self.precision = model, _IR(precision), precision
+        self.consumers: dict[str, list[gs.Node]] = {}
+        for n in model.graph.nodes:
+            for t in n.inputs:
+                self.consumers.setdefault(t.name, []).append(n)
+        self.skip: set[int] = set()
+        self.alias: dict[str, str] = {}
+        self.counts: dict[str, int] = {}
+
+    # -- helpers
+    def name(self, t) -> str:
+        if isinstance(t, gs.Constant):
+            if t.name not in self.ir.consts:
+                self.ir.const(t.name, np.asarray(t.values))
+            return t.name
+        return self.alias.get(t.name, t.name)
+
+    def count(self, typ: str) -> None:
+        self.counts[typ] = self.counts.get(typ, 0) + 1
+
+    def emit(self, node_name: str, typ: str, inputs, outputs, attr=None) -> None:
+        self.count(typ)
+        self.ir.op(node_name, typ, inputs, outputs, attr)
+
+    def odt(self) -> dict:
+        return {"output_dtype": "fp32"}
+
+    def to_bf16(self, node_name: str, src: str) -> str:
+        out = self.ir.tmp(src + "_bf16")
+        self.emit(node_name + "_quant", "Quantize", [src], [out], {"output_dtype": "bf16"})
+        return out
+
+    def weight(self, t_name: str, arr: np.ndarray) -> str:
+        if self.precision == "bf16":
+            return self.ir.const(t_name, _bf16(arr), "bf16")
+        return self.ir.const(t_name, arr.astype(np.float32))
+
+    # -- graph
+    def run(self) -> dict[str, Any]:
+        g = self.m.graph
+        for t in g.inputs:
+            dt = _NE_DTYPES.get(np.dtype(t.dtype), "fp32")
+            shape = list(_shape(t))
+            self.ir.inputs[t.name] = OrderedDict(dtype=dt, shape=[-1] + shape[1:] if shape else shape)
+        for i, node in enumerate(g.nodes):
+            if i in self.skip:
+                continue
+            getattr(self, f"op_{node.op}", self.unknown)(i, node)
+        outs = [self.alias.get(t.name, t.name) for t in g.outputs]
+        return {"outputs": outs}
+
+    def unknown(self, i, node):  # pragma: no cover - check() rejects these first
+        raise UnsupportedError(f"{node.name} ({node.op}): no Neural Engine mapping")
+
+    def _fuse_bias(self, node: gs.Node, n_out: int) -> tuple[gs.Tensor | None, gs.Tensor]:
+        """An Add of a constant [N] right after node (its only consumer) becomes the op's bias."""
+        out = node.outputs[0]
+        cons = self.consumers.get(out.name, [])
+        if len(cons) == 1 and cons[0].op == "Add" and out not in self.m.graph.outputs:
+            add = cons[0]
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            v = _cval(other)
+            if v is not None and v.size == n_out and v.ndim <= 1 + (v.ndim > 1 and all(d == 1 for d in v.shape[:-1])):
+                self.skip.add(self.m.graph.nodes.index(add))
+                return other, add.outputs[0]
+        return None, out
+
+    # -- ops
+    def op_MatMul(self, i, node):
+        a, b = node.inputs
+        w = _cval(b)
+        if w is None or w.ndim != 2:
+            self.emit(node.name, "Matmul", [self.name(a), self.name(b)], [node.outputs[0].name], self.odt())
+            return
+        k, n_out = w.shape
+        bias, out = self._fuse_bias(node, n_out)
+        a_shape = _shape(a)
+        src = self.name(a)
+        if len(a_shape) != 2:
+            src2 = self.ir.tmp(node.name + "_2d")
+            self.emit(node.name + "_reshape_2d", "Reshape", [src], [src2], {"dst_shape": f"-1,{k}"})
+            src = src2
+        if self.precision == "bf16":
+            src = self.to_bf16(node.name, src)
+        ins = [src, self.weight(b.name, w)]
+        if bias is not None:
+            ins.append(self.weight(bias.name, _cval(bias).reshape(-1)))
+        out_name = out.name if len(a_shape) == 2 else self.ir.tmp(node.name + "_ip")
+        self.emit(node.name, "InnerProduct", ins, [out_name], {"src1_perm": "1,0", **self.odt()})
+        if len(a_shape) != 2:
+            self.emit(node.name + "_reshape_nd", "Reshape", [out_name], [out.name],
+                      {"dst_shape": _reshape_attr(tuple(a_shape[:-1]) + (n_out,))})
+
+    def op_Gemm(self, i, node):
+        a, b = node.inputs[:2]
+        w = _cval(b)
+        trans_b = int(node.attrs.get("transB", 0))
+        src = self.name(a)
+        if self.precision == "bf16":
+            src = self.to_bf16(node.name, src)
+        ins = [src, self.weight(b.name, w)]
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            ins.append(self.weight(node.inputs[2].name, _cval(node.inputs[2]).reshape(-1)))
+        self.emit(node.name, "InnerProduct", ins, [node.outputs[0].name],
+                  {"src1_perm": "0,1" if trans_b else "1,0", **self.odt()})
+
+    def op_Conv(self, i, node):
+        x, w = node.inputs[:2]
+        wv = _cval(w)
+        bias, out = self._fuse_bias(node, wv.shape[0]) if len(node.inputs) < 3 else (node.inputs[2], node.outputs[0])
+        src = self.name(x)
+        if self.precision == "bf16":
+            src = self.to_bf16(node.name, src)
+        ins = [src, self.weight(w.name, wv)]
+        if bias is not None and bias.name:
+            ins.append(self.weight(bias.name, _cval(bias).reshape(-1)))
+        nd = wv.ndim - 2
+        attr = {"group": int(node.attrs.get("group", 1)), "pads": _s(node.attrs.get("pads", [0] * 2 * nd)),
+                "strides": _s(node.attrs.get("strides", [1] * nd)), **self.odt()}
+        dil = list(node.attrs.get("dilations", [1] * nd))
+        if any(d != 1 for d in dil):
+            attr["dilations"] = _s(dil)
+        self.emit(node.name, "Convolution", ins, [out.name], attr)
+
+    def _binary(self, node, typ, algorithm=None):
+        ins = []
+        for t in node.inputs:
+            v = _cval(t)
+            ins.append(self.ir.fconst(t.name, v if v.ndim else v.reshape(1)) if v is not None else self.name(t))
+        self.emit(node.name, typ, ins, [node.outputs[0].name], {"algorithm": algorithm} if algorithm else None)
+
+    def op_Add(self, i, node):
+        self._binary(node, "BinaryAdd")
+
+    def op_Sub(self, i, node):
+        self._binary(node, "BinaryOp", "sub")
+
+    def op_Mul(self, i, node):
+        self._binary(node, "BinaryOp", "mul")
+
+    def op_Div(self, i, node):
+        self._binary(node, "BinaryOp", "div")
+
+    def op_Pow(self, i, node):
+        self._binary(node, "Pow")
+
+    def op_Sqrt(self, i, node):
+        half = self.ir.fconst(node.name + "_half", np.array([0.5], np.float32))
+        self.emit(node.name, "Pow", [self.name(node.inputs[0]), half], [node.outputs[0].name])
+
+    def _unary(self, node, typ, attr=None):
+        self.emit(node.name, typ, [self.name(node.inputs[0])], [node.outputs[0].name], attr)
+
+    def op_Erf(self, i, node):
+        self._unary(node, "Erf")
+
+    def op_Exp(self, i, node):
+        self._unary(node, "Exp")
+
+    def op_Sigmoid(self, i, node):
+        self._unary(node, "Sigmoid")
+
+    def op_Sin(self, i, node):
+        self._unary(node, "CosSin", {"algorithm": "sin"})
+
+    def op_Cos(self, i, node):
+        self._unary(node, "CosSin", {"algorithm": "cos"})
+
+    def op_Softmax(self, i, node):
+        rank = len(_shape(node.inputs[0]))
+        self._unary(node, "Softmax", {"axis": int(node.attrs.get("axis", -1)) % rank})
+
+    def op_LayerNormalization(self, i, node):
+        x, scale = node.inputs[:2]
+        c = _shape(x)[-1]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        beta = _cval(bias) if bias is not None else np.zeros(c, np.float32)
+        self.emit(node.name, "LayerNorm", [self.name(x), self.ir.fconst(scale.name, _cval(scale)),
+                                           self.ir.fconst((bias.name if bias is not None else node.name + "_beta"), beta)],
+                  [node.outputs[0].name], {"epsilon": float(node.attrs.get("epsilon", 1e-5))})
+
+    def op_Transpose(self, i, node):
+        perm = list(node.attrs["perm"])
+        self._unary(node, "Reorder", {"src_perm": _s(range(len(perm))), "dst_perm": _s(perm)})
+
+    def _reshape(self, node):
+        self.emit(node.name, "Reshape", [self.name(node.inputs[0])], [node.outputs[0].name],
+                  {"dst_shape": _reshape_attr(_shape(node.outputs[0]))})
+
+    def op_Reshape(self, i, node):
+        self._reshape(node)
+
+    op_Unsqueeze = op_Squeeze = op_Flatten = op_Reshape
+
+    def op_Expand(self, i, node):
+        x, out = node.inputs[0], node.outputs[0]
+        if _shape(x) == _shape(out):
+            self.alias[out.name] = self.name(x)
+            return
+        zeros = self.ir.fconst(node.name + "_zeros", np.zeros(_shape(out), np.float32))
+        self.emit(node.name, "BinaryAdd", [self.name(x), zeros], [out.name])
+
+    def op_Identity(self, i, node):
+        self.alias[node.outputs[0].name] = self.name(node.inputs[0])
+
+    def op_Cast(self, i, node):
+        # float graphs only: casts between float widths/ints of the same values are the identity here
+        self.alias[node.outputs[0].name] = self.name(node.inputs[0])
+
+    def op_Gather(self, i, node):
+        data, idx = node.inputs
+        axis = int(node.attrs.get("axis", 0)) % len(_shape(data))
+        self.emit(node.name, "Gather", [self.name(idx), self.name(data)], [node.outputs[0].name],
+                  {"axis": axis, "batch_dims": 0})
+
+    def op_Concat(self, i, node):
+        rank = len(_shape(node.outputs[0]))
+        self.emit(node.name, "Concat", [self.name(t) for t in node.inputs], [node.outputs[0].name],
+                  {"axis": int(node.attrs["axis"]) % rank})
+
+    def op_Slice(self, i, node):
+        x = node.inputs[0]
+        shape = _shape(x)
+        starts, ends = _cval(node.inputs[1]), _cval(node.inputs[2])
+        axes = _cval(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else np.arange(len(starts))
+        steps = _cval(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else np.ones(len(starts), np.int64)
+        axes = [int(a) % len(shape) for a in axes]
+        st, en = [], []
+        for s, e, a in zip(starts, ends, axes):
+            dim = shape[a]
+            s, e = int(s), int(e)
+            s = max(0, min(dim, s + dim if s < 0 else s))
+            e = max(0, min(dim, e + dim if e < 0 else e))
+            st.append(s)
+            en.append(e)
+        self._unary(node, "Slice", {"starts": _s(st), "ends": _s(en), "axes": _s(axes), "steps": _s(steps)})
+
+    def op_Resize(self, i, node):
+        x = node.inputs[0]
+        mode = node.attrs.get("mode", "nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        ins, outs = _shape(x), _shape(node.outputs[0])
+        scales = [o // s for o, s in zip(outs, ins)]
+        self._unary(node, "Resampling", {"scales": _s(scales), "algorithm": mode})
+
+    def _reduce(self, node, typ):
+        x = node.inputs[0]
+        rank = len(_shape(x))
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+            axes = _cval(node.inputs[1]).tolist()
+        axes = [int(a) % rank for a in (axes if axes is not None else range(rank))]
+        self._unary(node, typ, {"axis": _s(axes), "keep_dims": bool(node.attrs.get("keepdims", 1))})
+
+    def op_ReduceMean(self, i, node):
+        self._reduce(node, "ReduceMean")
+
+    def op_ReduceSum(self, i, node):
+        self._reduce(node, "ReduceSum")
+
+    # canonical ops with a native engine form
+    def _attention(self, node, masked: bool):
+        q, k, v = node.inputs[:3]
+        scale = float(node.attrs.get("scale", 0.0)) or 1.0 / np.sqrt(_shape(q)[-1])
+        scores, probs = self.ir.tmp(node.name + "_scores"), self.ir.tmp(node.name + "_probs")
+        # Matmul: q [B,H,S,D] x k^T (src1_perm swaps the last two axes), scaled by output_scale
+        self.emit(node.name + "_qk", "Matmul", [self.name(q), self.name(k)], [scores],
+                  {"src1_perm": "0,1,3,2", "output_scale": scale, **self.odt()})
+        if masked:
+            added = self.ir.tmp(node.name + "_masked")
+            self.emit(node.name + "_mask", "BinaryAdd", [scores, self.name(node.inputs[3])], [added])
+            scores = added
+        self.emit(node.name + "_softmax", "Softmax", [scores], [probs], {"axis": 3})
+        self.emit(node.name + "_pv", "Matmul", [probs, self.name(v)], [node.outputs[0].name], self.odt())
+
+    def op_Attention(self, i, node):
+        self._attention(node, False)
+
+    def op_AttentionMasked(self, i, node):
+        self._attention(node, True)
+
+    def _group_norm(self, node, silu: bool):
+        x, gamma, beta = node.inputs[:3]
+        c = _shape(x)[1]
+        attr = {"group": int(node.attrs["groups"]), "channels": c, "epsilon": float(node.attrs.get("epsilon", 1e-5))}
+        if silu:
+            attr.update(append_op="swish", swish_beta=1)
+        self.emit(node.name, "GroupNorm", [self.name(x), self.ir.fconst(gamma.name, _cval(gamma).reshape(c)),
+                                           self.ir.fconst(beta.name, _cval(beta).reshape(c))],
+                  [node.outputs[0].name], attr)
+
+    def op_GroupNorm(self, i, node):
+        self._group_norm(node, False)
+
+    def op_GroupNormSilu(self, i, node):
+        self._group_norm(node, True)
+
+
+def unsupported_nodes(model: Model) -> list[Problem]:
+    """Nodes the emitter has no mapping for (after canonical ops are inlined where they have no native form)."""
+    probs = []
+    for n in model.graph.nodes:
+        if n.domain == CANONICAL_DOMAIN:
+            if n.op not in NATIVE_CANONICAL and (n.domain, n.op) not in model.functions:
+                probs.append(Problem(n.name, f"{n.domain}::{n.op}", "canonical op without a body to inline"))
+            continue
+        if n.domain not in ("", None, "ai.onnx"):
+            probs.append(Problem(n.name, f"{n.domain}::{n.op}", "no Neural Engine mapping for this domain"))
+        elif n.op not in MAPPED_ONNX_OPS:
+            probs.append(Problem(n.name, n.op, "no Neural Engine operator for it (the engine has no standalone Relu, Tanh, Where, ...)"))
+        elif n.op == "Gemm" and _cval(n.inputs[1]) is None:
+            probs.append(Problem(n.name, n.op, "Gemm with a non-constant weight"))
+        elif n.op == "Conv" and _cval(n.inputs[1]) is None:
+            probs.append(Problem(n.name, n.op, "Convolution with a non-constant weight"))
+        elif n.op == "Gemm" and (float(n.attrs.get("alpha", 1.0)) != 1.0 or float(n.attrs.get("beta", 1.0)) != 1.0
+                                 or int(n.attrs.get("transA", 0))):
+            probs.append(Problem(n.name, n.op, "Gemm with alpha/beta != 1 or transA"))
+        elif n.op in ("Reshape", "Slice", "Unsqueeze", "Squeeze") and any(
+                _cval(t) is None for t in n.inputs[1:] if t is not None and t.name):
+            probs.append(Problem(n.name, n.op, "shape/index inputs are not constants (fold them at a static shape)"))
+        elif n.op == "Resize" and static_shape(n.outputs[0]) is None:
+            probs.append(Problem(n.name, n.op, "Resize output size unknown"))
+    return probs
+
+
+def emit_ir(model: Model, out_dir: Path, precision: str = "fp32") -> dict[str, Any]:
+    """Write the engine IR (conf.yaml + model.bin) of a legalized, static-shaped model into ``out_dir``."""
+    low = _Lowerer(model, precision)
+    res = low.run()
+    info = low.ir.write(Path(out_dir), res["outputs"])
+    return {"ops": dict(sorted(low.counts.items())), "inputs": list(low.ir.inputs), "outputs": res["outputs"], **info}
+
+
+# -- the target -------------------------------------------------------------------------------------
+@register_target
+class NeuralEngineTarget(Target):
+    """Intel Neural Engine through sdgraph's own IR emitter.
+
+    Cases handled:
+    1. static shapes per bucket; shape subgraphs folded to constants;
+    2. a text encoder's pooled output (ArgMax) is dropped when last_hidden_state lowers fully;
+       Expand of an input is the identity or a BinaryAdd with zeros;
+    3. MatMul with a constant weight -> InnerProduct (2-D, src1_perm 1,0, bias fused); other MatMul -> Matmul;
+    4. Conv -> Convolution; Add -> BinaryAdd; Sub/Mul/Div -> BinaryOp; Erf/Exp/Sigmoid/Sin/Cos/Pow/Sqrt;
+    5. Softmax, LayerNormalization -> LayerNorm, Transpose -> Reorder, Reshape-family -> Reshape, Gather,
+       Concat, Slice, Resize -> Resampling, ReduceMean/ReduceSum;
+    6. canonical Attention(Masked) -> Matmul(output_scale, src1_perm) + Softmax + Matmul;
+       GroupNorm(Silu) -> GroupNorm (append_op swish); other canonical ops inlined;
+    7. bf16: weights as bf16, a Quantize(bf16) in front of each InnerProduct/Convolution, fp32 outputs;
+    8. run/bench through a worker subprocess in the engine's own environment (tools/setup_neural_engine.sh).
+    """
+
+    name = "neural-engine"
+    summary = "Intel Neural Engine (ITREX 1.4.2) via sdgraph's conf.yaml + model.bin emitter; runtime in .venv-ne"
+    extra = None
+    capability = Capability(
+        ops=None,
+        canonical_ops=NATIVE_CANONICAL,
+        dtypes=frozenset({"float32", "int64", "int32"}),
+        precisions=("fp32", "bf16"),
+        static_shapes=True,
+        devices=("cpu",),
+    )
+    options = (
+        Option("worker_timeout", int, 600, "seconds a worker call may take", min=1),
+    )
+
+    def available(self) -> tuple[bool, str]:
+        ok, why = neural_engine_status()
+        return True, ("" if ok else f"IR is emitted; running it needs the engine runtime: {why}")
+
+    def tool_versions(self) -> dict[str, str]:
+        return {"neural_engine_ir": "itrex-1.4.2"}
+
+    def check(self, model: Model, ctx: LowerContext) -> list[Problem]:
+        probs = []
+        if len(ctx.shapes) > 1:
+            probs.append(Problem("model", "--shape", "one IR holds one static shape; got several buckets", "lower once per shape"))
+        work = model.copy()
+        try:
+            _legalize(work, ctx)
+        except UnsupportedError as exc:
+            return probs + [Problem("model", "legalize", str(exc))]
+        return probs + unsupported_nodes(work)
+
+    def legalize(self, model: Model, ctx: LowerContext) -> None:
+        self.stats = _legalize(model, ctx)
+        probs = unsupported_nodes(model)
+        if probs:
+            raise UnsupportedError(f"{len(probs)} node(s) have no Neural Engine mapping: {probs[0]}", [str(p) for p in probs])
+
+    def build(self, model: Model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:
+        info = emit_ir(model, Path(out_dir), ctx.precision)
+        feeds = {t.name: [int(d) for d in _shape(t)] for t in model.graph.inputs}
+        dtypes = {t.name: str(np.dtype(t.dtype)) for t in model.graph.inputs}
+        return {"format": "neural-engine-ir", "conf": "conf.yaml", "weights": "model.bin", "ir": info,
+                "input_shapes": feeds, "input_dtypes": dtypes, "legalize": getattr(self, "stats", {}), "dynamic": False,
+                "inputs": info["inputs"], "outputs": info["outputs"]}
+
+    def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext):
+        ok, why = neural_engine_status()
+        if not ok:
+            raise TargetUnavailable(f"Neural Engine runtime unavailable: {why}")
+        return NeuralEngineRunner(Path(artifact_dir), entry, int(ctx.options.get("worker_timeout", 600)))
+
+
+def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, Any]:
+    from sdgraph.targets.ascend import apply_static_shapes
+
+    stats: dict[str, Any] = {}
+    stats["inlined"] = inline_functions(model, {k[1] for k in model.functions if k[0] == CANONICAL_DOMAIN} - NATIVE_CANONICAL)
+    apply_static_shapes(model, ctx)
+    if fold:
+        from sdgraph.passes.base import create_pass
+
+        # static shapes make masks and position tables constants: let them grow the model (up to 64 MiB)
+        res = create_pass("fold", named={"max_growth": 64 << 20}).run(model)
+        stats["fold"] = dict(res.stats)
+    infer_shapes(model)
+    model.graph.cleanup().toposort()
+    stats["dropped_outputs"] = _drop_unmappable_outputs(model, ctx)
+    # Constant nodes become constants, so handlers see values
+    for n in list(model.graph.nodes):
+        if n.op == "Constant" and "value" in n.attrs:
+            n.outputs[0].to_constant(np.asarray(n.attrs["value"].values))
+    model.graph.cleanup().toposort()
+    return stats
+
+
+def _drop_unmappable_outputs(model: Model, ctx: LowerContext) -> list[str]:
+    """A text encoder's pooled output (ArgMax over the token ids) has no engine form: drop it when
+    another output (last_hidden_state, what SD 1.x/2.x use) lowers fully. Recorded in the manifest."""
+    if not ctx.role.startswith("text_encoder") or len(model.graph.outputs) < 2:
+        return []
+    bad = {p.node for p in unsupported_nodes(model)}
+    if not bad:
+        return []
+    producers = {o.name: n for n in model.graph.nodes for o in n.outputs}
+
+    def cone_has_bad(t) -> bool:
+        seen, stack = set(), [t]
+        while stack:
+            x = stack.pop()
+            n = producers.get(x.name)
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.name in bad:
+                return True
+            stack.extend(n.inputs)
+        return False
+
+    keep = [o for o in model.graph.outputs if not cone_has_bad(o)]
+    dropped = [o.name for o in model.graph.outputs if o not in keep]
+    if keep and dropped:
+        log.warning("%s: dropping output(s) %s: they need ops the engine lacks", ctx.submodel, ", ".join(dropped))
+        model.graph.outputs = keep
+        model.graph.cleanup().toposort()
+        return dropped
+    return []
+
+
+class NeuralEngineRunner:
+    """Runs one IR in the engine's environment through sdgraph/targets/ne_worker.py."""
+
+    def __init__(self, ir_dir: Path, entry: Mapping[str, Any], timeout: int = 600):
+        self.dir, self.timeout = ir_dir, timeout
+        self.input_names = list(entry.get("inputs", []))
+        self.output_names = list(entry.get("outputs", []))
+
+    def run(self, feeds: Mapping[str, np.ndarray], warmup: int = 0, iters: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
+        worker = Path(__file__).with_name("ne_worker.py")
+        with tempfile.TemporaryDirectory(prefix="sdgraph-ne-") as tmp:
+            src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+            np.savez(src, **{n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+            cmd = [str(ne_python()), str(worker), str(self.dir), str(src), str(dst), "--warmup", str(warmup),
+                   "--iters", str(iters), "--inputs", json.dumps(self.input_names)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                raise PassError(f"Neural Engine worker failed (exit {proc.returncode}): {tail[0]}")
+            with np.load(dst) as z:
+                outs = {k: z[k] for k in z.files if not k.startswith("__")}
+                times = z["__times__"].tolist() if "__times__" in z.files else []
+        return outs, times
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run(feeds)[0]
+

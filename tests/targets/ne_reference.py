@@ -1,0 +1,189 @@
+"""A numpy/torch reading of an emitted Neural Engine IR (conf.yaml + model.bin), for tests where the engine cannot run.
+
+It executes each engine operator with the semantics sdgraph's emitter relies on (input order, perms,
+attributes), so a wrong mapping (a swapped Gather, a missing transpose, a bad dst_shape, a bias on the
+wrong axis) shows up as a numeric mismatch against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+_DT = {"fp32": np.float32, "s32": np.int32, "bf16": np.uint16, "fp16": np.float16, "s8": np.int8, "u8": np.uint8}
+
+
+def _ints(s) -> list[int]:
+    return [int(x) for x in str(s).split(",") if x != ""]
+
+
+def _bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def _trunc_bf16(a: np.ndarray) -> np.ndarray:
+    return ((np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16) << 16).view(np.float32)
+
+
+def _f(a: np.ndarray) -> np.ndarray:
+    return _bf16_to_f32(a) if a.dtype == np.uint16 else a
+
+
+def load(ir_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    conf = yaml.safe_load((Path(ir_dir) / "conf.yaml").read_text())
+    blob = (Path(ir_dir) / "model.bin").read_bytes()
+    consts = {}
+    for name, spec in conf["model"]["operator"]["input_data"]["output"].items():
+        if "location" in spec:
+            off, n = spec["location"]
+            consts[name] = np.frombuffer(blob[off:off + n], dtype=_DT[spec["dtype"]]).reshape(spec["shape"])
+    return conf, consts
+
+
+def run(ir_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    conf, env = load(ir_dir)
+    env = dict(env)
+    for name, spec in conf["model"]["operator"]["input_data"]["output"].items():
+        if "location" not in spec:
+            env[name] = feeds[name].astype(_DT[spec["dtype"]])
+    outputs = []
+    for name, op in conf["model"]["operator"].items():
+        typ, attr = op["type"], op.get("attr", {}) or {}
+        if typ == "Input":
+            continue
+        ins = [env[i] for i in op.get("input", {})]
+        if typ == "Output":
+            outputs = list(op["input"])
+            continue
+        out = _OPS[typ](ins, attr)
+        for o, v in zip(op["output"], out if isinstance(out, tuple) else (out,)):
+            env[o] = v
+    return {o: env[o] for o in outputs}
+
+
+def _inner_product(ins, attr):
+    x, w = _f(ins[0]), _f(ins[1])
+    perm = _ints(attr.get("src1_perm", "1,0"))
+    y = x @ w if perm == [1, 0] else x @ w.T  # [1,0]: w is [K, N]; [0,1]: w is [N, K]
+    if len(ins) > 2:
+        y = y + _f(ins[2])
+    return y.astype(np.float32)
+
+
+def _matmul(ins, attr):
+    a, b = _f(ins[0]), _f(ins[1])
+    if "src0_perm" in attr:
+        a = a.transpose(_ints(attr["src0_perm"]))
+    if "src1_perm" in attr:
+        b = b.transpose(_ints(attr["src1_perm"]))
+    y = np.matmul(a, b) * float(attr.get("output_scale", 1.0))
+    if "dst_perm" in attr:
+        y = y.transpose(_ints(attr["dst_perm"]))
+    return y.astype(np.float32)
+
+
+def _conv(ins, attr):
+    x, w = torch.from_numpy(_f(ins[0]).copy()), torch.from_numpy(_f(ins[1]).copy())
+    b = torch.from_numpy(_f(ins[2]).copy()) if len(ins) > 2 else None
+    pads = _ints(attr.get("pads", "0,0,0,0"))
+    nd = w.ndim - 2
+    if pads[:nd] != pads[nd:]:
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])])
+        pad = 0
+    else:
+        pad = pads[:nd]
+    y = F.conv2d(x, w, b, stride=_ints(attr.get("strides", "1,1")), padding=pad,
+                 dilation=_ints(attr.get("dilations", "1,1")), groups=int(attr.get("group", 1)))
+    return y.numpy()
+
+
+def _binary_op(ins, attr):
+    a, b = _f(ins[0]), _f(ins[1])
+    return {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[attr["algorithm"]](a, b).astype(np.float32)
+
+
+def _layer_norm(ins, attr):
+    x = torch.from_numpy(ins[0].copy())
+    return F.layer_norm(x, x.shape[-1:], torch.from_numpy(ins[1].copy()), torch.from_numpy(ins[2].copy()),
+                        float(attr["epsilon"])).numpy()
+
+
+def _group_norm(ins, attr):
+    x = torch.from_numpy(ins[0].copy())
+    y = F.group_norm(x, int(attr["group"]), torch.from_numpy(ins[1].copy()), torch.from_numpy(ins[2].copy()),
+                     float(attr["epsilon"]))
+    if attr.get("append_op") == "swish":
+        y = y * torch.sigmoid(float(attr.get("swish_beta", 1)) * y)
+    return y.numpy()
+
+
+def _reshape(ins, attr):
+    return ins[0].reshape(_ints(attr["dst_shape"]))
+
+
+def _reorder(ins, attr):
+    src, dst = _ints(attr["src_perm"]), _ints(attr["dst_perm"])
+    assert src == list(range(len(src)))
+    return np.ascontiguousarray(ins[0].transpose(dst))
+
+
+def _gather(ins, attr):
+    idx, data = ins  # the engine's Gather takes (indices, data)
+    return np.take(_f(data), idx.astype(np.int64), axis=int(attr["axis"]))
+
+
+def _slice(ins, attr):
+    x = ins[0]
+    sl = [slice(None)] * x.ndim
+    for s, e, a, st in zip(_ints(attr["starts"]), _ints(attr["ends"]), _ints(attr["axes"]), _ints(attr["steps"])):
+        sl[a] = slice(s, e, st)
+    return x[tuple(sl)]
+
+
+def _resampling(ins, attr):
+    assert attr.get("algorithm", "nearest") == "nearest"
+    y = ins[0]
+    for axis, s in enumerate(_ints(attr["scales"])):
+        if s != 1:
+            y = np.repeat(y, s, axis=axis)
+    return y
+
+
+def _reduce(fn):
+    def go(ins, attr):
+        return fn(ins[0], axis=tuple(_ints(attr["axis"])), keepdims=bool(attr.get("keep_dims", True)))
+    return go
+
+
+def _softmax(ins, attr):
+    return torch.softmax(torch.from_numpy(ins[0].copy()), dim=int(attr.get("axis", -1))).numpy()
+
+
+_OPS = {
+    "InnerProduct": _inner_product,
+    "Matmul": _matmul,
+    "Convolution": _conv,
+    "BinaryAdd": lambda ins, attr: (_f(ins[0]) + _f(ins[1])).astype(np.float32),
+    "BinaryOp": _binary_op,
+    "Softmax": _softmax,
+    "LayerNorm": _layer_norm,
+    "GroupNorm": _group_norm,
+    "Reshape": _reshape,
+    "Reorder": _reorder,
+    "Gather": _gather,
+    "Concat": lambda ins, attr: np.concatenate(ins, axis=int(attr["axis"])),
+    "Slice": _slice,
+    "Erf": lambda ins, attr: torch.erf(torch.from_numpy(ins[0].copy())).numpy(),
+    "Exp": lambda ins, attr: np.exp(ins[0]),
+    "Sigmoid": lambda ins, attr: (1.0 / (1.0 + np.exp(-ins[0]))).astype(np.float32),
+    "Pow": lambda ins, attr: np.power(ins[0], ins[1]).astype(np.float32),
+    "CosSin": lambda ins, attr: (np.sin if attr["algorithm"] == "sin" else np.cos)(ins[0]).astype(np.float32),
+    "Resampling": _resampling,
+    "ReduceMean": _reduce(np.mean),
+    "ReduceSum": _reduce(np.sum),
+    "Quantize": lambda ins, attr: _trunc_bf16(ins[0]) if attr.get("output_dtype") == "bf16" else ins[0],
+}

@@ -1,0 +1,169 @@
+"""Neural Engine target: the IR emitter (conf.yaml + model.bin), its numbers, bad inputs, and the runtime worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from sdgraph.errors import UsageError
+from sdgraph.ir.model import Model
+from sdgraph.ir.runtime import compare, run, seeded_inputs
+from sdgraph.targets import get_target, load_artifact, lower
+from sdgraph.targets.base import LowerContext
+from sdgraph.targets.neural_engine import NE_OPS, neural_engine_status
+from tests.targets import ne_reference
+
+SUBS = ("text_encoder", "vae_decoder", "unet")
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_sd15_onnx, tmp_path_factory):
+    """The tiny SD1.5 export after fold,fa,gn (canonical Attention and GroupNorm nodes)."""
+    from sdgraph.passes.manager import PassManager
+
+    out = tmp_path_factory.mktemp("ne_opt")
+    for sub in SUBS:
+        m = Model.load(tiny_sd15_onnx / sub / "model.onnx")
+        PassManager("fold,fa,gn").run(m)
+        m.save(out / sub)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lowered(optimized, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ne_ir")
+    return {p: lower(optimized, "neural-engine", root / p, precision=p, submodels=SUBS, cache=False) and root / p
+            for p in ("fp32", "bf16")}
+
+
+def _conf(path):
+    return yaml.safe_load((path / "conf.yaml").read_text())["model"]["operator"]
+
+
+def _types(ops) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for op in ops.values():
+        out[op["type"]] = out.get(op["type"], 0) + 1
+    return out
+
+
+def test_ir_structure_and_operator_mapping(optimized, lowered):
+    from sdgraph.manifest import read_manifest
+
+    man = read_manifest(lowered["fp32"])
+    for sub in SUBS:
+        ops = _conf(lowered["fp32"] / sub)
+        types = _types(ops)
+        assert set(types) <= NE_OPS and types["Input"] == 1 and types["Output"] == 1, (sub, types)
+        src = Model.load(optimized / sub / "model.onnx")
+        hist = src.op_histogram()
+        weight_mm = sum(1 for n in src.graph.nodes if n.op in ("MatMul", "Gemm") and hasattr(n.inputs[1], "values"))
+        assert types.get("InnerProduct", 0) == weight_mm, sub
+        assert types.get("GroupNorm", 0) == hist.get("ai.sdgraph::GroupNorm", 0) + hist.get("ai.sdgraph::GroupNormSilu", 0)
+        assert types.get("Convolution", 0) == hist.get("Conv", 0)
+        # every op input is produced before it is read (graph input, weight or an earlier output)
+        known = set(ops["input_data"]["output"])
+        for name, op in ops.items():
+            if op["type"] == "Input":
+                continue
+            missing = [i for i in op.get("input", {}) if i not in known]
+            assert not missing, (sub, name, missing)
+            known |= set(op.get("output", {}))
+        # weights: locations tile model.bin exactly
+        spans = sorted(tuple(s["location"]) for s in ops["input_data"]["output"].values() if "location" in s)
+        assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert spans[-1][0] + spans[-1][1] == (lowered["fp32"] / sub / "model.bin").stat().st_size
+    attn = [op for op in _conf(lowered["fp32"] / "unet").values() if op["type"] == "Matmul" and "output_scale" in op.get("attr", {})]
+    assert len(attn) == 8 and all(op["attr"]["src1_perm"] == "0,1,3,2" for op in attn)
+    gns = [op for op in _conf(lowered["fp32"] / "vae_decoder").values() if op["type"] == "GroupNorm"]
+    assert sum(op["attr"].get("append_op") == "swish" for op in gns) == 21
+    assert man["submodels"]["text_encoder"]["legalize"]["dropped_outputs"] == ["pooler_output"]
+    assert man["submodels"]["text_encoder"]["outputs"] == ["last_hidden_state"]
+
+
+def test_fp32_ir_matches_onnx_runtime(optimized, lowered, tiny_sd15_onnx):
+    """Read with the engine's operator semantics, the IR reproduces the unoptimized export (<= 1e-4 relative)."""
+    for sub in SUBS:
+        ref_model = Model.load(tiny_sd15_onnx / sub / "model.onnx")
+        feeds = seeded_inputs(ref_model, 0)
+        want = run(ref_model, feeds)
+        got = ne_reference.run(lowered["fp32"] / sub, feeds)
+        name = next(iter(got))
+        a, b = want[name], got[name]
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() / np.abs(a).max() <= 1e-4, sub
+
+
+def test_bf16_ir_weights_and_error(optimized, lowered, tiny_sd15_onnx):
+    for sub in SUBS:
+        ops32, ops16 = _conf(lowered["fp32"] / sub), _conf(lowered["bf16"] / sub)
+        t16 = _types(ops16)
+        assert t16["Quantize"] == t16.get("InnerProduct", 0) + t16.get("Convolution", 0)
+        bf16_w = [s for s in ops16["input_data"]["output"].values() if s.get("dtype") == "bf16"]
+        assert len(bf16_w) >= t16.get("InnerProduct", 0) + t16.get("Convolution", 0)
+        if sub != "text_encoder":  # (the text encoder's bytes are mostly its fp32 token-embedding table)
+            assert (lowered["bf16"] / sub / "model.bin").stat().st_size < 0.75 * (lowered["fp32"] / sub / "model.bin").stat().st_size
+        ref_model = Model.load(tiny_sd15_onnx / sub / "model.onnx")
+        feeds = seeded_inputs(ref_model, 0)
+        want = run(ref_model, feeds)
+        got = ne_reference.run(lowered["bf16"] / sub, feeds)
+        name = next(iter(got))
+        rep = compare({name: want[name]}, {name: got[name]})[name]
+        assert rep["max_rel"] <= 0.05 and rep["cosine"] >= 0.999, (sub, rep)
+
+
+def test_check_names_what_the_engine_lacks():
+    m = Model.from_onnx_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4] x) => (float[1,4] y) {
+      w = Constant<value = float[4,4] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}>()
+      h = MatMul(x, w)
+      y = Relu(h)
+    }""")
+    tgt = get_target("neural-engine")
+    probs = tgt.check(m, LowerContext(options=tgt.parse_options({}), role="unet"))
+    assert [p.op for p in probs] == ["Relu"] and "no standalone Relu" in probs[0].reason
+
+
+def test_dynamic_input_needs_shape_and_int8_is_refused(tmp_path):
+    from sdgraph.errors import UnsupportedError
+
+    src = tmp_path / "m.onnx"
+    Model.from_onnx_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4] x) => (float[N,4] y) {
+      y = Sigmoid(x)
+    }""").save(src)
+    with pytest.raises(UnsupportedError, match="--shape x="):
+        lower(src, "neural-engine", tmp_path / "out")
+    with pytest.raises(UsageError, match="dynamic_int8"):
+        lower(src, "neural-engine", tmp_path / "out", precision="dynamic_int8", shapes=[{"x": (2, 4)}])
+    lower(src, "neural-engine", tmp_path / "ok", shapes=[{"x": (2, 4)}], cache=False)
+    ops = _conf(tmp_path / "ok" / "model")
+    assert _types(ops) == {"Input": 1, "Sigmoid": 1, "Output": 1}
+    assert ops["input_data"]["output"]["x"] == {"dtype": "fp32", "shape": [-1, 4]}
+
+
+def test_status_without_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDGRAPH_NE_PYTHON", str(tmp_path / "nope" / "python"))
+    ok, why = neural_engine_status()
+    assert not ok and "tools/setup_neural_engine.sh" in why
+
+
+# -- the runtime: only where the engine's environment exists and its library loads on this CPU -----
+_NE_OK, _NE_WHY = neural_engine_status()
+needs_runtime = pytest.mark.skipif(not _NE_OK, reason=f"Neural Engine runtime not usable here: {_NE_WHY}")
+
+
+@needs_runtime
+@pytest.mark.parametrize("sub", SUBS)
+def test_runtime_matches_onnx_runtime(lowered, tiny_sd15_onnx, sub):
+    art = load_artifact(lowered["fp32"])
+    runner = art.runner(sub)
+    ref_model = Model.load(tiny_sd15_onnx / sub / "model.onnx")
+    feeds = seeded_inputs(ref_model, 0)
+    want = run(ref_model, feeds)
+    got = runner(feeds)
+    name = next(iter(got))
+    assert np.abs(want[name] - got[name]).max() / np.abs(want[name]).max() <= 1e-4
