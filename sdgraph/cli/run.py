@@ -202,8 +202,11 @@ def verify_cmd(
         from sdgraph.ir.io import atomic_file
 
         out.mkdir(parents=True, exist_ok=True)
+        from sdgraph.pipeline.runner import readable
+
         with atomic_file(out / "verify.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        readable(out / "verify.json")
     raise_on(check_thresholds(report, min_psnr=min_psnr, min_ssim=min_ssim, max_pixel=max_pixel_diff,
                               min_cosine=min_cosine, max_abs=max_abs))
 

@@ -144,11 +144,12 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     from sdgraph.ir.io import atomic_file
+    from sdgraph.pipeline.runner import readable
 
     path = Path(path)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    return path
+    return readable(path)
 
 
 def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
@@ -161,6 +162,7 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence
     except ImportError:
         raise TargetUnavailable("the bench plot needs matplotlib: pip install 'sdgraph[plot]'") from None
     from sdgraph.ir.io import atomic_file
+    from sdgraph.pipeline.runner import readable
 
     res = report["results"]
     names = list(labels) if labels else [Path(r["path"]).name for r in res]
@@ -184,4 +186,4 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return readable(path)

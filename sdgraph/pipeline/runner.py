@@ -29,6 +29,7 @@ __all__ = [
     "load_image",
     "make_grid",
     "save_images",
+    "readable",
 ]
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,21 @@ def save_images(images: Sequence, out: str | os.PathLike, grid: bool = False) ->
     for img, path in zip(images, targets):
         with atomic_file(path) as tmp:
             img.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
-        written.append(path)
+        written.append(readable(path))
     if grid:
         gpath = out.with_name(f"{out.stem}_grid.png") if is_file else out / "grid.png"
         with atomic_file(gpath) as tmp:
             make_grid(images).save(tmp, format="PNG")
-        written.append(gpath)
+        written.append(readable(gpath))
     return written
+
+
+def readable(path: Path) -> Path:
+    """Give a file written through a temporary name (mode 0600) the usual mode under the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+    return path
 
 
 def make_scheduler(name: str | None, config: Mapping[str, Any] | None):

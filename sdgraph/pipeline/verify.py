@@ -94,7 +94,9 @@ def side_by_side(rows: Sequence[tuple[Any, Any, str]], path: str | os.PathLike) 
     path = Path(path)
     with atomic_file(path) as tmp:
         sheet.save(tmp, format="PNG")
-    return path
+    from sdgraph.pipeline.runner import readable
+
+    return readable(path)
 
 
 # --------------------------------------------------------------------------- FID / CLIP (local weights only)
