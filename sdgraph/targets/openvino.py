@@ -186,8 +186,8 @@ class OpenVinoTarget(Target):
         core = ov.Core()
         entry: dict[str, Any] = {"xml": "model.xml", "bin": "model.bin", "config": config, "compress_to_fp16": compress,
                                  "dynamic": not ctx.shapes or bool(ctx.options.get("dynamic")),
-                                 "inputs": [p.get_any_name() for p in ov_model.inputs],
-                                 "outputs": [p.get_any_name() for p in ov_model.outputs], "blobs": []}
+                                 "inputs": [t.name for t in model.graph.inputs],  # OV ports answer to every tensor name
+                                 "outputs": [t.name for t in model.graph.outputs], "blobs": []}
         variants = [None] if not ctx.shapes else list(range(len(ctx.shapes)))
         saved = core.read_model(str(out_dir / "model.xml"))
         for i in variants:
