@@ -11,7 +11,7 @@ from sdgraph.ir import runtime
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import create_pass
 from sdgraph.passes.manager import PassManager
-from sdgraph.passes.tome import find_blocks, tome_indices
+from sdgraph.passes.tome import tome_indices
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
