@@ -499,7 +499,8 @@ def unsupported_nodes(model: Model) -> list[Problem]:
         if n.domain not in ("", None, "ai.onnx"):
             probs.append(Problem(n.name, f"{n.domain}::{n.op}", "no Neural Engine mapping for this domain"))
         elif n.op not in MAPPED_ONNX_OPS:
-            probs.append(Problem(n.name, n.op, "no Neural Engine operator for it (the engine has no standalone Relu, Tanh, Where, ...)"))
+            hint = "GroupNorm patterns become the engine's GroupNorm via the gn pass" if n.op == "InstanceNormalization" else ""
+            probs.append(Problem(n.name, n.op, f"no Neural Engine operator for {n.op} (the engine has no standalone Relu, Tanh, Where, ...)", hint))
         elif n.op == "Gemm" and _cval(n.inputs[1]) is None:
             probs.append(Problem(n.name, n.op, "Gemm with a non-constant weight"))
         elif n.op == "Conv" and _cval(n.inputs[1]) is None:
@@ -608,6 +609,9 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
         # static shapes make masks and position tables constants: let them grow the model (up to 64 MiB)
         res = create_pass("fold", named={"max_growth": 64 << 20}).run(model)
         stats["fold"] = dict(res.stats)
+        if any(n.op == "InstanceNormalization" for n in model.graph.nodes):
+            # the exported GroupNorm pattern (Reshape-InstanceNormalization-Reshape-Mul-Add) -> engine GroupNorm
+            stats["gn"] = dict(create_pass("gn").run(model).stats)
     infer_shapes(model)
     model.graph.cleanup().toposort()
     stats["dropped_outputs"] = _drop_unmappable_outputs(model, ctx)
