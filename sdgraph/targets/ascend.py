@@ -31,6 +31,8 @@ __all__ = [
     "prepare",
     "rewrite_vendor_ops",
     "atc_command",
+    "apply_static_shapes",
+    "resolve_castlike",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,27 @@ class _Emitter:
     def const(self, tag: str, value):
         self.n += 1
         return _const(f"{self.prefix}/{tag}_{self.n}", value)
+
+
+def resolve_castlike(model: Model) -> int:
+    """CastLike (opset 15, in canonical bodies; not in atc's list) -> Cast to the known dtype, or a constant."""
+    infer_shapes(model)
+    count = 0
+    for node in [n for n in model.graph.nodes if n.op == "CastLike"]:
+        x, like = node.inputs[0], node.inputs[1]
+        if like.dtype is None:
+            continue
+        dt = np.dtype(like.dtype)
+        if isinstance(x, gs.Constant):
+            out = node.outputs[0]
+            node.outputs.clear()
+            node.inputs.clear()
+            out.to_constant(np.asarray(x.values).astype(dt))
+        else:
+            node.op, node.attrs = "Cast", {"to": onnx.helper.np_dtype_to_tensor_dtype(dt)}
+            node.inputs.pop()
+        count += 1
+    return count
 
 
 def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -326,7 +349,12 @@ def rewrite_vendor_ops(model: Model, soc: str, fa: bool = True, tome: bool = Tru
                                f"{', '.join(bodiless[:3])}", stats["kept_standard"] or bodiless)
     stats["inlined"] = inline_functions(model)
     _unique_node_names(model.graph)
+    stats["castlike_resolved"] = resolve_castlike(model)
     model.graph.cleanup().toposort()
+    allowed = ATC_ONNX_OPS | vendor
+    left = sorted({n.op for n in model.graph.nodes if n.op not in allowed or n.domain not in ("", None, "ai.onnx")})
+    if left:
+        raise UnsupportedError(f"after legalization the graph still has ops atc cannot parse: {', '.join(left)}", left)
     return stats
 
 
@@ -496,7 +524,7 @@ class AscendTarget(Target):
         ran = []
         exe = shutil.which(atc) if ctx.options.get("run_atc", True) else None
         if exe is None:
-            log.warning("%s: atc not found on PATH; wrote %s with the exact commands", ctx.submodel, script)
+            log.warning("%s: atc not found on PATH; wrote %s/convert.sh with the exact commands", ctx.submodel, ctx.submodel)
         for cmd in commands if exe else []:
             proc = subprocess.run([exe, *cmd[1:]], cwd=out_dir, capture_output=True, text=True)
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]

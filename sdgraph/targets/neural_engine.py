@@ -598,11 +598,12 @@ class NeuralEngineTarget(Target):
 
 
 def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, Any]:
-    from sdgraph.targets.ascend import apply_static_shapes
+    from sdgraph.targets.ascend import resolve_castlike, apply_static_shapes
 
     stats: dict[str, Any] = {}
     stats["inlined"] = inline_functions(model, {k[1] for k in model.functions if k[0] == CANONICAL_DOMAIN} - NATIVE_CANONICAL)
     apply_static_shapes(model, ctx)
+    stats["castlike_resolved"] = resolve_castlike(model)
     if fold:
         from sdgraph.passes.base import create_pass
 
