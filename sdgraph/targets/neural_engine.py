@@ -108,8 +108,17 @@ class _IR:
         self.precision = precision
         self.ops: OrderedDict[str, dict] = OrderedDict()
         self.inputs: OrderedDict[str, dict] = OrderedDict()
-        self.consts: OrderedDict[str, tuple[np.ndarray, str]] = OrderedDict()
+        # name -> (array or a loader called at write time, engine dtype, shape): weights stream to model.bin
+        self.consts: OrderedDict[str, tuple[Any, str, list[int]]] = OrderedDict()
         self.n = 0
+
+    def lazy(self, name: str, load, ne_dtype: str, shape) -> str:
+        """A constant read only when model.bin is written (one tensor in memory at a time)."""
+        if name in self.consts:
+            self.n += 1
+            name = f"{name}__{self.n}"
+        self.consts[name] = (load, ne_dtype, [int(d) for d in shape] or [1])
+        return name
 
     def const(self, name: str, value: np.ndarray, ne_dtype: str | None = None) -> str:
         arr = np.asarray(value)
@@ -123,7 +132,7 @@ class _IR:
         if name in self.consts:
             self.n += 1
             name = f"{name}__{self.n}"
-        self.consts[name] = (np.ascontiguousarray(arr), ne_dtype)
+        self.consts[name] = (np.ascontiguousarray(arr), ne_dtype, [int(d) for d in arr.shape])
         return name
 
     def fconst(self, name: str, value) -> str:
@@ -146,15 +155,19 @@ class _IR:
     def write(self, out_dir: Path, outputs: list[str]) -> dict[str, Any]:
         import yaml
 
-        weights = bytearray()
         input_out = OrderedDict()
         for name, spec in self.inputs.items():
             input_out[name] = spec
-        for name, (arr, dt) in self.consts.items():
-            start = len(weights)
-            data = arr.tobytes()
-            weights.extend(data)
-            input_out[name] = OrderedDict(dtype=dt, shape=[int(d) for d in arr.shape], location=[start, len(data)])
+        pos = 0
+        with open(out_dir / "model.bin", "wb") as f:
+            for name, (value, dt, shape) in self.consts.items():
+                arr = np.ascontiguousarray(value() if callable(value) else value)
+                if [int(d) for d in arr.shape] != shape and arr.size != int(np.prod(shape)):
+                    raise PassError(f"constant {name!r}: loaded shape {list(arr.shape)} is not the declared {shape}")
+                f.write(memoryview(arr).cast("B"))
+                input_out[name] = OrderedDict(dtype=dt, shape=shape, location=[pos, arr.nbytes])
+                pos += arr.nbytes
+                del arr
         operators = OrderedDict()
         operators["input_data"] = OrderedDict(type="Input", output=input_out)
         operators.update(self.ops)
@@ -166,9 +179,8 @@ class _IR:
 
         _Dumper.add_representer(OrderedDict, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data.items()))
         _Dumper.add_representer(list, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
-        (out_dir / "model.bin").write_bytes(bytes(weights))
         (out_dir / "conf.yaml").write_text(yaml.dump(net, Dumper=_Dumper, default_flow_style=False, sort_keys=False))
-        return {"weights_bytes": len(weights), "operators": len(self.ops) + 2}
+        return {"weights_bytes": pos, "operators": len(self.ops) + 2}
 
 
 def _cval(t) -> np.ndarray | None:
@@ -203,7 +215,10 @@ class _Lowerer:
     def name(self, t) -> str:
         if isinstance(t, gs.Constant):
             if t.name not in self.ir.consts:
-                self.ir.const(t.name, np.asarray(t.values))
+                integer = t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)
+                np_dt = np.int32 if integer else np.float32
+                self.ir.lazy(t.name, lambda t=t, d=np_dt: np.asarray(t.values).astype(d), "s32" if integer else "fp32",
+                             list(t.shape or [1]))
             return t.name
         return self.alias.get(t.name, t.name)
 
@@ -222,10 +237,15 @@ class _Lowerer:
         self.emit(node_name + "_quant", "Quantize", [src], [out], {"output_dtype": "bf16"})
         return out
 
-    def weight(self, t_name: str, arr: np.ndarray) -> str:
-        if self.precision == "bf16":
-            return self.ir.const(t_name, _bf16(arr), "bf16")
-        return self.ir.const(t_name, arr.astype(np.float32))
+    def weight(self, t, flat: bool = False) -> str:
+        """A weight or bias constant (bf16 bits under --precision bf16), read at write time."""
+        shape = [int(np.prod(t.shape))] if flat else list(t.shape)
+
+        def load(t=t):
+            a = np.asarray(t.values, dtype=np.float32).reshape(shape)
+            return _bf16(a) if self.precision == "bf16" else a
+
+        return self.ir.lazy(t.name, load, "bf16" if self.precision == "bf16" else "fp32", shape)
 
     # -- graph
     def run(self) -> dict[str, Any]:
@@ -260,11 +280,10 @@ class _Lowerer:
     # -- ops
     def op_MatMul(self, i, node):
         a, b = node.inputs
-        w = _cval(b)
-        if w is None or w.ndim != 2:
+        if not isinstance(b, gs.Constant) or len(b.shape) != 2:
             self.emit(node.name, "Matmul", [self.name(a), self.name(b)], [node.outputs[0].name], self.odt())
             return
-        k, n_out = w.shape
+        k, n_out = (int(d) for d in b.shape)
         bias, out = self._fuse_bias(node, n_out)
         a_shape = _shape(a)
         src = self.name(a)
@@ -274,9 +293,9 @@ class _Lowerer:
             src = src2
         if self.precision == "bf16":
             src = self.to_bf16(node.name, src)
-        ins = [src, self.weight(b.name, w)]
+        ins = [src, self.weight(b)]
         if bias is not None:
-            ins.append(self.weight(bias.name, _cval(bias).reshape(-1)))
+            ins.append(self.weight(bias, flat=True))
         out_name = out.name if len(a_shape) == 2 else self.ir.tmp(node.name + "_ip")
         self.emit(node.name, "InnerProduct", ins, [out_name], {"src1_perm": "1,0", **self.odt()})
         if len(a_shape) != 2:
@@ -285,28 +304,27 @@ class _Lowerer:
 
     def op_Gemm(self, i, node):
         a, b = node.inputs[:2]
-        w = _cval(b)
         trans_b = int(node.attrs.get("transB", 0))
         src = self.name(a)
         if self.precision == "bf16":
             src = self.to_bf16(node.name, src)
-        ins = [src, self.weight(b.name, w)]
+        ins = [src, self.weight(b)]
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-            ins.append(self.weight(node.inputs[2].name, _cval(node.inputs[2]).reshape(-1)))
+            ins.append(self.weight(node.inputs[2], flat=True))
         self.emit(node.name, "InnerProduct", ins, [node.outputs[0].name],
                   {"src1_perm": "0,1" if trans_b else "1,0", **self.odt()})
 
     def op_Conv(self, i, node):
         x, w = node.inputs[:2]
-        wv = _cval(w)
-        bias, out = self._fuse_bias(node, wv.shape[0]) if len(node.inputs) < 3 else (node.inputs[2], node.outputs[0])
+        wshape = [int(d) for d in w.shape]
+        bias, out = self._fuse_bias(node, wshape[0]) if len(node.inputs) < 3 else (node.inputs[2], node.outputs[0])
         src = self.name(x)
         if self.precision == "bf16":
             src = self.to_bf16(node.name, src)
-        ins = [src, self.weight(w.name, wv)]
+        ins = [src, self.weight(w)]
         if bias is not None and bias.name:
-            ins.append(self.weight(bias.name, _cval(bias).reshape(-1)))
-        nd = wv.ndim - 2
+            ins.append(self.weight(bias, flat=True))
+        nd = len(wshape) - 2
         attr = {"group": int(node.attrs.get("group", 1)), "pads": _s(node.attrs.get("pads", [0] * 2 * nd)),
                 "strides": _s(node.attrs.get("strides", [1] * nd)), **self.odt()}
         dil = list(node.attrs.get("dilations", [1] * nd))
@@ -501,15 +519,15 @@ def unsupported_nodes(model: Model) -> list[Problem]:
         elif n.op not in MAPPED_ONNX_OPS:
             hint = "GroupNorm patterns become the engine's GroupNorm via the gn pass" if n.op == "InstanceNormalization" else ""
             probs.append(Problem(n.name, n.op, f"no Neural Engine operator for {n.op} (the engine has no standalone Relu, Tanh, Where, ...)", hint))
-        elif n.op == "Gemm" and _cval(n.inputs[1]) is None:
+        elif n.op == "Gemm" and not isinstance(n.inputs[1], gs.Constant):
             probs.append(Problem(n.name, n.op, "Gemm with a non-constant weight"))
-        elif n.op == "Conv" and _cval(n.inputs[1]) is None:
+        elif n.op == "Conv" and not isinstance(n.inputs[1], gs.Constant):
             probs.append(Problem(n.name, n.op, "Convolution with a non-constant weight"))
         elif n.op == "Gemm" and (float(n.attrs.get("alpha", 1.0)) != 1.0 or float(n.attrs.get("beta", 1.0)) != 1.0
                                  or int(n.attrs.get("transA", 0))):
             probs.append(Problem(n.name, n.op, "Gemm with alpha/beta != 1 or transA"))
         elif n.op in ("Reshape", "Slice", "Unsqueeze", "Squeeze") and any(
-                _cval(t) is None for t in n.inputs[1:] if t is not None and t.name):
+                not isinstance(t, gs.Constant) for t in n.inputs[1:] if t is not None and t.name):
             probs.append(Problem(n.name, n.op, "shape/index inputs are not constants (fold them at a static shape)"))
         elif n.op == "Resize" and static_shape(n.outputs[0]) is None:
             probs.append(Problem(n.name, n.op, "Resize output size unknown"))
