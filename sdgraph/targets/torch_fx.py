@@ -469,10 +469,11 @@ def _gelu(x, approximate):
 class _Val:
     """An ONNX value during emission: a tensor (fx node) or shape arithmetic (Python value or fx node)."""
 
-    __slots__ = ("v", "shape_like", "dtype")
+    __slots__ = ("v", "shape_like", "dtype", "lit")
 
-    def __init__(self, v, shape_like: bool, dtype):
+    def __init__(self, v, shape_like: bool, dtype, lit=None):
         self.v, self.shape_like, self.dtype = v, shape_like, np.dtype(dtype) if dtype is not None else None
+        self.lit = lit  # small constant tensors: their values, known at emission time
 
 
 _UNARY = {
@@ -606,7 +607,7 @@ class _Emitter:
         self.nconst += 1
         ten = self.torch.from_numpy(np.ascontiguousarray(arr)) if arr.dtype != np.bool_ else self.torch.from_numpy(arr.copy())
         self.root.register_buffer(name, ten, persistent=False)
-        return _Val(self.g.get_attr(name), False, arr.dtype)
+        return _Val(self.g.get_attr(name), False, arr.dtype, arr.copy() if arr.size <= 16 else None)
 
     def val(self, t) -> _Val | None:
         if t is None or (isinstance(t, gs.Variable) and not t.name):
@@ -818,9 +819,14 @@ class _Emitter:
             b = self.tensor(ins[2]) if len(ins) > 2 else None
             return [T(self.call(_layer_norm, self.tensor(ins[0]), self.tensor(ins[1]), b, int(a.get("axis", -1)), float(a.get("epsilon", 1e-5))))]
         if op == "Resize":
-            scales = self.shape_arg(ins[2]) if len(ins) > 2 and ins[2] is not None else None
-            if scales is not None and not ins[2].shape_like:
-                scales = self.method("tolist", ins[2].v)
+            scales = None
+            if len(ins) > 2 and ins[2] is not None:
+                if ins[2].lit is not None:  # constant scales as Python floats: no graph break
+                    scales = [float(v) for v in ins[2].lit.reshape(-1)]
+                elif ins[2].shape_like:
+                    scales = ins[2].v
+                else:
+                    scales = self.method("tolist", ins[2].v)
             sizes = self.shape_arg(ins[3]) if len(ins) > 3 and ins[3] is not None else None
             return [T(self.call(_resize, self.tensor(ins[0]), scales, sizes, a.get("mode", "nearest"),
                                 a.get("coordinate_transformation_mode", "half_pixel"), a.get("nearest_mode", "round_prefer_floor")))]
