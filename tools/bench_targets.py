@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("src", type=Path, help="submodel folder or .onnx file (e.g. the full-size UNet)")
     ap.add_argument("--targets", default="ort,openvino,torch")
     ap.add_argument("--shape", action="append", default=[], help="NAME=DIMS (one bucket)")
+    ap.add_argument("--auto-shape", action="store_true",
+                    help="declare one bucket from the model: its static dims, else batch 1, 64x64 latents (512 px), 77 tokens")
     ap.add_argument("--option", action="append", default=[], help="TARGET:KEY=VALUE")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -73,6 +75,8 @@ def main() -> None:
     import numpy as np
 
     buckets = parse_shape_args(args.shape)
+    if args.auto_shape and not buckets:
+        buckets = [{k: dims for k, (dims, _) in runtime.input_specs(Model.load(args.src)).items()}]
     shapes = buckets[0] if buckets else {}
     opts: dict[str, dict[str, str]] = {}
     for o in args.option:
