@@ -139,3 +139,18 @@ def _name(m):
     for n in m.graph.nodes:
         if not n.name:
             n.name = f"node_{n.outputs[0].name}"
+
+
+def test_verify_bf16_through_openvino(sd):
+    """--verify runs ORT; ORT cannot load bf16 graphs, so the manager compares in OpenVINO instead."""
+    pytest.importorskip("openvino")
+    from sdgraph.passes.manager import PassManager
+
+    m = Model.load(sd / "vae_decoder" / "model.onnx")
+    rec = PassManager("bf16", verify=True).run(m).records[-1]
+    assert rec.modified and 0.999 < rec.numbers["cosine"] < 1.0
+    m = Model.load(sd / "vae_decoder" / "model.onnx")
+    before = m.op_histogram()
+    with pytest.raises(VerificationError, match="below min_cosine"):
+        PassManager("bf16{min_cosine=0.99999999}", verify=True).run(m)
+    assert m.op_histogram() == before  # rolled back
