@@ -1,7 +1,7 @@
 """Benchmark the tome pass on a full-size SD1.5-architecture UNet (random weights), one process.
 
 Exports the UNet (torch.onnx.export, legacy exporter, opset 17, static shapes) at the requested
-latent size once, applies ``tome{ratio=R}`` for each ratio, and times one UNet call side by side:
+latent size once, applies ``tome{ratio=R}`` for each ratio, and times one UNet call side by side, alternating calls without and with ToMe so that load drift on a shared machine hits both:
 ONNX Runtime and OpenVINO (fp32) without and with ToMe, plus PyTorch eager with and without
 tomesd at ratio 0.5. Graph variants are written beside the exported weights (graph file only,
 weights shared). Run under ``flock /tmp/sdgraph-heavy.lock``.
@@ -22,22 +22,22 @@ from pathlib import Path
 import numpy as np
 
 
-def _unet(seed: int = 0):
+def _unet(size: str = "full", seed: int = 0):
     import torch
     from diffusers import UNet2DConditionModel
 
     from sdgraph.demo import _UNET
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**_UNET[("sd15", "full")]).eval()
+    return UNet2DConditionModel(**_UNET[("sd15", size)]).eval()
 
 
-def _feeds(batch: int, lat: int) -> dict[str, np.ndarray]:
+def _feeds(batch: int, lat: int, ctx: int = 768) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
         "sample": rng.standard_normal((batch, 4, lat, lat)).astype(np.float32),
         "timestep": np.array([500.0], dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal((batch, 77, 768)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, ctx)).astype(np.float32),
     }
 
 
@@ -77,33 +77,33 @@ def tome_variant(base: Path, ratio: float, inline: bool) -> tuple[Path, dict]:
     return out, rep.records[0].stats
 
 
-def time_calls(fn, repeat: int) -> tuple[float, float]:
+def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
-    warm = time.perf_counter() - t0
-    times = []
+    return time.perf_counter() - t0
+
+
+def interleaved(base_fn, var_fn, repeat: int) -> tuple[float, float]:
+    """Medians of base and variant calls taken alternately, so machine-load drift hits both."""
+    tb, tv = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), warm
+        tb.append(_timed(base_fn))
+        tv.append(_timed(var_fn))
+    return statistics.median(tb), statistics.median(tv)
 
 
-def bench_ort(path: Path, feeds, repeat: int):
+def ort_runner(path: Path, feeds):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    out = sess.run(None, feeds)[0]
-    med, _ = time_calls(lambda: sess.run(None, feeds), repeat)
-    del sess
-    gc.collect()
-    return med, out
+    out = sess.run(None, feeds)[0]  # also the warm-up
+    return (lambda: sess.run(None, feeds)), out
 
 
-def bench_ov(path: Path, feeds, repeat: int):
+def ov_runner(path: Path, feeds):
     import openvino as ov
 
     core = ov.Core()
@@ -111,30 +111,28 @@ def bench_ov(path: Path, feeds, repeat: int):
                                   {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2})
     req = compiled.create_infer_request()
     out = np.array(req.infer(feeds)[compiled.outputs[0]])
-    med, _ = time_calls(lambda: req.infer(feeds), repeat)
-    del req, compiled
-    gc.collect()
-    return med, out
+    return (lambda: req.infer(feeds)), out
 
 
-def bench_torch(unet, feeds, repeat: int, ratio: float | None):
-    import torch
+def torch_runner(unet, feeds, ratio: float | None):
+    """A callable running eager torch; with ``ratio``, tomesd is patched in for each call."""
     import tomesd
+    import torch
 
     torch.set_num_threads(2)
-    if ratio:
-        tomesd.apply_patch(unet, ratio=ratio, use_rand=False)
     args = tuple(torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
 
     def call():
-        with torch.no_grad():
-            return unet(*args, return_dict=False)[0]
+        if ratio:
+            tomesd.apply_patch(unet, ratio=ratio, use_rand=False)
+        try:
+            with torch.no_grad():
+                return unet(*args, return_dict=False)[0]
+        finally:
+            if ratio:
+                tomesd.remove_patch(unet)
 
-    out = call().numpy()
-    med, _ = time_calls(call, repeat)
-    if ratio:
-        tomesd.remove_patch(unet)
-    return med, out
+    return call, call().numpy()
 
 
 def cosine(a, b) -> float:
@@ -151,11 +149,12 @@ def main() -> int:
     ap.add_argument("--engines", default="ort,ov,torch")
     ap.add_argument("--work", default="/tmp/tome-bench")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: smoke-test the harness")
     a = ap.parse_args()
     lat = a.px // 8
-    feeds = _feeds(a.batch, lat)
-    base = Path(a.work) / f"unet_{a.px}_b{a.batch}" / "model.onnx"
-    unet = _unet()
+    unet = _unet(a.size)
+    feeds = _feeds(a.batch, lat, unet.config.cross_attention_dim)
+    base = Path(a.work) / f"unet_{a.size}_{a.px}_b{a.batch}" / "model.onnx"
     if not base.exists():
         t0 = time.perf_counter()
         export(unet, base, feeds)
@@ -166,28 +165,32 @@ def main() -> int:
     for engine in ("ort", "ov"):
         if engine not in engines:
             continue
-        run = bench_ort if engine == "ort" else bench_ov
-        t_base, ref = run(base, feeds, a.repeat)
-        rows.append(dict(engine=engine, variant="no ToMe", seconds=t_base, speedup=1.0, cosine=1.0))
-        print(rows[-1], flush=True)
+        make = ort_runner if engine == "ort" else ov_runner
+        base_fn, ref = make(base, feeds)
         for r in ratios:
             path, stats = tome_variant(base, r, inline=(engine == "ov"))
-            t, out = run(path, feeds, a.repeat)
-            rows.append(dict(engine=engine, variant=f"tome ratio {r}", seconds=t, speedup=t_base / t,
+            var_fn, out = make(path, feeds)
+            tb, tv = interleaved(base_fn, var_fn, a.repeat)
+            rows.append(dict(engine=engine, variant=f"tome ratio {r}", base_seconds=tb, seconds=tv, speedup=tb / tv,
                              cosine=cosine(ref, out), blocks=stats["blocks_merged"]))
             print(rows[-1], flush=True)
+            del var_fn
+            gc.collect()
+        del base_fn
+        gc.collect()
     if "torch" in engines:
-        t_base, ref = bench_torch(unet, feeds, a.repeat, None)
-        rows.append(dict(engine="torch eager", variant="no ToMe", seconds=t_base, speedup=1.0, cosine=1.0))
+        base_fn, ref = torch_runner(unet, feeds, None)
+        var_fn, out = torch_runner(unet, feeds, 0.5)
+        tb, tv = interleaved(base_fn, var_fn, a.repeat)
+        rows.append(dict(engine="torch eager", variant="tomesd ratio 0.5", base_seconds=tb, seconds=tv,
+                         speedup=tb / tv, cosine=cosine(ref, out)))
         print(rows[-1], flush=True)
-        t, out = bench_torch(unet, feeds, a.repeat, 0.5)
-        rows.append(dict(engine="torch eager", variant="tomesd ratio 0.5", seconds=t, speedup=t_base / t,
-                         cosine=cosine(ref, out)))
-        print(rows[-1], flush=True)
-    print(f"\n| engine | variant | s/call ({a.px} px, batch {a.batch}) | speed-up | cosine vs no ToMe |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"\n({a.px} px, batch {a.batch}, median of {a.repeat} interleaved calls)")
+    print("| engine | variant | s/call no ToMe | s/call with | speed-up | cosine vs no ToMe |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['engine']} | {row['variant']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | {row['cosine']:.4f} |")
+        print(f"| {row['engine']} | {row['variant']} | {row['base_seconds']:.2f} | {row['seconds']:.2f} "
+              f"| {row['speedup']:.2f}x | {row['cosine']:.4f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(px=a.px, batch=a.batch, repeat=a.repeat, rows=rows), indent=2))
     return 0
