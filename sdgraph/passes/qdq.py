@@ -282,7 +282,8 @@ class Qdq(Pass):
         q = Model.load(dst)
         q.metadata = dict(model.metadata)
         model.graph, model.base_dir = q.graph, q.base_dir
-        model.opset_imports.update({d: v for d, v in q.opset_imports.items()})
+        model.opset_imports.update(q.opset_imports)  # ORT may raise the opset for Q/DQ features
+        model.ir_version = max(model.ir_version, q.ir_version)
         model.functions.update(q.functions)
         hist = q.op_histogram()
         stats.update({
@@ -296,9 +297,6 @@ class Qdq(Pass):
         if stats["quantized"] == 0:
             notes.append("no layer was quantized")
         return PassResult(modified=stats["quantized"] > 0, stats=stats, notes=notes)
-
-    def ensures(self, model) -> None:
-        pass
 
 
 def _name_nodes(model) -> None:
