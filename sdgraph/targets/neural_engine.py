@@ -19,7 +19,6 @@ from sdgraph.errors import PassError, TargetUnavailable, UnsupportedError
 from sdgraph.ir.canonical import inline_functions
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.ir.shapes import infer_shapes, static_shape
-from sdgraph.passes.base import Option
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
 
 __all__ = ["NeuralEngineTarget", "neural_engine_status", "emit_ir", "NE_OPS", "MAPPED_ONNX_OPS", "ne_python"]
@@ -572,9 +571,7 @@ class NeuralEngineTarget(Target):
         static_shapes=True,
         devices=("cpu",),
     )
-    options = (
-        Option("worker_timeout", int, 600, "seconds a worker call may take", min=1),
-    )
+    options = ()
 
     def available(self) -> tuple[bool, str]:
         ok, why = neural_engine_status()
@@ -612,7 +609,7 @@ class NeuralEngineTarget(Target):
         ok, why = neural_engine_status()
         if not ok:
             raise TargetUnavailable(f"Neural Engine runtime unavailable: {why}")
-        return NeuralEngineRunner(Path(artifact_dir), entry, int(ctx.options.get("worker_timeout", 600)))
+        return NeuralEngineRunner(Path(artifact_dir), entry)
 
 
 def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, Any]:
@@ -676,29 +673,63 @@ def _drop_unmappable_outputs(model: Model, ctx: LowerContext) -> list[str]:
 
 
 class NeuralEngineRunner:
-    """Runs one IR in the engine's environment through sdgraph/targets/ne_worker.py."""
+    """Runs one IR in the engine's environment: a ne_worker.py subprocess that loads the model once."""
 
-    def __init__(self, ir_dir: Path, entry: Mapping[str, Any], timeout: int = 600):
-        self.dir, self.timeout = ir_dir, timeout
+    def __init__(self, ir_dir: Path, entry: Mapping[str, Any]):
+        self.dir = Path(ir_dir)
         self.input_names = list(entry.get("inputs", []))
         self.output_names = list(entry.get("outputs", []))
+        self._proc: subprocess.Popen | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="sdgraph-ne-")
+        self.load_s: float | None = None
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            worker = Path(__file__).with_name("ne_worker.py")
+            # -P: the script folder (sdgraph/targets: torch.py, openvino.py, ...) must not shadow packages
+            self._proc = subprocess.Popen([str(ne_python()), "-P", str(worker), str(self.dir), "--serve"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+            hello = self._read()
+            self.load_s = hello.get("load_s")
+        return self._proc
+
+    def _read(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            err = (self._proc.stderr.read() or "").strip().splitlines()[-1:] or [f"exit {self._proc.wait()}"]
+            raise PassError(f"Neural Engine worker stopped (exit {self._proc.poll()}): {err[0]}")
+        return json.loads(line)
 
     def run(self, feeds: Mapping[str, np.ndarray], warmup: int = 0, iters: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
-        worker = Path(__file__).with_name("ne_worker.py")
-        with tempfile.TemporaryDirectory(prefix="sdgraph-ne-") as tmp:
-            src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-            np.savez(src, **{n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
-            cmd = [str(ne_python()), str(worker), str(self.dir), str(src), str(dst), "--warmup", str(warmup),
-                   "--iters", str(iters), "--inputs", json.dumps(self.input_names)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-                raise PassError(f"Neural Engine worker failed (exit {proc.returncode}): {tail[0]}")
-            with np.load(dst) as z:
-                outs = {k: z[k] for k in z.files if not k.startswith("__")}
-                times = z["__times__"].tolist() if "__times__" in z.files else []
-        return outs, times
+        """Outputs by name and the per-call seconds the engine took (after ``warmup`` calls)."""
+        proc = self._start()
+        src, dst = Path(self._tmp.name) / "in.npz", Path(self._tmp.name) / "out.npz"
+        np.savez(src, **{n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        proc.stdin.write(json.dumps({"in": str(src), "out": str(dst), "warmup": warmup, "iters": iters,
+                                     "inputs": self.input_names}) + "\n")
+        proc.stdin.flush()
+        reply = self._read()
+        if not reply.get("ok"):
+            raise PassError(f"Neural Engine worker failed: {reply.get('error', 'no reason given')}")
+        with np.load(dst) as z:
+            outs = {k: z[k] for k in z.files if not k.startswith("__")}
+        return outs, list(reply.get("times", []))
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.run(feeds)[0]
 
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._proc = None
+        self._tmp.cleanup()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
