@@ -454,3 +454,23 @@ def test_tiny_pipeline_lowers_for_both_socs(tiny_dir, tmp_path, fake_atc, target
     assert all(f"--soc_version={soc}" in c for c in calls)
     assert man["submodels"]["unet"]["converted"] and (out / "unet" / "model_bs1.om").is_file()
     assert roles  # every call named its model
+
+
+@pytest.mark.parametrize("q_seq,kv_seq,heads,dim,soc,fires", [
+    (4096, 4096, 8, 40, "Ascend910B4", True),    # SD1.5 512 px, top-level self-attention
+    (4096, 77, 8, 40, "Ascend910B4", False),     # its cross-attention: 77 keys
+    (1024, 1024, 8, 80, "Ascend910B4", False),   # second level: head dim 80
+    (4096, 77, 8, 40, "Ascend310P3", True),      # 310P takes every SD1.5 attention (D 40/80/160)
+    (256, 256, 8, 160, "Ascend310P3", True),
+    (4096, 4096, 5, 64, "Ascend310P3", True),    # SD2.x head dim 64
+    (4096, 4096, 10, 32, "Ascend310P3", False),  # head dim 32 is not in FlashAttentionTik's list
+])
+def test_fa_limits_on_sd_shapes(q_seq, kv_seq, heads, dim, soc, fires):
+    from sdgraph.targets.ascend import fa_reason
+
+    q = gs.Variable("q", np.float32, [2, heads, q_seq, dim])
+    k = gs.Variable("k", np.float32, [2, heads, kv_seq, dim])
+    v = gs.Variable("v", np.float32, [2, heads, kv_seq, dim])
+    node = gs.Node("Attention", "a", {"num_heads": heads, "scale": dim ** -0.5}, [q, k, v], [gs.Variable("y")],
+                   domain=CANONICAL_DOMAIN)
+    assert (fa_reason(node, soc) is None) is fires, fa_reason(node, soc)
