@@ -218,11 +218,14 @@ def demo_cmd(
     repeats: int = typer.Option(2, "--repeats", help="Timed images per dir in the bench"),
     size: Optional[int] = typer.Option(None, "--size", help="Image size in pixels (default: the demo model's, 128)"),
     no_openvino: bool = typer.Option(False, "--no-openvino", help="Do not lower to OpenVINO even when installed"),
+    source: Optional[Path] = typer.Option(None, "--from", help="Start from this diffusers pipeline dir instead of building the tiny demo one"),
 ) -> None:
     """The main job: random-weight demo pipeline -> export -> optimize -> lower -> run -> bench -> verify."""
     from sdgraph.pipeline.main_job import run_demo
 
-    rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino,
+    if source is not None and not source.is_dir():
+        raise InputError(f"{source}: not a diffusers pipeline directory")
+    rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino, source=source,
                    say=lambda m: err_console.print(m, markup=False))
     t = Table(title="stages")
     t.add_column("stage")

@@ -29,7 +29,8 @@ def optimize_pipelines() -> dict[str, str]:
 
 def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: int | None = None,
              prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 0,
-             openvino: bool = True, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+             openvino: bool = True, source: str | Path | None = None,
+             say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the whole chain on a random-weight tiny SD1.5 pipeline; everything lands in ``out_dir``.
 
     A stage whose dependency is missing is skipped with its reason in ``report["skipped"]``; a stage
@@ -70,8 +71,11 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
         say(f"[{name}] done in {report['stages'][name]:.1f} s")
         return res
 
-    src = out / "diffusers"
-    stage("demo pipeline", lambda: build_demo_pipeline(src, arch="sd15", size="tiny", seed=seed, force=True))
+    if source is not None:  # a diffusers pipeline dir given: start from it instead of building one
+        src = Path(source)
+    else:
+        src = out / "diffusers"
+        stage("demo pipeline", lambda: build_demo_pipeline(src, arch="sd15", size="tiny", seed=seed, force=True))
     model = out / "model"
     geo = {"height": size, "width": size} if size else {}
     stage("export", lambda: export_pipeline(src, model, force=True, **geo))

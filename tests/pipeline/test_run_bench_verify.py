@@ -255,3 +255,29 @@ def test_save_images_layouts(tmp_path):
     names = [p.name for p in save_images(imgs, tmp_path / "many.png", grid=True)]
     assert names == ["many_000.png", "many_001.png", "many_002.png", "many_grid.png"]
     assert Image.open(tmp_path / "many_grid.png").size == (32, 16)
+
+
+# ----------------------------------------------------------------------------- the main job
+@pytest.mark.slow
+def test_demo_main_job_end_to_end(tiny_sd15_pipeline, tmp_path, monkeypatch):
+    from sdgraph.pipeline.main_job import optimize_pipelines
+    from sdgraph.targets.base import targets
+
+    if "openvino" in targets():  # a missing dependency is skipped with its reason, not silently
+        monkeypatch.setattr(targets()["openvino"], "available", lambda self: (False, "not installed (test)"))
+    r = CliRunner()
+    res = r.invoke(app, ["demo", "-o", str(tmp_path / "d"), "--steps", "1", "--repeats", "1",
+                         "--from", str(tiny_sd15_pipeline)])
+    out = tmp_path / "d"
+    rep = json.loads((out / "demo.json").read_text())
+    assert res.exit_code == (1 if rep["failed"] else 0), res.output
+    assert all("FAILED" in f for f in rep["failed"])
+    assert any("openvino" in s and "not installed (test)" in s for s in rep["skipped"])
+    assert rep["pipelines"] == optimize_pipelines() and rep["pipelines"]["opt"].startswith("fold")
+    assert Image.open(out / "image.png").size == (128, 128)
+    bench_json = json.loads((out / "bench.json").read_text())
+    assert len(bench_json["results"]) == 1 + len(rep["artifacts"]) >= 3
+    assert (out / "bench.png").is_file() or "plot" in " ".join(rep["skipped"])
+    assert rep["verify"]["ort-fp32"]["images"][0]["psnr"] == math.inf
+    assert (out / "verify-ort-fp32" / "verify_sheet.png").is_file()
+    assert "bench: 1 steps" in res.output and "verify ort-opt" in res.output
