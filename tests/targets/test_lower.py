@@ -83,3 +83,18 @@ def test_lower_matches_ort_reference(target, variant, tiny_dir, tiny_opt, refere
         assert not any(n.domain == CANONICAL_DOMAIN for n in nodes)
         if "ort-contrib" in registry():  # canonical Attention -> com.microsoft contrib op
             assert any(n.domain == "com.microsoft" for n in nodes)
+
+
+@pytest.mark.parametrize("target, options", [("torch", {"mode": "eager", "channels_last": "true"}), ("openvino", {})])
+def test_bf16_stays_close(target, options, tiny_opt, references, tmp_path):
+    """bf16 is approximate: same outputs in cosine terms (OpenVINO through its precision hint, torch via autocast)."""
+    if target == "openvino":
+        pytest.importorskip("openvino")
+    res = lower(tiny_opt, target, tmp_path / "art", precision="bf16", options=options, submodels=["unet"], cache=False)
+    assert res.manifest["precision"] == "bf16" and list(res.submodels) == ["unet"]
+    if target == "openvino":
+        assert res.manifest["submodels"]["unet"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+    feeds, ref = references["unet"]
+    got = load_artifact(tmp_path / "art").runner("unet")(feeds)
+    numbers = runtime.worst(runtime.compare(ref, got))
+    assert numbers["cosine"] >= 0.999 and numbers["max_rel"] > 1e-4  # close, yet really computed in bf16 (fp32 is ~1e-6)
