@@ -623,8 +623,12 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
         from sdgraph.passes.base import create_pass
 
         # static shapes make masks and position tables constants: let them grow the model (up to 64 MiB)
-        res = create_pass("fold", named={"max_growth": 64 << 20}).run(model)
-        stats["fold"] = dict(res.stats)
+        # (a few rounds: folding a Reshape's shape input makes the next Shape static)
+        for rnd in range(6):
+            res = create_pass("fold", named={"max_growth": 64 << 20}).run(model)
+            stats[f"fold_{rnd}"] = dict(res.stats)
+            if not res.modified or not any(n.op in ("Shape", "Size") for n in model.graph.nodes):
+                break
         if any(n.op == "InstanceNormalization" for n in model.graph.nodes):
             # the exported GroupNorm pattern (Reshape-InstanceNormalization-Reshape-Mul-Add) -> engine GroupNorm
             stats["gn"] = dict(create_pass("gn").run(model).stats)
@@ -642,7 +646,8 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
 def _drop_unmappable_outputs(model: Model, ctx: LowerContext) -> list[str]:
     """A text encoder's pooled output (ArgMax over the token ids) has no engine form: drop it when
     another output (last_hidden_state, what SD 1.x/2.x use) lowers fully. Recorded in the manifest."""
-    if not ctx.role.startswith("text_encoder") or len(model.graph.outputs) < 2:
+    # (SDXL's text_encoder_2 needs its pooled text_embeds: there the ArgMax stays a reported problem)
+    if ctx.role != "text_encoder" or len(model.graph.outputs) < 2:
         return []
     bad = {p.node for p in unsupported_nodes(model)}
     if not bad:
