@@ -28,6 +28,7 @@ TAESD encoder's latents directly): deterministic, so it can be checked. Scaling 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -83,6 +84,26 @@ _STAGES = ("load", "export", "save", "verify")
 
 
 # --------------------------------------------------------------------------- source
+def _check_hub_reachable(spec: str) -> None:
+    """Fail in one line, at once, when the hub's host does not even resolve (no network here)."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return  # offline mode: the local hub cache answers
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except ImportError:  # pragma: no cover - comes with diffusers
+        host = "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise InputError(f"{spec}: not a local directory, and the hub ({host}) cannot be reached from here "
+                         "to fetch it as a hub id") from None
+
+
 class _Source:
     """Where the pipeline comes from: a local diffusers directory, or a hub id (needs a network)."""
 
@@ -107,10 +128,13 @@ class _Source:
             raise InputError(f"{src}: model_index.json names no pipeline class")
 
     def _hub_index(self) -> dict:
-        try:  # the code path for hub ids; needs a network, so tests use local directories only
+        """model_index.json of a hub id: the code path where a network exists (tests use local dirs)."""
+        _check_hub_reachable(self.spec)
+        try:
             from diffusers import DiffusionPipeline
 
-            return dict(DiffusionPipeline.load_config(self.spec))
+            with _quiet():
+                return dict(DiffusionPipeline.load_config(self.spec))
         except Exception as exc:
             raise InputError(f"{self.spec}: cannot fetch the pipeline from the hub ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -287,7 +311,7 @@ def _dynamic_axes(name: str, outputs: list[str], xl: bool) -> dict[str, dict[int
 @contextlib.contextmanager
 def _quiet():
     """Keep torch's and onnxscript's exporter chatter (warnings, banners) out of the user's terminal."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx", "huggingface_hub")
     saved = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
@@ -500,10 +524,12 @@ def _read_config(src: _Source, folder: str, override: str | None = None) -> dict
         if not path.exists():
             if not re.fullmatch(r"[\w.-]+/[\w.-]+", override):
                 raise InputError(f"{override}: no such VAE directory")
+            _check_hub_reachable(override)
             try:
                 from diffusers import AutoencoderTiny
 
-                return dict(AutoencoderTiny.load_config(override))
+                with _quiet():
+                    return dict(AutoencoderTiny.load_config(override))
             except Exception as exc:
                 raise InputError(f"{override}: cannot fetch the VAE from the hub ({type(exc).__name__})") from None
         cfg = path / "config.json"
@@ -720,6 +746,7 @@ def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict,
     })
     notify(name, "done", steps, steps)
     del spec, wrapper, module
+    gc.collect()  # a full-size UNet is 3.4 GB of torch weights: free it before the next submodel
     return info
 
 

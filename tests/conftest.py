@@ -79,7 +79,7 @@ def tiny_onnx(tiny_pipeline, tmp_path_factory):
     built: dict[tuple, Path] = {}
 
     def get(arch: str = "sd15", exporter: str = "legacy", **options) -> Path:
-        key = (arch, exporter, tuple(sorted((k, str(v)) for k, v in options.items())))
+        key = (arch, exporter, tuple(sorted((k, str(v)) for k, v in options.items() if v is not None)))
         if key not in built:
             out = root / f"{arch}-{exporter}-{len(built)}"
             export_pipeline(tiny_pipeline(arch), out, exporter=exporter, **options)
