@@ -18,16 +18,9 @@ TARGET_OPTIONS = {"ort": {}, "openvino": {}, "torch": {"mode": "eager"}}
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random-weight SD1.5 pipeline exported to ONNX at 128 px (static shapes)."""
-    pytest.importorskip("diffusers")
-    from sdgraph.demo import build_demo_pipeline
-    from sdgraph.export import export_pipeline
-
-    base = tmp_path_factory.mktemp("tiny")
-    build_demo_pipeline(base / "sd15", "sd15", "tiny")
-    export_pipeline(base / "sd15", base / "onnx", submodels=list(SUBS))  # static: fa/gn fire on static shapes
-    return base / "onnx"
+def tiny_dir(tiny_sd15_onnx) -> Path:
+    """The shared tiny random-weight SD1.5 export (tests/conftest.py): 128 px, static shapes (fa/gn fire)."""
+    return tiny_sd15_onnx
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +28,7 @@ def tiny_opt(tiny_dir, tmp_path_factory) -> Path:
     from sdgraph.passes.manager import optimize_path
 
     out = tmp_path_factory.mktemp("opt") / "onnx"
-    optimize_path(tiny_dir, "fold,fa,gn", out)
+    optimize_path(tiny_dir, "fold,fa,gn", out, submodels=list(SUBS))
     return out
 
 
@@ -62,7 +55,7 @@ def test_lower_matches_ort_reference(target, variant, tiny_dir, tiny_opt, refere
     if target == "openvino":
         pytest.importorskip("openvino")
     src = tiny_dir if variant == "plain" else tiny_opt
-    res = lower(src, target, tmp_path / "art", options=TARGET_OPTIONS[target], cache=False)
+    res = lower(src, target, tmp_path / "art", options=TARGET_OPTIONS[target], submodels=list(SUBS), cache=False)
     assert set(res.submodels) == set(SUBS)
     art = load_artifact(tmp_path / "art", target=target)
     assert art.manifest["kind"] == "sdgraph-artifact" and art.manifest["target"] == target
@@ -92,9 +85,18 @@ def test_bf16_stays_close(target, options, tiny_opt, references, tmp_path):
         pytest.importorskip("openvino")
     res = lower(tiny_opt, target, tmp_path / "art", precision="bf16", options=options, submodels=["unet"], cache=False)
     assert res.manifest["precision"] == "bf16" and list(res.submodels) == ["unet"]
+    bf16_here = True
     if target == "openvino":
-        assert res.manifest["submodels"]["unet"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+        import openvino as ov
+
+        entry = res.manifest["submodels"]["unet"]
+        assert entry["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+        # CPUs without bf16 units (no avx512_bf16/AMX) compile in f32; the artifact records what it got
+        bf16_here = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        assert entry["effective_precision"] == ("bf16" if bf16_here else "f32")
     feeds, ref = references["unet"]
     got = load_artifact(tmp_path / "art").runner("unet")(feeds)
     numbers = runtime.worst(runtime.compare(ref, got))
-    assert numbers["cosine"] >= 0.999 and numbers["max_rel"] > 1e-4  # close, yet really computed in bf16 (fp32 is ~1e-6)
+    assert numbers["cosine"] >= 0.999
+    if bf16_here:
+        assert numbers["max_rel"] > 1e-4  # really computed in bf16 (fp32 differs by ~1e-6)
