@@ -8,6 +8,8 @@ import onnx_graphsurgeon as gs
 __all__ = [
     "Mismatch",
     "consumers",
+    "dims",
+    "eval_small",
     "const_value",
     "producer",
     "scalar",
@@ -59,11 +61,78 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
 
 
 def scalar(t: gs.Tensor) -> float | None:
-    """A one-element constant as a Python float, else None."""
-    v = const_value(t)
+    """A one-element constant (or small constant expression) as a Python float, else None."""
+    v = eval_small(t)
     if v is None or v.size != 1:
         return None
     return float(v.reshape(()))
+
+
+_SMALL_OPS = {
+    "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Identity": lambda a: a,
+    "Div": lambda a, b: a / b, "Mul": lambda a, b: a * b, "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b,
+}
+
+
+def eval_small(t: gs.Tensor, depth: int = 12) -> np.ndarray | None:
+    """Evaluate a small constant expression (scale = 1/√(head dim) chains) without running fold.
+
+    Handles constants, Shape (only the statically known dims it is sliced or gathered to), Slice,
+    Gather, Cast and elementwise arithmetic; returns None when any part is not known.
+    """
+    v = const_value(t)
+    if v is not None or depth == 0:
+        return v
+    node = producer(t)
+    if node is None:
+        return None
+    op = node.op
+    if op == "Shape":
+        return None  # only through Slice/Gather below, which pick the static dims
+    if op in ("Slice", "Gather") and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "Shape":
+        shp = node.inputs[0].inputs[0].inputs[0].shape
+        if shp is None:
+            return None
+        full = [d if isinstance(d, int) and d >= 0 else None for d in shp]
+        idx = [eval_small(i, depth - 1) for i in node.inputs[1:] if not i.is_empty()]
+        if any(i is None for i in idx):
+            return None
+        if op == "Gather":
+            picked = np.asarray(full, dtype=object)[idx[0].astype(np.int64)]
+        else:
+            start, end = int(idx[0].ravel()[0]), int(idx[1].ravel()[0])
+            step = int(idx[3].ravel()[0]) if len(idx) > 3 else 1
+            picked = np.asarray(full[slice(start, end, step)], dtype=object)
+        if any(d is None for d in np.ravel(picked)):
+            return None
+        return np.asarray(picked, dtype=np.int64)
+    if op == "Cast":
+        a = eval_small(node.inputs[0], depth - 1)
+        if a is None:
+            return None
+        import onnx
+
+        return a.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+    if op in ("Unsqueeze", "Squeeze", "Concat"):
+        args = [eval_small(i, depth - 1) for i in node.inputs[:1 if op != "Concat" else None]]
+        if any(a is None or a.size > 16 for a in args):
+            return None
+        if op == "Concat":
+            return np.concatenate([np.atleast_1d(a) for a in args], axis=node.attrs.get("axis", 0)) if args[0].ndim <= 1 else None
+        return args[0].reshape(-1) if op == "Unsqueeze" and args[0].ndim == 0 else (args[0].reshape(()) if args[0].size == 1 and op == "Squeeze" else None)
+    if op in _SMALL_OPS:
+        args = [eval_small(i, depth - 1) for i in node.inputs]
+        if any(a is None for a in args) or any(a.size > 16 for a in args):
+            return None
+        return np.asarray(_SMALL_OPS[op](*args))
+    return None
+
+
+def dims(t: gs.Tensor) -> list | None:
+    """The tensor's shape with ints for known dims and None for symbolic ones (None if rank unknown)."""
+    if t.shape is None:
+        return None
+    return [d if isinstance(d, int) and d >= 0 else None for d in t.shape]
 
 
 def _dtype(t: gs.Tensor):

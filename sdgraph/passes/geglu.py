@@ -9,8 +9,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from sdgraph.ir import canonical
-from sdgraph.ir.pattern import Mismatch, const_value, producer, scalar, single_consumer
-from sdgraph.ir.shapes import infer_shapes, static_shape
+from sdgraph.ir.pattern import Mismatch, const_value, dims, eval_small, producer, scalar, single_consumer
+from sdgraph.ir.shapes import infer_shapes
 from sdgraph.passes.base import Pass, PassResult, register
 
 __all__ = ["FuseGeGLU", "match_geglu"]
@@ -33,9 +33,9 @@ def _half(t: gs.Tensor) -> tuple[gs.Tensor, int]:
     if node is None:
         raise Mismatch(f"{t.name} is not a slice of the projection")
     x = node.inputs[0]
-    xs = static_shape(x)
-    if xs is None:
-        raise Mismatch("GEGLU projection has no static shape")
+    xs = dims(x)
+    if xs is None or xs[-1] is None:
+        raise Mismatch("GEGLU projection has no static last dimension")
     last, rank = xs[-1], len(xs)
     if node.op == "Split":
         axis = node.attrs.get("axis", 0)
@@ -46,9 +46,9 @@ def _half(t: gs.Tensor) -> tuple[gs.Tensor, int]:
             raise Mismatch(f"Split sizes {list(np.asarray(sizes).ravel())} are not two halves")
         return x, node.outputs.index(t)
     if node.op == "Slice":
-        starts, ends = const_value(node.inputs[1]), const_value(node.inputs[2])
-        axes = const_value(node.inputs[3]) if len(node.inputs) > 3 and not node.inputs[3].is_empty() else None
-        steps = const_value(node.inputs[4]) if len(node.inputs) > 4 and not node.inputs[4].is_empty() else None
+        starts, ends = eval_small(node.inputs[1]), eval_small(node.inputs[2])
+        axes = eval_small(node.inputs[3]) if len(node.inputs) > 3 and not node.inputs[3].is_empty() else None
+        steps = eval_small(node.inputs[4]) if len(node.inputs) > 4 and not node.inputs[4].is_empty() else None
         if starts is None or ends is None or starts.size != 1:
             raise Mismatch("Slice bounds are not constant (run fold first)")
         ax = int(axes.ravel()[0]) if axes is not None else 0

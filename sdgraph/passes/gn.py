@@ -8,8 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from sdgraph.ir import canonical
-from sdgraph.ir.pattern import Mismatch, const_value, producer, single_consumer
-from sdgraph.ir.shapes import infer_shapes, static_shape
+from sdgraph.ir.pattern import Mismatch, const_value, dims, producer, single_consumer
+from sdgraph.ir.shapes import infer_shapes
 from sdgraph.passes.base import Option, Pass, PassResult, register
 
 __all__ = ["FuseGroupNorm", "match_group_norm"]
@@ -39,16 +39,19 @@ def match_group_norm(inorm: gs.Node) -> dict:
     if shape is None or shape.size != 3 or shape[2] != -1:
         raise Mismatch("the Reshape before InstanceNormalization is not [N, G, -1]")
     groups = int(shape[1])
-    xs = static_shape(x)
-    if xs is None or len(xs) < 3:
-        raise Mismatch("GroupNorm input has no static rank >= 3 (run shape inference)")
+    xs = dims(x)
+    if xs is None or len(xs) < 3 or xs[1] is None:
+        raise Mismatch("GroupNorm input has no known rank >= 3 and channel count (run shape inference)")
     if xs[1] % groups:
         raise Mismatch(f"{xs[1]} channels do not split into {groups} groups")
     scale, bias = const_value(inorm.inputs[1]), const_value(inorm.inputs[2])
     if scale is None or bias is None or scale.size != groups or not np.all(scale == 1) or np.any(bias != 0):
         raise Mismatch("InstanceNormalization scale/bias are not ones/zeros per group")
     back = single_consumer(inorm.outputs[0], "Reshape")
-    if static_shape(back.outputs[0]) != xs:
+    ys = dims(back.outputs[0])
+    if ys is None or len(ys) != len(xs) or any(a is not None and b is not None and a != b for a, b in zip(xs, ys)) or (
+        any(d is None for d in xs) and not _is_shape_of(back.inputs[1], x)
+    ):
         raise Mismatch("the Reshape after InstanceNormalization does not restore the input shape")
     n = back.outputs[0]
     mul = single_consumer(n, "Mul")
@@ -73,6 +76,11 @@ def match_group_norm(inorm: gs.Node) -> dict:
             silu, out = True, m2.outputs[0]
     return {"x": x, "gamma": gamma, "beta": beta, "groups": groups, "epsilon": float(inorm.attrs.get("epsilon", 1e-5)),
             "silu": silu, "out": out}
+
+
+def _is_shape_of(shape_t: gs.Tensor, x: gs.Tensor) -> bool:
+    node = producer(shape_t)
+    return node is not None and node.op == "Shape" and node.inputs[0] is x and not node.attrs.get("start") and node.attrs.get("end") is None
 
 
 @register
