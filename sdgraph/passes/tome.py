@@ -1,15 +1,4 @@
-"""tome: token merging (ToMe for SD) around a UNet's transformer-block attention, as graph surgery.
-
-The merge/unmerge are the canonical ops ``ai.sdgraph::TomeMerge`` / ``TomeUnmerge`` (ONNX
-functions over standard ops; interface and the Ascend ``TomeMerged``/``TomeUnmerged`` mapping are
-documented in :mod:`sdgraph.ir.canonical_tome`). Destinations are constants chosen here: the first
-token of each sx*sy cell (tomesd with ``use_rand=False``) or, with ``random=true``, one token per
-cell drawn from ``numpy.random.default_rng(seed)`` (one draw per block, in graph order).
-
-Static latent height/width are required: token counts and the index constants are computed at
-pass time; a UNet whose spatial axes are dynamic is refused with one clear line (fix the shapes
-first, e.g. export at the size you run).
-"""
+"""tome: token merging (ToMe for SD, tomesd's algorithm) around UNet transformer blocks, as graph surgery."""
 
 from __future__ import annotations
 
@@ -241,8 +230,11 @@ class Tome(Pass):
     3. Inserts TomeMerge after the LayerNorm (metric = block input, as tomesd) and TomeUnmerge in
        front of the residual Add, for self-attention and optionally cross-attention / MLP, and
        rewrites Reshape targets holding the token count inside the merged sub-layer.
-    4. Skips blocks whose sub-layer cannot be resized (a near miss says why); refuses dynamic
-       spatial axes and opset < 16 with one line.
+    4. Destinations are constants: the first token of each sx*sy cell (tomesd, use_rand=False)
+       or, with ``random=true``, one per cell from ``numpy.random.default_rng(seed)`` (one draw per
+       block, graph order). The canonical ops are in :mod:`sdgraph.ir.canonical_tome`.
+    5. Skips blocks whose sub-layer cannot be resized (a near miss says why); refuses dynamic
+       spatial axes (sizes are not computed in-graph) and opset < 16 with one line.
     """
 
     name = "tome"
