@@ -59,22 +59,46 @@ def export(unet, path: Path, feeds: dict[str, np.ndarray]) -> None:
                           opset_version=17, dynamo=False)
 
 
+def export_block(path: Path, batch: int, tokens: int) -> dict[str, np.ndarray]:
+    """One SD1.5 full-resolution transformer block (dim 320, 8 heads, GEGLU, context 768)."""
+    import torch
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(0)
+    blk = BasicTransformerBlock(320, 8, 40, cross_attention_dim=768, activation_fn="geglu").eval()
+    feeds = {"hidden": torch.randn(batch, tokens, 320).numpy(), "ctx": torch.randn(batch, 77, 768).numpy()}
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, hidden, ctx):
+            return self.b(hidden, encoder_hidden_states=ctx)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(Wrap(blk), (torch.from_numpy(feeds["hidden"]), torch.from_numpy(feeds["ctx"])), str(path),
+                          input_names=["hidden", "ctx"], output_names=["out"], opset_version=17, dynamo=False)
+    return feeds
+
+
 def tome_variant(base: Path, ratio: float, inline: bool) -> tuple[Path, dict]:
     """Apply tome{ratio} and write the graph (only) beside the base model's weights."""
     import onnx
     import onnx.inliner
 
     from sdgraph.ir.model import Model
-    from sdgraph.passes.manager import PassManager
+    from sdgraph.passes.tome import Tome
 
     m = Model.load(base)
-    rep = PassManager(f"tome{{ratio={ratio}}}").run(m)
+    stats = Tome(ratio=ratio).run(m).stats
     proto = m.to_proto()
     if inline:
         proto = onnx.inliner.inline_local_functions(proto)
     out = base.parent / f"tome{ratio}{'_inl' if inline else ''}.onnx"
     onnx.save(proto, str(out))
-    return out, rep.records[0].stats
+    return out, stats
 
 
 def _timed(fn) -> float:
@@ -150,11 +174,18 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/tome-bench")
     ap.add_argument("--json", default=None)
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: smoke-test the harness")
+    ap.add_argument("--block", action="store_true", help="time one full-resolution transformer block, not the UNet")
     a = ap.parse_args()
     lat = a.px // 8
-    unet = _unet(a.size)
-    feeds = _feeds(a.batch, lat, unet.config.cross_attention_dim)
-    base = Path(a.work) / f"unet_{a.size}_{a.px}_b{a.batch}" / "model.onnx"
+    if a.block:
+        unet = None
+        base = Path(a.work) / f"block_{a.px}_b{a.batch}" / "model.onnx"
+        feeds = export_block(base, a.batch, lat * lat)
+        a.engines = a.engines.replace("torch", "")
+    else:
+        unet = _unet(a.size)
+        feeds = _feeds(a.batch, lat, unet.config.cross_attention_dim)
+        base = Path(a.work) / f"unet_{a.size}_{a.px}_b{a.batch}" / "model.onnx"
     if not base.exists():
         t0 = time.perf_counter()
         export(unet, base, feeds)
