@@ -238,7 +238,7 @@ class Tome(Pass):
     """
 
     name = "tome"
-    summary = "token merging (ToMe) around transformer-block attention; approximate"
+    summary = "token merging (ToMe, tomesd algorithm) around transformer-block attention"
     exact = False
     pattern = True
     roles = ("unet",)
