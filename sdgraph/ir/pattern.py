@@ -47,6 +47,8 @@ def const_value(t: gs.Tensor) -> np.ndarray | None:
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     node = producer(t)
+    if node is not None and node.op == "Identity":
+        return const_value(node.inputs[0])  # the legacy exporter shares weights through Identity
     if node is not None and node.op == "Constant":
         v = node.attrs.get("value")
         if isinstance(v, gs.Constant):
