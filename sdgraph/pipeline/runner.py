@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -368,7 +369,6 @@ class Pipeline:
     def _unet(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         """Run the UNet on guidance chunks: one batched call, or split across device instances."""
         insts = self.instances["unet"]
-        out_name = None
 
         def call(runner, feeds):
             outs = runner(feeds)
@@ -385,7 +385,6 @@ class Pipeline:
         merged = {k: np.concatenate([c[k] for c in chunks], axis=0) if chunks[0][k].ndim else chunks[0][k]
                   for k in chunks[0]}
         res = call(insts[0], merged)
-        del out_name
         sizes = np.cumsum([c[self._unet_name("sample")].shape[0] for c in chunks])[:-1]
         return np.split(res, sizes, axis=0)
 
@@ -479,8 +478,6 @@ class Pipeline:
             if self.is_pix2pix:
                 image_latents = self._vae_encode(image, False, gen)
         extra = {}
-        import inspect
-
         if "eta" in inspect.signature(sched.step).parameters:
             extra["eta"] = eta
         if "generator" in inspect.signature(sched.step).parameters:
