@@ -298,6 +298,9 @@ def atomic_dir(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
     except OSError as exc:
         raise InputError(f"{path}: cannot create output directory ({exc.strerror})") from None
     try:
