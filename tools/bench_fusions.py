@@ -81,7 +81,6 @@ def ov_runner(path: Path):
 
 def attention_micro(calls: int) -> dict:
     """One SD1.5 attention at 512 px (8 heads, 4096 tokens, head dim 40): self and cross."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
