@@ -92,7 +92,6 @@ class Qdq(Pass):
         Option("exclude", list, ["default"], "node names/fragments kept in float; 'default' = SD scope, 'none' = nothing"),
         Option("act_matmul", bool, False, "also quantize activation x activation MatMuls"),
         Option("reduce_range", bool, True, "7-bit weights: ORT's x86 u8s8 kernels saturate with 8 (see README)"),
-        Option("matmul_per_channel", bool, False, "per-channel MatMul weights too (ORT's fused kernels lose accuracy)"),
         Option("steps", int, 8, "scheduler steps per calibration trajectory", min=1),
         Option("prompt_file", str, "", "prompt list for calibration (default: sdgraph's shipped list)"),
         Option("held_out", int, 2, "held-back samples for the fidelity numbers", min=0),
@@ -177,10 +176,6 @@ class Qdq(Pass):
             "ActivationSymmetric": bool(self.symmetric),
             "WeightSymmetric": True,
         }
-        if self.per_channel and not self.matmul_per_channel and self._matmul_weights:
-            # Measured on the tiny CLIP text encoder with ORT's fused integer kernels: per-channel
-            # MatMul weights give holdout cosine 0.965, per-tensor 0.9995 (the unfused graph: 0.9996).
-            extra["TensorQuantOverrides"] = {w: [{"symmetric": True}] for w in self._matmul_weights}
         with _quiet_ort():
             quantize_static(
             str(src), str(dst), None,
@@ -205,8 +200,6 @@ class Qdq(Pass):
         from sdgraph.ir.model import Model
 
         _name_nodes(model)
-        self._matmul_weights = sorted({n.inputs[1].name for n in model.graph.nodes
-                                       if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)})
         excluded, notes = self._scope(model)
         feeds = calibration_feeds(model, self.calib, prompt_file=self.prompt_file or None, steps=self.steps,
                                   use_cache=self.cache)
