@@ -123,6 +123,9 @@ class Model:
             for t in graph.tensors().values():
                 if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and io.is_external(t._values.tensor):
                     t._values = ExternalValues(t._values.tensor, base_dir)
+                    # Once a pass reads .values, gs swaps in the numpy array; the tensor must then
+                    # export as ordinary data (write_proto moves it back out), not "external".
+                    t.data_location = None
         opsets = {o.domain: o.version for o in proto.opset_import}
         return cls(
             graph,

@@ -165,3 +165,15 @@ def _io_graph(inputs, outputs):
 ])
 def test_role_detection(inputs, outputs, role):
     assert detect_role(_io_graph(inputs, outputs).graph) == role
+
+
+def test_reading_external_values_then_saving(tmp_path):
+    src = save_external(mlp_model(hidden=256, seed=5), tmp_path / "in" / "model.onnx")
+    m = Model.load(src)
+    w1 = next(t for t in m.graph.tensors().values() if t.name == "w1")
+    w1.values = w1.values * 2.0  # a pass that reads and rewrites an on-disk weight
+    out = m.save(tmp_path / "out")
+    w1_saved = onnx.numpy_helper.to_array(
+        next(t for t in onnx.load(str(out)).graph.initializer if t.name == "w1"))
+    expected = np.random.default_rng(5).standard_normal((16, 256)).astype(np.float32) * 2.0
+    np.testing.assert_array_equal(w1_saved, expected)
