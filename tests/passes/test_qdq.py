@@ -201,3 +201,34 @@ def test_bad_options():
         create_pass("qdq", named={"method": "kl"})
     with pytest.raises(UsageError):
         create_pass("qdq", named={"calib": "0"})
+
+
+def test_batch1_unet_gets_both_cfg_halves_as_samples(sd, tmp_path):
+    """A batch-1 export (like sdgraph's full-size one) is calibrated on uncond and cond calls alike."""
+    import torch
+
+    from sdgraph import demo
+
+    for sub in ("tokenizer", "scheduler", "text_encoder"):
+        (tmp_path / sub).symlink_to(sd / sub)
+    (tmp_path / "unet").mkdir()
+    unet = demo._components("sd15", "tiny", 0)["unet"]
+
+    class U(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.u(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    with torch.no_grad():
+        torch.onnx.export(U().eval(), (torch.randn(1, 4, 16, 16), torch.tensor([10.0]), torch.randn(1, 77, 32)),
+                          str(tmp_path / "unet" / "model.onnx"), input_names=["sample", "timestep", "encoder_hidden_states"],
+                          output_names=["out_sample"], opset_version=17, dynamo=False)
+    m = Model.load(tmp_path / "unet" / "model.onnx")
+    feeds = calibration.calibration_feeds(m, 8, steps=4, use_cache=False)  # 4 steps x 2 halves
+    assert len(feeds) == 8 and all(f["sample"].shape == (1, 4, 16, 16) for f in feeds)
+    halves = {round(float(np.abs(f["encoder_hidden_states"]).sum()), 3) for f in feeds}
+    assert len(halves) == 2  # the empty prompt and the real one
+    assert len({float(f["timestep"][0]) for f in feeds}) == 4
