@@ -226,7 +226,7 @@ def inline_functions(model, names=None) -> int:
         actual_attrs = dict(node.attrs)
         node.outputs.clear()
         node.inputs.clear()
-        for body in fn.node:
+        for k_body, body in enumerate(fn.node):
             attrs = {a.name: _to_gs_value(a.name, _attr_value(a, actual_attrs, defaults)) for a in body.attribute}
             attrs = {k: v for k, v in attrs.items() if v is not None}
             if body.op_type == "Constant":
@@ -237,7 +237,7 @@ def inline_functions(model, names=None) -> int:
                 if isinstance(out, gs.Variable) and body.output[0] not in fn.output:
                     env[body.output[0]] = gs.Constant(prefix + body.output[0], np.asarray(arr))
                     continue
-            graph.nodes.append(gs.Node(op=body.op_type, name=prefix + body.name, domain=body.domain or None, attrs=attrs,
+            graph.nodes.append(gs.Node(op=body.op_type, name=prefix + (body.name or f"{k_body}_{body.op_type}"), domain=body.domain or None, attrs=attrs,
                                        inputs=[tensor(i) for i in body.input], outputs=[tensor(o) for o in body.output]))
         count += 1
     if count:
