@@ -8,4 +8,6 @@ bash tools/setup.sh
 if [ "${SDGRAPH_SKIP_NE_ENV:-0}" != "1" ]; then
   bash tools/setup_neural_engine.sh || echo "tools/test.sh: Neural Engine runtime env not usable here (see above); its runtime tests will say why"
 fi
+# The whole export matrix (both exporters x four archs) runs here too; unset to skip it locally.
+export SDGRAPH_SLOW="${SDGRAPH_SLOW-1}"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -195,10 +195,6 @@ def test_bad_inputs(exported, tmp_path):
 
 def test_composes_with_fa(exported):
     """fold+fa fuse all 8 attentions whether tome runs first or last; tome's numbers do not move."""
-    from sdgraph.passes.base import registry
-
-    if "fa" not in registry():
-        pytest.skip("the fa pass is not in this checkout yet")
     path = exported[(16, 16)]
     f = _feeds(16, 16)
     alone, _ = _apply(path, "tome")
