@@ -174,6 +174,20 @@ class Model:
                 nbytes += n * np.dtype(t.dtype).itemsize if t.dtype is not None else 0
         return count, nbytes
 
+    def name_unnamed_nodes(self, prefix: str | None = None) -> int:
+        """Give every unnamed node a unique name (``prefix_N``, or ``Op_N`` without a prefix)."""
+        used = {n.name for n in self.graph.nodes if n.name}
+        counter = named = 0
+        for node in self.graph.nodes:
+            if not node.name:
+                stem = prefix or node.op
+                while f"{stem}_{counter}" in used:
+                    counter += 1
+                node.name = f"{stem}_{counter}"
+                used.add(node.name)
+                named += 1
+        return named
+
     # -- canonical functions ----------------------------------------------------------------
     def add_function(self, fn: onnx.FunctionProto) -> None:
         self.functions[(fn.domain, fn.name)] = fn

@@ -64,17 +64,6 @@ def verify_structure(model: Model, expected_outputs: list[str] | None = None) ->
             raise PassError(f"graph output {t.name!r} is no longer produced")
 
 
-def _name_unnamed(model: Model, prefix: str) -> None:
-    used = {n.name for n in model.graph.nodes if n.name}
-    counter = 0
-    for node in model.graph.nodes:
-        if not node.name:
-            while f"{prefix}_{counter}" in used:
-                counter += 1
-            node.name = f"{prefix}_{counter}"
-            used.add(node.name)
-
-
 # -- instruments ------------------------------------------------------------------------------
 class Instrument:
     """Hooks around each pass (TVM's PassInstrument): timing, dumps, printing."""
@@ -240,7 +229,7 @@ class PassManager:
                 result = p.run(model)
                 if not isinstance(result, PassResult):
                     raise PassError(f"pass {p.name!r} returned {type(result).__name__}, not PassResult")
-                _name_unnamed(model, p.name)
+                model.name_unnamed_nodes(p.name)
                 p.ensures(model)
                 verify_structure(model, expected_outputs)
             except SdgraphError as exc:

@@ -199,7 +199,7 @@ class Qdq(Pass):
         from sdgraph.ir import runtime as rt
         from sdgraph.ir.model import Model
 
-        _name_nodes(model)
+        model.name_unnamed_nodes()
         excluded, notes = self._scope(model)
         feeds = calibration_feeds(model, self.calib, prompt_file=self.prompt_file or None, steps=self.steps,
                                   use_cache=self.cache)
@@ -292,14 +292,3 @@ class Qdq(Pass):
         if stats["quantized"] == 0:
             notes.append("no layer was quantized")
         return PassResult(modified=stats["quantized"] > 0, stats=stats, notes=notes)
-
-
-def _name_nodes(model) -> None:
-    used = {n.name for n in model.graph.nodes if n.name}
-    k = 0
-    for n in model.graph.nodes:
-        if not n.name:
-            while f"{n.op}_{k}" in used:
-                k += 1
-            n.name = f"{n.op}_{k}"
-            used.add(n.name)
