@@ -124,3 +124,20 @@ def test_check_and_infer_passes():
     assert rep.records[0].stats["shapes_updated"] >= 1
     assert list(m.graph.outputs[0].shape) == [3, 2]
     assert rep.records[1].stats["valid"] is True
+
+
+def test_simplify_pass_runs_onnxsim_and_keeps_numbers():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    c = numpy_helper.from_array(np.array([1.5], np.float32), "c")
+    nodes = [
+        helper.make_node("Identity", ["x"], ["i1"]),
+        helper.make_node("Identity", ["i1"], ["i2"]),
+        helper.make_node("Mul", ["c", "c"], ["c2"]),
+        helper.make_node("Mul", ["i2", "c2"], ["y"]),
+    ]
+    m = _model(nodes, [c], [x], [y])
+    rep = PassManager("simplify", verify=True).run(m)
+    assert rep.records[0].stats["nodes_removed"] == 3
+    assert m.op_histogram() == {"Mul": 1}
+    assert rep.records[0].numbers["max_rel"] == 0.0
