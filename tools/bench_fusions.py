@@ -64,16 +64,25 @@ def ort_runner(path: Path):
 
 
 def ov_runner(path: Path):
+    """OpenVINO fp32; canonical ai.sdgraph functions are inlined first (OV reads no model-local
+    functions), and inputs are fed by position (OV may rename a folded input)."""
     import openvino as ov
 
+    from sdgraph.ir.canonical import inline_functions
+    from sdgraph.ir.model import Model
+
+    m = Model.load(path)
+    if m.functions:
+        inline_functions(m)
+        path = m.save(path.parent.parent / (path.parent.name + "-inlined"))
     core = ov.Core()
     model = core.read_model(str(path))
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     req = compiled.create_infer_request()
-    names = [(p.get_any_name(), np.float32) for p in compiled.inputs]
+    dtypes = [p.get_element_type().to_dtype() for p in compiled.inputs]
 
     def run(f):
-        req.infer(fit_feeds(names, f))
+        req.infer({i: v.astype(dt) for i, (v, dt) in enumerate(zip(f.values(), dtypes))})
         return req.get_output_tensor(0).data.copy()
 
     return run
