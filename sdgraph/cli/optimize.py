@@ -11,23 +11,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdgraph.cli._app import command, console
-from sdgraph.errors import InputError, UsageError
+from sdgraph.errors import InputError
 
 __all__ = ["optimize", "inspect", "passes", "doctor"]
 
 
 def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``--shape NAME=DIMS`` (repeatable) for the --verify inputs; the same syntax as `sdgraph lower`."""
     if not items:
         return None
-    shapes = {}
+    from sdgraph.targets.driver import parse_shape_spec
+
+    shapes: dict[str, tuple[int, ...]] = {}
     for item in items:
-        name, eq, dims = item.partition("=")
-        try:
-            if not eq:
-                raise ValueError
-            shapes[name] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d)
-        except ValueError:
-            raise UsageError(f"--shape {item!r}: expected NAME=D1,D2,... (e.g. sample=2,4,64,64)") from None
+        shapes.update(parse_shape_spec(item))
     return shapes
 
 
