@@ -88,30 +88,51 @@ def _fixed_batch(t) -> int | None:
 
 
 class _TextEncoder:
-    """Tokenizer + text encoder of the pipeline, run in ONNX Runtime."""
+    """Tokenizer(s) + text encoder(s) of the pipeline, run in ONNX Runtime.
 
-    def __init__(self, directory: Path, role: str):
+    ``xl``: SDXL's pair, conditioned like diffusers' StableDiffusionXLPipeline (the penultimate
+    hidden state of each encoder, concatenated on the last axis, and text_encoder_2's pooled
+    projection as ``text_embeds``).
+    """
+
+    def __init__(self, directory: Path, role: str, xl: bool = False):
+        self.parts = [self._load(directory, role, "tokenizer", "text_encoder")]
+        if xl:
+            self.parts.append(self._load(directory, role, "tokenizer_2", "text_encoder_2"))
+        self.xl = xl
+        self.tokenizer, self.model, self.specs, self.sess = self.parts[0]
+
+    @staticmethod
+    def _load(directory: Path, role: str, tok_sub: str, te_sub: str):
         from transformers import CLIPTokenizer
 
         from sdgraph.ir import runtime as rt
         from sdgraph.ir.model import Model
 
-        tok_dir = _need(directory, "tokenizer", role, "the tokenizer")
-        te_file = _need(directory, "text_encoder/model.onnx", role, "the text encoder")
+        tok_dir = _need(directory, tok_sub, role, f"the tokenizer ({tok_sub})")
+        te_file = _need(directory, f"{te_sub}/model.onnx", role, f"the text encoder ({te_sub})")
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+            tok = CLIPTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:
             raise InputError(f"{tok_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-        self.model = Model.load(te_file)
-        self.specs = rt.input_specs(self.model)
-        self.sess = rt.session(self.model)
+        model = Model.load(te_file)
+        return tok, model, rt.input_specs(model), rt.session(model)
 
     def feeds(self, prompts: list[str]) -> list[dict[str, np.ndarray]]:
         return tokenized_feeds(self.tokenizer, self.specs, prompts)
 
-    def encode(self, prompt: str) -> np.ndarray:
-        feeds = self.feeds([prompt])[0]
-        return self.sess.run(None, feeds)[0]
+    def encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(encoder_hidden_states, pooled text_embeds or None) for one prompt."""
+        from sdgraph.pipeline.runner import _penultimate, _pick
+
+        outs = []
+        for tok, _, specs, sess in self.parts:
+            names = [o.name for o in sess.get_outputs()]
+            outs.append(dict(zip(names, sess.run(None, tokenized_feeds(tok, specs, [prompt])[0]))))
+        if not self.xl:
+            return _pick(outs[0], ("last_hidden_state",), 0), None
+        hidden = np.concatenate([_penultimate(o) for o in outs], axis=-1)
+        return hidden, _pick(outs[1], ("text_embeds", "pooler_output"), 1)
 
 
 def tokenized_feeds(tokenizer, specs: Mapping[str, tuple], prompts: list[str]) -> list[dict[str, np.ndarray]]:
@@ -160,10 +181,11 @@ def _trajectories(unet, directory: Path, prompts: list[str], steps: int, n_traj:
 
     from sdgraph.ir import runtime as rt
 
-    te = _TextEncoder(directory, role)
+    ins = {t.name: t for t in unet.graph.inputs}
+    xl = "text_embeds" in ins or "time_ids" in ins
+    te = _TextEncoder(directory, role, xl=xl)
     sched = _scheduler(directory, role)
     specs = rt.input_specs(unet)
-    ins = {t.name: t for t in unet.graph.inputs}
     sample = next((n for n in ins if n == "sample"), None) or next(n for n, (s, _) in specs.items() if len(s) == 4)
     tname = next((n for n in ins if "timestep" in n.lower()), None)
     ehs = next((n for n in ins if "encoder_hidden" in n.lower()), None)
@@ -175,28 +197,39 @@ def _trajectories(unet, directory: Path, prompts: list[str], steps: int, n_traj:
     c, h, w = specs[sample][0][1:]
     unet_sess = rt.session(unet)
     out_name = unet_sess.get_outputs()[0].name
-    uncond = te.encode("")
+    uncond, upool = te.encode("")
+    if xl:  # diffusers' SDXL default (force_zeros_for_empty_prompt): the unconditional half is zeros
+        uncond, upool = np.zeros_like(uncond), np.zeros_like(upool)
     if uncond.shape[-1] != specs[ehs][0][-1]:
-        raise InputError(f"text encoder width {uncond.shape[-1]} does not match the UNet's encoder_hidden_states "
-                         f"width {specs[ehs][0][-1]} (SDXL's two encoders are not supported by calibration yet)")
-    extra = {n: v for n, v in rt.seeded_inputs(unet, seed).items() if n not in (sample, tname, ehs)}
+        what = "text encoders' concatenated width" if xl else "text encoder width"
+        raise InputError(f"{what} {uncond.shape[-1]} does not match the UNet's encoder_hidden_states "
+                         f"width {specs[ehs][0][-1]}")
+    # SDXL's micro-conditioning: original size, crop top-left, target size (in pixels).
+    time_ids = np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], dtype=np.float32)
+    added = {n for n in ("text_embeds", "time_ids") if n in ins} if xl else set()
+    extra = {n: v for n, v in rt.seeded_inputs(unet, seed).items() if n not in (sample, tname, ehs, *added)}
     if extra:
         log.warning("calibration: inputs %s get seeded values", sorted(extra))
     records, x0s = [], []
     rng = np.random.default_rng(seed)
     alphas = getattr(sched, "alphas_cumprod", None)
     for k in range(n_traj):
-        cond = te.encode(prompts[k % len(prompts)])
+        cond, pool = te.encode(prompts[k % len(prompts)])
         sched.set_timesteps(steps)
         latents = torch.from_numpy(rng.standard_normal((1, c, h, w)).astype(np.float32)) * float(sched.init_noise_sigma)
         for t in sched.timesteps:
             x = sched.scale_model_input(torch.cat([latents] * 2), t).numpy().astype(np.float32)
             tval = np.full(specs[tname][0], float(t), dtype=specs[tname][1])
-            halves = np.concatenate([uncond, cond]).astype(np.float32)
+            halves = {ehs: np.concatenate([uncond, cond]).astype(np.float32)}
+            if "text_embeds" in added:
+                halves["text_embeds"] = np.concatenate([upool, pool]).astype(specs["text_embeds"][1])
+            if "time_ids" in added:
+                halves["time_ids"] = np.repeat(time_ids, 2, axis=0).astype(specs["time_ids"][1])
             if batch == 2:
-                feeds = [{sample: x, tname: tval, ehs: halves}]
+                feeds = [{sample: x, tname: tval, **halves}]
             else:
-                feeds = [{sample: x[i:i + 1], tname: tval, ehs: halves[i:i + 1]} for i in range(2)]
+                feeds = [{sample: x[i:i + 1], tname: tval, **{n: v[i:i + 1] for n, v in halves.items()}}
+                         for i in range(2)]
             eps = []
             for f in feeds:
                 f.update(extra)
@@ -248,7 +281,8 @@ def calibration_feeds(model, n: int, *, prompt_file: str | None = None, steps: i
     if role == "text_encoder" or role == "text_encoder_2":
         key_src["files"] = _file_key(directory, ["tokenizer"])
     elif role in ("unet", "vae_decoder"):
-        key_src["files"] = _file_key(directory, ["unet", "text_encoder", "tokenizer", "scheduler"])
+        key_src["files"] = _file_key(directory, ["unet", "text_encoder", "tokenizer", "text_encoder_2",
+                                                 "tokenizer_2", "scheduler"])
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
     cache = cache_dir() / f"{role}-{key}.npz"
     if use_cache and cache.is_file():

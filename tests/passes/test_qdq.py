@@ -232,3 +232,35 @@ def test_batch1_unet_gets_both_cfg_halves_as_samples(sd, tmp_path):
     halves = {round(float(np.abs(f["encoder_hidden_states"]).sum()), 3) for f in feeds}
     assert len(halves) == 2  # the empty prompt and the real one
     assert len({float(f["timestep"][0]) for f in feeds}) == 4
+
+
+def test_sdxl_unet_calibration_uses_both_text_encoders(tiny_sdxl_onnx, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDGRAPH_CACHE", str(tmp_path / "cache"))
+    unet = Model.load(tiny_sdxl_onnx / "unet" / "model.onnx")
+    specs = rt.input_specs(unet)
+    feeds = calibration.calibration_feeds(unet, 6, steps=3)  # batch-1 graph: 3 steps x 2 CFG halves
+    te1 = rt.session(Model.load(tiny_sdxl_onnx / "text_encoder" / "model.onnx"))
+    te2 = rt.session(Model.load(tiny_sdxl_onnx / "text_encoder_2" / "model.onnx"))
+    width = te1.get_outputs()[0].shape[-1] + te2.get_outputs()[0].shape[-1]
+    rows = []
+    for f in feeds:
+        assert set(f) == set(specs)
+        assert f["encoder_hidden_states"].shape[-1] == width == specs["encoder_hidden_states"][0][-1]
+        h, w = f["sample"].shape[-2:]
+        np.testing.assert_array_equal(f["time_ids"], [[8 * h, 8 * w, 0, 0, 8 * h, 8 * w]] * len(f["sample"]))
+        rows += list(zip(f["encoder_hidden_states"], f["text_embeds"]))
+    # diffusers' SDXL default: the unconditional half is zeros, the conditional one is not
+    uncond = [r for r in rows if not r[0].any() and not r[1].any()]
+    cond = [r for r in rows if r[0].any() and r[1].any()]
+    assert len(uncond) == len(cond) == len(rows) // 2 == 3
+    assert len({float(f["timestep"].ravel()[0]) for f in feeds}) == 3
+    # the conditional text_embeds is text_encoder_2's pooled projection of the first prompt
+    from transformers import CLIPTokenizer
+
+    tok2 = CLIPTokenizer.from_pretrained(str(tiny_sdxl_onnx / "tokenizer_2"))
+    ids2 = tok2([calibration.load_prompts()[0]], padding="max_length", max_length=77, truncation=True,
+                return_tensors="np").input_ids.astype(np.int64)
+    out2 = dict(zip([o.name for o in te2.get_outputs()], te2.run(None, {te2.get_inputs()[0].name: ids2})))
+    np.testing.assert_allclose(cond[0][1], out2["text_embeds"][0], rtol=1e-5, atol=1e-6)
+    res = create_pass("qdq", named=FAST).run(unet)
+    assert res.stats["quantized"] > 0 and 0.9 < res.stats["holdout_cosine"] <= 1.0
