@@ -417,10 +417,17 @@ class _Lowerer:
         self.alias[node.outputs[0].name] = self.name(node.inputs[0])
 
     def op_Gather(self, i, node):
+        # The engine's Gather(idx, src): ``axis`` is the index axis and must be idx's last one,
+        # ``batch_dims`` is the source axis; out = idx.shape[:axis] + [idx.shape[axis]] + src.shape[src_axis+1:].
+        # That is ONNX's Gather for source axis 0 (any index rank) or for a 1-D index (any source axis).
         data, idx = node.inputs
-        axis = int(node.attrs.get("axis", 0)) % len(_shape(data))
+        src_axis = int(node.attrs.get("axis", 0)) % len(_shape(data))
+        rank = len(_shape(idx))
+        if rank == 0 or (src_axis != 0 and rank != 1):
+            raise UnsupportedError(f"{node.name} (Gather): index rank {rank} on source axis {src_axis} "
+                                   "has no Neural Engine Gather form")
         self.emit(node.name, "Gather", [self.name(idx), self.name(data)], [node.outputs[0].name],
-                  {"axis": axis, "batch_dims": 0})
+                  {"axis": rank - 1, "batch_dims": src_axis})
 
     def op_Concat(self, i, node):
         rank = len(_shape(node.outputs[0]))

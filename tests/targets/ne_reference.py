@@ -132,8 +132,13 @@ def _reorder(ins, attr):
 
 
 def _gather(ins, attr):
-    idx, data = ins  # the engine's Gather takes (indices, data)
-    return np.take(_f(data), idx.astype(np.int64), axis=int(attr["axis"]))
+    # the engine's Gather(indices, data): ``axis`` is the index axis (must be idx's last), ``batch_dims``
+    # the source axis; gather.cpp: out = idx.shape[:axis] + [idx.shape[axis]] + src.shape[src_axis + 1:]
+    idx, data = ins
+    idx_axis, src_axis = int(attr["axis"]), int(attr.get("batch_dims", 0))
+    assert idx_axis == idx.ndim - 1, "Gather: axis must be the last index axis"
+    assert src_axis == 0 or idx.ndim == 1, "Gather: a source axis other than 0 needs a 1-D index"
+    return np.take(_f(data), idx.astype(np.int64), axis=src_axis)
 
 
 def _slice(ins, attr):
