@@ -3,7 +3,8 @@
 Runs the real passes on ``DIR/unet/model.onnx`` (calibration from the pipeline's own text encoder
 and scheduler), saves the INT8 and bf16 graphs, and times one UNet call (batch 2, 64x64 latents)
 side by side, median of ``--repeat`` calls after one warm-up: ORT fp32 / INT8, OpenVINO fp32 /
-INT8 / bf16 graph / its own bf16 mode on the original graph. Fidelity: cosine vs fp32 on held-back
+INT8 / bf16 graph / its own bf16 mode on the original graph, and the torch target (eager, its own
+ONNX->torch.fx emitter) fp32 and bf16 (autocast). Fidelity: cosine vs fp32 on held-back
 calibration inputs. Run under ``flock /tmp/sdgraph-heavy.lock``.
 
     python tools/bench_precision.py /tmp/sdgraph-full/sd15-onnx --calib 8 --work /tmp/prec-bench
@@ -57,6 +58,20 @@ def _ov(path: Path, hint: str | None):
     compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
     out = compiled.outputs[0]
     return lambda f: compiled(f)[out]
+
+
+def _torch(src: Path, work: Path, precision: str, threads: int):
+    """Lower with the torch target (eager: no inductor compile) and return its UNet runner."""
+    import torch
+
+    from sdgraph.targets.driver import load_artifact, lower
+
+    torch.set_num_threads(threads)
+    out = work / f"torch-{precision}"
+    if not out.exists():
+        lower(src, "torch", out, precision=precision, options={"mode": "eager", "warmup": False}, cache=False)
+    run = load_artifact(out).runner()
+    return lambda f: next(iter(run(f).values()))
 
 
 def _cos(a, b) -> float:
@@ -120,6 +135,8 @@ def main() -> int:
         ("ov_bf16_mode", lambda: _ov(src, "bf16")),
         ("ov_bf16_graph", lambda: _ov(bf16_file, "bf16")),
         ("ov_int8_bf16", lambda: _ov(int8_file, "bf16")),
+        ("torch_fp32", lambda: _torch(src, args.work, "fp32", args.threads)),
+        ("torch_bf16", lambda: _torch(src, args.work, "bf16", args.threads)),
     ]
     skip = set(filter(None, args.skip.split(",")))
     refs: dict[str, list] = {}
@@ -132,7 +149,7 @@ def main() -> int:
         load = time.perf_counter() - t
         med, ts = _timed(fn, feeds, args.repeat)
         outs = [fn(f) for f in held]
-        if name in ("ort_fp32", "ov_fp32"):
+        if name in ("ort_fp32", "ov_fp32", "torch_fp32"):
             refs[name.split("_")[0]] = outs
         ref = refs.get("ort") or refs.get("ov")
         cos = min(_cos(r, o) for r, o in zip(ref, outs)) if ref else None
@@ -150,6 +167,10 @@ def main() -> int:
         ratios["ov_int8_speedup_vs_f32"] = round(r["ov_fp32"] / r["ov_int8_f32"], 3)
     if "ov_bf16_mode" in r and "ov_int8_bf16" in r:
         ratios["ov_int8_bf16_speedup_vs_bf16_mode"] = round(r["ov_bf16_mode"] / r["ov_int8_bf16"], 3)
+    if "torch_fp32" in r and "torch_bf16" in r:
+        ratios["torch_bf16_speedup_vs_fp32"] = round(r["torch_fp32"] / r["torch_bf16"], 3)
+    if "ov_bf16_mode" in r and "torch_bf16" in r:
+        ratios["torch_bf16_time_vs_ov_bf16_mode"] = round(r["torch_bf16"] / r["ov_bf16_mode"], 3)
     if "ov_bf16_mode" in r and "ov_bf16_graph" in r:
         ratios["bf16_graph_time_vs_ov_bf16_mode"] = round(r["ov_bf16_graph"] / r["ov_bf16_mode"], 3)
     results["ratios"] = ratios

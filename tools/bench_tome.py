@@ -6,7 +6,14 @@ ONNX Runtime and OpenVINO (fp32) without and with ToMe, plus PyTorch eager with 
 tomesd at ratio 0.5. Graph variants are written beside the exported weights (graph file only,
 weights shared). Run under ``flock /tmp/sdgraph-heavy.lock``.
 
+With ``--fuse`` the ONNX Runtime rows compare ``fold,fa,gn,geglu`` + ``ort-contrib`` against
+``fold,tome{ratio=R},fa,gn,geglu`` + ``ort-contrib``: attention runs in ORT's MultiHeadAttention
+kernel, which does not materialise the [B, heads, N, N] scores. That is what makes 1024 px fit in
+memory (unfused: 8.6 GB of scores per tensor at batch 1); the variants are written to their own
+folders (3.4 GB each) and removed at the end.
+
     python tools/bench_tome.py --px 512 --batch 2 --repeat 3 --work /tmp/tome-bench
+    python tools/bench_tome.py --px 1024 --batch 1 --repeat 2 --fuse --work /tmp/tome-bench
 """
 
 from __future__ import annotations
@@ -101,6 +108,21 @@ def tome_variant(base: Path, ratio: float, inline: bool) -> tuple[Path, dict]:
     return out, stats
 
 
+def fused_variant(base: Path, ratio: float | None) -> tuple[Path, dict]:
+    """``fold,[tome{ratio},]fa,gn,geglu`` then ``ort-contrib``, saved in a folder of its own."""
+    from sdgraph.ir.model import Model
+    from sdgraph.passes.manager import PassManager
+
+    tome = f"tome{{ratio={ratio}}}," if ratio else ""
+    m = Model.load(base)
+    rep = PassManager(f"fold,{tome}fa,gn,geglu").run(m)
+    PassManager("ort-contrib").run(m)
+    out = m.save(base.parent.parent / f"{base.parent.name}_fused_{ratio or 'base'}")
+    stats = {r.name: r.stats for r in rep.records}
+    fused = {r.name: f"{r.matched}/{r.expected}" for r in rep.records if r.expected is not None}
+    return out, {"blocks_merged": stats.get("tome", {}).get("blocks_merged"), "fused": fused}
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -175,6 +197,8 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--size", default="full", choices=("full", "tiny"), help="tiny: smoke-test the harness")
     ap.add_argument("--block", action="store_true", help="time one full-resolution transformer block, not the UNet")
+    ap.add_argument("--fuse", action="store_true",
+                    help="ORT rows: fold,fa,gn,geglu + ort-contrib with and without tome (memory-safe at 1024 px)")
     a = ap.parse_args()
     lat = a.px // 8
     if a.block:
@@ -193,17 +217,30 @@ def main() -> int:
     engines = a.engines.split(",")
     ratios = [float(r) for r in a.ratios.split(",")]
     rows = []
+    made: list[Path] = []
     for engine in ("ort", "ov"):
         if engine not in engines:
             continue
         make = ort_runner if engine == "ort" else ov_runner
-        base_fn, ref = make(base, feeds)
+        fuse = a.fuse and engine == "ort"
+        if fuse:
+            t0 = time.perf_counter()
+            base_path, _ = fused_variant(base, None)
+            made.append(base_path.parent)
+            print(f"fused base in {time.perf_counter() - t0:.0f} s", flush=True)
+        else:
+            base_path = base
+        base_fn, ref = make(base_path, feeds)
         for r in ratios:
-            path, stats = tome_variant(base, r, inline=(engine == "ov"))
+            if fuse:
+                path, stats = fused_variant(base, r)
+                made.append(path.parent)
+            else:
+                path, stats = tome_variant(base, r, inline=(engine == "ov"))
             var_fn, out = make(path, feeds)
             tb, tv = interleaved(base_fn, var_fn, a.repeat)
-            rows.append(dict(engine=engine, variant=f"tome ratio {r}", base_seconds=tb, seconds=tv, speedup=tb / tv,
-                             cosine=cosine(ref, out), blocks=stats["blocks_merged"]))
+            rows.append(dict(engine=engine + (" fused" if fuse else ""), variant=f"tome ratio {r}", base_seconds=tb, seconds=tv, speedup=tb / tv,
+                             cosine=cosine(ref, out), blocks=stats["blocks_merged"], fused=stats.get("fused")))
             print(rows[-1], flush=True)
             del var_fn
             gc.collect()
@@ -216,6 +253,10 @@ def main() -> int:
         rows.append(dict(engine="torch eager", variant="tomesd ratio 0.5", base_seconds=tb, seconds=tv,
                          speedup=tb / tv, cosine=cosine(ref, out)))
         print(rows[-1], flush=True)
+    import shutil
+
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
     print(f"\n({a.px} px, batch {a.batch}, median of {a.repeat} interleaved calls)")
     print("| engine | variant | s/call no ToMe | s/call with | speed-up | cosine vs no ToMe |")
     print("| --- | --- | --- | --- | --- | --- |")
