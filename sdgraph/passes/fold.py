@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 _SMALL = 1024  # outputs at most this large always fold (shape vectors, scalars)
+_MAX_ROUNDS = 4  # fold rounds; another round runs only after a partial shape fold
 
 
 def _nbytes(t: gs.Constant) -> int:
@@ -31,7 +32,9 @@ class Fold(Pass):
     Cases handled:
       1. A standard-domain node whose inputs are all constants is evaluated (onnx's reference
          evaluator) and its outputs become constants.
-      2. ``Shape``/``Size`` of a tensor whose inferred shape is fully static become constants.
+      2. ``Shape``/``Size`` of a tensor whose inferred shape is fully static become constants, and so
+         does a Gather/Slice of a partly dynamic ``Shape`` that picks only static dims (dynamic-batch
+         or dynamic-size exports: head widths, channel counts); shapes are then inferred again.
       3. Size guard: a fold is skipped when its outputs would exceed the bytes it frees (inputs
          used only by this node) by more than ``max_growth`` (e.g. Tile/Expand of weights, or a
          Transpose of a weight that other nodes still read).
@@ -48,9 +51,32 @@ class Fold(Pass):
     def run(self, model) -> PassResult:
         graph = model.graph
         nodes_before = len(graph.nodes)
-        if self.shapes:
-            infer_shapes(model)
-        folded = shape_folded = skipped_growth = failed = 0
+        totals = {"folded": 0, "shape_folded": 0, "skipped_growth": 0, "failed": 0}
+        # A partial shape fold (one static dim of a dynamic shape) can make a Reshape's target, and
+        # so the next tensors' shapes, known: infer again and fold again until nothing changes.
+        for _ in range(_MAX_ROUNDS):
+            if self.shapes:
+                infer_shapes(model)
+            counts = self._round(model)
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            if not counts["partial"]:
+                break
+        removed = nodes_before - len(graph.nodes)
+        stats = {"folded": totals["folded"], "shape_folded": totals["shape_folded"], "nodes_removed": removed}
+        if totals["partial"]:
+            stats["partial_shape_folded"] = totals["partial"]
+        if totals["skipped_growth"]:
+            stats["skipped_growth"] = totals["skipped_growth"]
+        if totals["failed"]:
+            stats["not_evaluable"] = totals["failed"]
+        changed = removed > 0 or totals["folded"] > 0 or totals["shape_folded"] > 0 or totals["partial"] > 0
+        return PassResult(modified=changed, stats=stats)
+
+    def _round(self, model) -> dict[str, int]:
+        graph = model.graph
+        folded = shape_folded = partial = skipped_growth = failed = 0
         consumers_count = {}
         for node in graph.nodes:
             for t in node.inputs:
@@ -74,6 +100,13 @@ class Fold(Pass):
                 node.outputs.clear()
                 shape_folded += 1
                 continue
+            if self.shapes and node.op in ("Gather", "Slice"):
+                value = _static_part_of_shape(node)
+                if value is not None:
+                    node.outputs[0].to_constant(value)
+                    node.outputs.clear()
+                    partial += 1
+                    continue
             inputs = node.inputs
             if not all(isinstance(t, gs.Constant) or t.is_empty() for t in inputs):
                 continue
@@ -101,14 +134,50 @@ class Fold(Pass):
                 out.to_constant(np.asarray(val))
             node.outputs.clear()
             folded += 1
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        removed = nodes_before - len(graph.nodes)
-        stats = {"folded": folded, "shape_folded": shape_folded, "nodes_removed": removed}
-        if skipped_growth:
-            stats["skipped_growth"] = skipped_growth
-        if failed:
-            stats["not_evaluable"] = failed
-        return PassResult(modified=removed > 0 or folded > 0 or shape_folded > 0, stats=stats)
+        return {"folded": folded, "shape_folded": shape_folded, "partial": partial,
+                "skipped_growth": skipped_growth, "failed": failed}
+
+
+def _shape_dims(t: gs.Tensor) -> list | None:
+    """The dims ``Shape(x)`` yields for the tensor ``t`` it produced (ints where known), else None."""
+    node = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
+    if node is None or node.op != "Shape" or node.inputs[0].shape is None:
+        return None
+    dims = list(node.inputs[0].shape)
+    return dims[slice(node.attrs.get("start", 0), node.attrs.get("end", None))]
+
+
+def _const_ints(t: gs.Tensor) -> np.ndarray | None:
+    return np.asarray(t.values).astype(np.int64) if isinstance(t, gs.Constant) else None
+
+
+def _static_part_of_shape(node: gs.Node) -> np.ndarray | None:
+    """Gather/Slice of a partly dynamic ``Shape`` that picks only static dims, as a constant.
+
+    E.g. the head width of ``Reshape(q, Concat(batch, -1, heads, C / heads))`` on a dynamic-batch
+    export: the attention scale is computed from it, and fusing attention needs it constant.
+    """
+    dims = _shape_dims(node.inputs[0])
+    if dims is None:
+        return None
+    if node.op == "Gather":
+        idx = _const_ints(node.inputs[1])
+        if idx is None or node.attrs.get("axis", 0) != 0 or idx.size == 0:
+            return None
+        picked = [dims[int(i)] if -len(dims) <= i < len(dims) else None for i in idx.ravel()]
+        shape = idx.shape
+    else:
+        ins = node.inputs
+        starts, ends = _const_ints(ins[1]), _const_ints(ins[2])
+        axes = _const_ints(ins[3]) if len(ins) > 3 and not ins[3].is_empty() else np.array([0])
+        steps = _const_ints(ins[4]) if len(ins) > 4 and not ins[4].is_empty() else np.array([1])
+        if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes[0]) not in (0, -1):
+            return None
+        picked = dims[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+        shape = (len(picked),)
+    if not picked or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in picked):
+        return None
+    return np.array(picked, dtype=np.int64).reshape(shape)
 
 
 def _evaluate(node: gs.Node, opset: int) -> list[np.ndarray]:
