@@ -74,6 +74,10 @@ def _torch(src: Path, work: Path, precision: str, threads: int):
     return lambda f: next(iter(run(f).values()))
 
 
+def _kv(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split())
+
+
 def _cos(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -88,6 +92,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sdgraph-bench-precision"))
     ap.add_argument("--skip", default="", help="comma list of configs to skip")
+    ap.add_argument("--qdq", default="", help="extra qdq options, KEY=VALUE space-separated (e.g. reduce_range=false)")
+    ap.add_argument("--bf16", default="", help="extra bf16 options, KEY=VALUE space-separated (e.g. block_ops=Softmax)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from sdgraph import calibration
@@ -108,7 +114,9 @@ def main() -> int:
     int8_file = args.work / "int8" / "model.onnx"
     if not int8_file.exists():
         t = time.perf_counter()
-        p = create_pass("qdq", named={"calib": args.calib, "steps": args.steps, "held_out": 2})
+        opts = {"calib": args.calib, "steps": args.steps, "held_out": 2, **_kv(args.qdq)}
+        results["qdq_options"] = opts
+        p = create_pass("qdq", named=opts)
         res = p.run(m)
         results["qdq_seconds"] = round(time.perf_counter() - t, 1)
         results["qdq_stats"] = res.stats
@@ -119,7 +127,9 @@ def main() -> int:
     if not bf16_file.exists():
         m = Model.load(src)
         t = time.perf_counter()
-        res = create_pass("bf16", named={"nan_scan": "false"}).run(m)
+        opts = {"nan_scan": "false", **_kv(args.bf16)}
+        results["bf16_options"] = opts
+        res = create_pass("bf16", named=opts).run(m)
         results["bf16_seconds"] = round(time.perf_counter() - t, 1)
         results["bf16_stats"] = res.stats
         m.save(args.work / "bf16")
