@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -34,7 +35,7 @@ NE_OPS = frozenset({
 # ONNX ops the emitter maps (after fold and static shapes); anything else is reported by check().
 MAPPED_ONNX_OPS = frozenset({
     "MatMul", "Gemm", "Conv", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Softmax", "LayerNormalization",
-    "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Gather", "Concat", "Slice", "Erf", "Exp",
+    "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Gather", "Concat", "Slice", "Gelu", "Exp",
     "Sigmoid", "Sin", "Cos", "Resize", "ReduceMean", "ReduceSum", "Identity", "Cast", "Constant", "Expand",
 })
 # Canonical ops with a native engine form; others are inlined to their bodies first.
@@ -339,7 +340,13 @@ class _Lowerer:
         self.emit(node.name, typ, ins, [node.outputs[0].name], {"algorithm": algorithm} if algorithm else None)
 
     def op_Add(self, i, node):
-        self._binary(node, "BinaryAdd")
+        # The engine's BinaryAdd takes equal shapes only (oneDNN "could not create a primitive
+        # descriptor for a binary operation primitive" otherwise); BinaryOp broadcasts.
+        a, b = node.inputs
+        if _shape(a) == _shape(b):
+            self._binary(node, "BinaryAdd")
+        else:
+            self._binary(node, "BinaryOp", "add")
 
     def op_Sub(self, i, node):
         self._binary(node, "BinaryOp", "sub")
@@ -360,7 +367,8 @@ class _Lowerer:
     def _unary(self, node, typ, attr=None):
         self.emit(node.name, typ, [self.name(node.inputs[0])], [node.outputs[0].name], attr)
 
-    def op_Erf(self, i, node):
+    def op_Gelu(self, i, node):
+        # the engine's "Erf" executor computes the exact GELU x·Φ(x) (measured on ITREX 1.4.2's runtime)
         self._unary(node, "Erf")
 
     def op_Exp(self, i, node):
@@ -370,10 +378,11 @@ class _Lowerer:
         self._unary(node, "Sigmoid")
 
     def op_Sin(self, i, node):
-        self._unary(node, "CosSin", {"algorithm": "sin"})
+        # CosSin sets its output dtype from output_dtype (unset: an undefined tensor, the engine segfaults)
+        self._unary(node, "CosSin", {"algorithm": "sin", "output_dtype": "fp32"})
 
     def op_Cos(self, i, node):
-        self._unary(node, "CosSin", {"algorithm": "cos"})
+        self._unary(node, "CosSin", {"algorithm": "cos", "output_dtype": "fp32"})
 
     def op_Softmax(self, i, node):
         rank = len(_shape(node.inputs[0]))
@@ -407,7 +416,7 @@ class _Lowerer:
             self.alias[out.name] = self.name(x)
             return
         zeros = self.ir.fconst(node.name + "_zeros", np.zeros(_shape(out), np.float32))
-        self.emit(node.name, "BinaryAdd", [self.name(x), zeros], [out.name])
+        self.emit(node.name, "BinaryOp", [self.name(x), zeros], [out.name], {"algorithm": "add"})
 
     def op_Identity(self, i, node):
         self.alias[node.outputs[0].name] = self.name(node.inputs[0])
@@ -484,7 +493,9 @@ class _Lowerer:
                   {"src1_perm": "0,1,3,2", "output_scale": scale, **self.odt()})
         if masked:
             added = self.ir.tmp(node.name + "_masked")
-            self.emit(node.name + "_mask", "BinaryAdd", [scores, self.name(node.inputs[3])], [added])
+            same = _shape(node.inputs[3]) == _shape(q)[:3] + (_shape(k)[2],)
+            self.emit(node.name + "_mask", "BinaryAdd" if same else "BinaryOp", [scores, self.name(node.inputs[3])],
+                      [added], None if same else {"algorithm": "add"})
             scores = added
         self.emit(node.name + "_softmax", "Softmax", [scores], [probs], {"axis": 3})
         self.emit(node.name + "_pv", "Matmul", [probs, self.name(v)], [node.outputs[0].name], self.odt())
@@ -537,6 +548,14 @@ def unsupported_nodes(model: Model) -> list[Problem]:
             probs.append(Problem(n.name, n.op, "shape/index inputs are not constants (fold them at a static shape)"))
         elif n.op == "Resize" and static_shape(n.outputs[0]) is None:
             probs.append(Problem(n.name, n.op, "Resize output size unknown"))
+        elif n.op == "Gelu" and n.attrs.get("approximate", "none") != "none":
+            probs.append(Problem(n.name, n.op, "tanh-approximate Gelu (the engine's Erf operator is the exact GELU)"))
+        elif n.op in ("Sin", "Cos") and (static_shape(n.inputs[0]) is None or int(np.prod(static_shape(n.inputs[0]))) % 8):
+            probs.append(Problem(n.name, n.op, "the engine's CosSin handles sizes that are a multiple of 8 only"))
+    if any(n.op == "Erf" for n in model.graph.nodes):
+        first = next(n for n in model.graph.nodes if n.op == "Erf")
+        probs.append(Problem(first.name, "Erf", "the engine's Erf operator computes GELU(x), not erf(x); only "
+                             "x·0.5·(1+erf(x/√2)) patterns (GELU, GEGLU) lower"))
     return probs
 
 
@@ -558,7 +577,7 @@ class NeuralEngineTarget(Target):
     2. a text encoder's pooled output (ArgMax) is dropped when last_hidden_state lowers fully;
        Expand of an input is the identity or a BinaryAdd with zeros;
     3. MatMul with a constant weight -> InnerProduct (2-D, src1_perm 1,0, bias fused); other MatMul -> Matmul;
-    4. Conv -> Convolution; Add -> BinaryAdd; Sub/Mul/Div -> BinaryOp; Erf/Exp/Sigmoid/Sin/Cos/Pow/Sqrt;
+    4. Conv -> Convolution; Add -> BinaryAdd (equal shapes) or BinaryOp add (broadcast); Sub/Mul/Div -> BinaryOp; Erf/Exp/Sigmoid/Sin/Cos/Pow/Sqrt;
     5. Softmax, LayerNormalization -> LayerNorm, Transpose -> Reorder, Reshape-family -> Reshape, Gather,
        Concat, Slice, Resize -> Resampling, ReduceMean/ReduceSum;
     6. canonical Attention(Masked) -> Matmul(output_scale, src1_perm) + Softmax + Matmul;
@@ -619,6 +638,56 @@ class NeuralEngineTarget(Target):
         return NeuralEngineRunner(Path(artifact_dir), entry)
 
 
+def _near(t, value: float) -> bool:
+    v = _cval(t) if isinstance(t, gs.Constant) else None
+    return v is not None and v.size == 1 and abs(float(v.ravel()[0]) - value) < 1e-4 * abs(value)
+
+
+def _fuse_gelu(model: Model) -> int:
+    """x·0.5·(1+erf(x/√2)) (any order of the last two Muls) -> one standard ``Gelu`` node.
+
+    The engine's ``Erf`` executor is the whole GELU, so a bare erf cannot be lowered; the exported
+    GELU/GEGLU chains of SD UNets and OpenCLIP text encoders can.
+    """
+    fused = 0
+    for erf in [n for n in model.graph.nodes if n.op == "Erf"]:
+        pre = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
+        if pre is None or not (pre.op == "Div" and _near(pre.inputs[1], math.sqrt(2))
+                               or pre.op == "Mul" and _near(pre.inputs[1], 1 / math.sqrt(2))):
+            continue
+        x = pre.inputs[0]
+        chain = [pre, erf]
+        add = erf.outputs[0].outputs
+        if len(add) != 1 or add[0].op != "Add" or not any(_near(t, 1.0) for t in add[0].inputs):
+            continue
+        chain.append(add[0])
+        t, seen_x, seen_half = add[0].outputs[0], False, False
+        while not (seen_x and seen_half):
+            users = t.outputs
+            if len(users) != 1 or users[0].op != "Mul":
+                break
+            other = next((u for u in users[0].inputs if u is not t), t)
+            if other is x and not seen_x:
+                seen_x = True
+            elif _near(other, 0.5) and not seen_half:
+                seen_half = True
+            else:
+                break
+            chain.append(users[0])
+            t = users[0].outputs[0]
+        if not (seen_x and seen_half) or any(len(n.outputs[0].outputs) > 1 for n in chain[:-1]) \
+                or any(o in model.graph.outputs for n in chain[:-1] for o in n.outputs):
+            continue
+        out = chain[-1].outputs[0]
+        for n in chain:
+            n.outputs.clear()
+        model.graph.nodes.append(gs.Node("Gelu", erf.name + "_gelu", inputs=[x], outputs=[out]))
+        fused += 1
+    if fused:
+        model.graph.cleanup().toposort()
+    return fused
+
+
 def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, Any]:
     from sdgraph.targets.ascend import resolve_castlike, apply_static_shapes
 
@@ -636,6 +705,7 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
             stats[f"fold_{rnd}"] = dict(res.stats)
             if not res.modified or not any(n.op in ("Shape", "Size") for n in model.graph.nodes):
                 break
+        stats["gelu"] = _fuse_gelu(model)
         if any(n.op == "InstanceNormalization" for n in model.graph.nodes):
             # the exported GroupNorm pattern (Reshape-InstanceNormalization-Reshape-Mul-Add) -> engine GroupNorm
             stats["gn"] = dict(create_pass("gn").run(model).stats)

@@ -101,6 +101,18 @@ def _conv(ins, attr):
     return y.numpy()
 
 
+def _cos_sin(ins, attr):
+    # cossin.cpp: 8 floats per AVX2 step and no tail ("Tail should equals 0"); output dtype from output_dtype
+    assert ins[0].size % 8 == 0 and attr.get("output_dtype") == "fp32"
+    return (np.sin if attr["algorithm"] == "sin" else np.cos)(ins[0]).astype(np.float32)
+
+
+def _binary_add(ins, attr):
+    # the real engine's BinaryAdd refuses broadcasting (oneDNN: no primitive descriptor); BinaryOp broadcasts
+    assert ins[0].shape == ins[1].shape, f"BinaryAdd of {ins[0].shape} and {ins[1].shape}: shapes must be equal"
+    return (_f(ins[0]) + _f(ins[1])).astype(np.float32)
+
+
 def _binary_op(ins, attr):
     a, b = _f(ins[0]), _f(ins[1])
     return {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[attr["algorithm"]](a, b).astype(np.float32)
@@ -172,7 +184,7 @@ _OPS = {
     "InnerProduct": _inner_product,
     "Matmul": _matmul,
     "Convolution": _conv,
-    "BinaryAdd": lambda ins, attr: (_f(ins[0]) + _f(ins[1])).astype(np.float32),
+    "BinaryAdd": _binary_add,
     "BinaryOp": _binary_op,
     "Softmax": _softmax,
     "LayerNorm": _layer_norm,
@@ -182,11 +194,12 @@ _OPS = {
     "Gather": _gather,
     "Concat": lambda ins, attr: np.concatenate(ins, axis=int(attr["axis"])),
     "Slice": _slice,
-    "Erf": lambda ins, attr: torch.erf(torch.from_numpy(ins[0].copy())).numpy(),
+    # the runtime's Erf executor is the exact GELU x·Φ(x) (measured on ITREX 1.4.2), not erf
+    "Erf": lambda ins, attr: F.gelu(torch.from_numpy(ins[0].copy())).numpy(),
     "Exp": lambda ins, attr: np.exp(ins[0]),
     "Sigmoid": lambda ins, attr: (1.0 / (1.0 + np.exp(-ins[0]))).astype(np.float32),
     "Pow": lambda ins, attr: np.power(ins[0], ins[1]).astype(np.float32),
-    "CosSin": lambda ins, attr: (np.sin if attr["algorithm"] == "sin" else np.cos)(ins[0]).astype(np.float32),
+    "CosSin": _cos_sin,
     "Resampling": _resampling,
     "ReduceMean": _reduce(np.mean),
     "ReduceSum": _reduce(np.sum),
