@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -244,6 +245,8 @@ def main() -> int:
             print(rows[-1], flush=True)
             del var_fn
             gc.collect()
+            if fuse:  # 3.4 GB each: keep one variant on disk at a time
+                shutil.rmtree(path.parent, ignore_errors=True)
         del base_fn
         gc.collect()
     if "torch" in engines:
@@ -253,8 +256,6 @@ def main() -> int:
         rows.append(dict(engine="torch eager", variant="tomesd ratio 0.5", base_seconds=tb, seconds=tv,
                          speedup=tb / tv, cosine=cosine(ref, out)))
         print(rows[-1], flush=True)
-    import shutil
-
     for d in made:
         shutil.rmtree(d, ignore_errors=True)
     print(f"\n({a.px} px, batch {a.batch}, median of {a.repeat} interleaved calls)")
