@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
-from sdgraph.errors import InputError, UsageError
+from sdgraph.errors import InputError, PassError, UsageError
 
 __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
 
@@ -74,9 +74,12 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     """Two tables: the headline numbers with ratios vs the first dir, and per-submodel latency."""
     res = report["results"]
     names = list(labels) if labels else [Path(r["path"]).name for r in res]
-    t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
+    first = next(r for r in res if "error" not in r)
+    t = Table(title=f"bench: {report['steps']} steps, {first['height']}x{first['width']}, median of {report['repeats']}")
     for col in ("dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"):
         t.add_column(col, justify="left" if col == "dir" else "right")
+    failed = [(n, r) for n, r in zip(names, res) if "error" in r]
+    names, res = [n for n, r in zip(names, res) if "error" not in r], [r for r in res if "error" not in r]
     for n, r in zip(names, res):
         t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
@@ -91,6 +94,9 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     for n, r in zip(names, res):
         t2.add_row(n, r["target"], f"{r['load_s']:.2f}",
                    *[f"{r['submodel_ms'][s]:.1f}" if s in r["submodel_ms"] else "-" for s in subs])
+    for n, r in failed:
+        t.add_row(n, "failed", "-", "-", "-", "-", "-")
+        t2.add_row(n, "-", "-", *[r["error"][:60] if i == 0 else "-" for i in range(len(subs))])
     return [t, t2]
 
 
@@ -120,6 +126,9 @@ def bench_cmd(
         console.print(f"json: {write_json(report, json_out)}")
     if plot:
         console.print(f"plot: {write_plot(report, plot)}")
+    bad = [r for r in report["results"] if "error" in r]
+    if bad:
+        raise PassError(f"{len(bad)} of {len(report['results'])} dir(s) failed; first: {bad[0]['path']}: {bad[0]['error']}")
 
 
 def _fmt(x: float) -> str:

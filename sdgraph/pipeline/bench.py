@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sdgraph.errors import TargetUnavailable, UsageError
+from sdgraph.errors import PassError, TargetUnavailable, UsageError
 
 __all__ = ["METRICS", "RssSampler", "bench", "write_plot", "write_json"]
 
@@ -126,10 +126,23 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
     if steps < 1 or repeats < 1:
         raise UsageError("--steps and --repeats must be >= 1")
     say = progress or (lambda m: log.info(m))
-    results = [_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats, prompt=prompt,
-                          seed=seed, scheduler=scheduler, guidance=guidance, devices=devices, say=say) for d in dirs]
-    base = results[0]
-    for r in results:
+    results = []
+    for d in dirs:
+        # One dir that fails (a runtime error mid-image, say) must not lose the others' numbers.
+        try:
+            results.append(_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats,
+                                      prompt=prompt, seed=seed, scheduler=scheduler, guidance=guidance,
+                                      devices=devices, say=say))
+        except Exception as exc:  # noqa: BLE001 - recorded per dir, reported at the end
+            _release_memory()
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            say(f"{d}: failed: {type(exc).__name__}: {msg}")
+            results.append({"path": str(d), "error": f"{type(exc).__name__}: {msg}"})
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        raise PassError(f"bench: every dir failed; first: {results[0]['path']}: {results[0]['error']}")
+    base = ok[0]
+    for r in ok:
         r["ratios"] = {
             "e2e_speedup": base["e2e_s"] / r["e2e_s"] if r["e2e_s"] else 0.0,
             "unet_its": r["unet_its"] / base["unet_its"] if base["unet_its"] else 0.0,
@@ -139,7 +152,8 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
     from sdgraph.manifest import package_versions
 
     return {"steps": steps, "repeats": repeats, "prompt": prompt, "seed": seed, "devices": devices,
-            "cpu_count": os.cpu_count(), "packages": package_versions(), "results": results}
+            "cpu_count": os.cpu_count(), "packages": package_versions(), "results": results,
+            "failed": [r["path"] for r in results if "error" in r]}
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -164,8 +178,9 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence
     from sdgraph.ir.io import atomic_file
     from sdgraph.pipeline.runner import readable
 
-    res = report["results"]
-    names = list(labels) if labels else [Path(r["path"]).name for r in res]
+    pairs = [(n, r) for n, r in zip(list(labels) if labels else [Path(r["path"]).name for r in report["results"]],
+                                    report["results"]) if "error" not in r]
+    names, res = [n for n, _ in pairs], [r for _, r in pairs]
     panels = (("e2e_s", "end-to-end s / image", "e2e_speedup", "x faster"),
               ("unet_its", "UNet it/s", "unet_its", "x"),
               ("peak_rss_delta_mb", "peak RSS over start (MB)", "peak_rss", "x"))

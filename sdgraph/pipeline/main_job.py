@@ -129,6 +129,9 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     b = stage("bench", lambda: bench(bench_dirs, steps=steps, repeats=repeats, prompt=prompt, seed=seed, progress=say))
     if b is not None:
         report["bench"] = b
+        for r in b["results"]:
+            if "error" in r:
+                report["failed"].append(f"bench {r['path']}: FAILED ({r['error']})")
         write_json(b, out / "bench.json")
         p = stage("plot", lambda: write_plot(b, out / "bench.png", labels=report["bench_labels"]))
         report["plot"] = str(p) if p else None

@@ -189,6 +189,32 @@ def test_bench_json_has_every_metric(sd15, artifacts, tmp_path):
     assert Image.open(png).size[0] > 500
 
 
+def test_bench_keeps_the_other_dirs_when_one_fails(sd15, artifacts, tmp_path, monkeypatch):
+    """A dir that fails mid-image (an OpenVINO infer error, say) is reported; the others keep their numbers."""
+    from sdgraph.pipeline import bench as bench_mod
+
+    real = bench_mod._bench_one
+
+    def flaky(path, **kw):
+        if str(path) == str(artifacts["ort"]):
+            raise RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:224")
+        return real(path, **kw)
+
+    monkeypatch.setattr(bench_mod, "_bench_one", flaky)
+    rep = bench([sd15, artifacts["ort"], sd15], steps=1, repeats=1)
+    assert rep["failed"] == [str(artifacts["ort"])]
+    assert "infer_request.cpp:224" in rep["results"][1]["error"]
+    assert rep["results"][0]["e2e_s"] > 0 and rep["results"][2]["ratios"]["e2e_speedup"] > 0
+    assert json.loads(write_json(rep, tmp_path / "b.json").read_text())["failed"] == [str(artifacts["ort"])]
+    from sdgraph.cli.run import bench_table
+
+    assert len(bench_table(rep)[0].rows) == 3
+    res = CliRunner().invoke(app, ["bench", str(sd15), str(artifacts["ort"]), "--steps", "1", "--repeats", "1",
+                                   "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 1 and "1 of 2 dir(s) failed" in res.output
+    assert json.loads((tmp_path / "c.json").read_text())["results"][0]["e2e_s"] > 0
+
+
 # ----------------------------------------------------------------------------- verify
 def test_psnr_ssim_numbers():
     rng = np.random.default_rng(0)
