@@ -66,7 +66,15 @@ class OpenVinoRunner:
         self._compiled: dict[Any, Any] = {}
         self._model = None
         # compile the first (or only) variant now: a load is ready to run
-        self._get(0 if self.buckets else None)
+        compiled, _ = self._get(0 if self.buckets else None)
+        # input shapes/dtypes from the artifact itself (the pipeline needs static dims, e.g. the UNet's
+        # batch, to split the guidance batch): it must not depend on the source model dir still existing
+        self.input_shapes, self.input_dtypes = {}, {}
+        for i, port in enumerate(compiled.inputs if not self.buckets else self._read().inputs):
+            names = port.get_names()  # OpenVINO may merge a graph input's name with an inner tensor's
+            name = next((n for n in self.input_names if n in names), None) or self.input_names[i]
+            self.input_shapes[name] = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
+            self.input_dtypes[name] = np.dtype(port.get_element_type().to_dtype())
 
     def _read(self):
         if self._model is None:

@@ -189,6 +189,21 @@ def test_bench_json_has_every_metric(sd15, artifacts, tmp_path):
     assert Image.open(png).size[0] > 500
 
 
+def test_openvino_artifact_does_not_need_its_source_dir(sd15, tmp_path):
+    """Input shapes come from the artifact: a static batch-1 UNet gets the CFG halves one by one."""
+    pytest.importorskip("openvino")
+    from sdgraph.targets import lower
+
+    src = tmp_path / "src"
+    shutil.copytree(sd15, src)
+    art = lower(src, "openvino", tmp_path / "ov", cache=False).out
+    shutil.rmtree(src)  # e.g. an optimized dir removed after lowering
+    pipe = open_pipeline(art)
+    assert pipe.unet.input_shapes["sample"][0] == 1 and pipe.unet.input_dtypes["timestep"] == np.float32
+    g = pipe.generate("a cat", steps=1, seed=0)
+    assert g.images[0].size == (128, 128) and g.stats["unet"]["calls"] == 2
+
+
 def test_bench_keeps_the_other_dirs_when_one_fails(sd15, artifacts, tmp_path, monkeypatch):
     """A dir that fails mid-image (an OpenVINO infer error, say) is reported; the others keep their numbers."""
     from sdgraph.pipeline import bench as bench_mod
