@@ -235,7 +235,6 @@ def main() -> int:
         for r in ratios:
             if fuse:
                 path, stats = fused_variant(base, r)
-                made.append(path.parent)
             else:
                 path, stats = tome_variant(base, r, inline=(engine == "ov"))
             var_fn, out = make(path, feeds)

@@ -72,14 +72,12 @@ def run_cmd(
 
 def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     """Two tables: the headline numbers with ratios vs the first dir, and per-submodel latency."""
-    res = report["results"]
-    names = list(labels) if labels else [Path(r["path"]).name for r in res]
-    first = next(r for r in res if "error" not in r)
-    t = Table(title=f"bench: {report['steps']} steps, {first['height']}x{first['width']}, median of {report['repeats']}")
+    named = list(zip(list(labels) if labels else [Path(r["path"]).name for r in report["results"]], report["results"]))
+    failed = [(n, r) for n, r in named if "error" in r]
+    names, res = [n for n, r in named if "error" not in r], [r for n, r in named if "error" not in r]
+    t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
     for col in ("dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"):
         t.add_column(col, justify="left" if col == "dir" else "right")
-    failed = [(n, r) for n, r in zip(names, res) if "error" in r]
-    names, res = [n for n, r in zip(names, res) if "error" not in r], [r for r in res if "error" not in r]
     for n, r in zip(names, res):
         t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")

@@ -552,8 +552,8 @@ def unsupported_nodes(model: Model) -> list[Problem]:
             probs.append(Problem(n.name, n.op, "tanh-approximate Gelu (the engine's Erf operator is the exact GELU)"))
         elif n.op in ("Sin", "Cos") and (static_shape(n.inputs[0]) is None or int(np.prod(static_shape(n.inputs[0]))) % 8):
             probs.append(Problem(n.name, n.op, "the engine's CosSin handles sizes that are a multiple of 8 only"))
-    if any(n.op == "Erf" for n in model.graph.nodes):
-        first = next(n for n in model.graph.nodes if n.op == "Erf")
+    first = next((n for n in model.graph.nodes if n.op == "Erf"), None)
+    if first is not None:
         probs.append(Problem(first.name, "Erf", "the engine's Erf operator computes GELU(x), not erf(x); only "
                              "x·0.5·(1+erf(x/√2)) patterns (GELU, GEGLU) lower"))
     return probs
@@ -575,9 +575,10 @@ class NeuralEngineTarget(Target):
     Cases handled:
     1. static shapes per bucket; shape subgraphs folded to constants;
     2. a text encoder's pooled output (ArgMax) is dropped when last_hidden_state lowers fully;
-       Expand of an input is the identity or a BinaryAdd with zeros;
+       Expand of an input is the identity or a BinaryOp add with zeros;
     3. MatMul with a constant weight -> InnerProduct (2-D, src1_perm 1,0, bias fused); other MatMul -> Matmul;
-    4. Conv -> Convolution; Add -> BinaryAdd (equal shapes) or BinaryOp add (broadcast); Sub/Mul/Div -> BinaryOp; Erf/Exp/Sigmoid/Sin/Cos/Pow/Sqrt;
+    4. Conv -> Convolution; Add -> BinaryAdd (equal shapes) or BinaryOp add (broadcast); Sub/Mul/Div -> BinaryOp;
+       GELU chains -> Erf (the engine's Erf is GELU; a bare Erf is refused); Exp/Sigmoid/Sin/Cos/Pow/Sqrt;
     5. Softmax, LayerNormalization -> LayerNorm, Transpose -> Reorder, Reshape-family -> Reshape, Gather,
        Concat, Slice, Resize -> Resampling, ReduceMean/ReduceSum;
     6. canonical Attention(Masked) -> Matmul(output_scale, src1_perm) + Softmax + Matmul;

@@ -208,7 +208,7 @@ class OpenVinoTarget(Target):
             except Exception as exc:
                 raise InputError(f"{ctx.submodel}: OpenVINO cannot compile it on CPU: {_first(exc)}") from None
             effective = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
-            entry["effective_precision"] = {"float32": "f32", "bfloat16": "bf16", "bf16": "bf16", "float16": "f16"}.get(effective, effective)
+            entry["effective_precision"] = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(effective, effective)
             if entry["effective_precision"] != config["INFERENCE_PRECISION_HINT"]:
                 log.warning("%s: OpenVINO compiled with %s, not the requested %s (this CPU lacks it)",
                             ctx.submodel, entry["effective_precision"], config["INFERENCE_PRECISION_HINT"])
