@@ -10,7 +10,10 @@ With ``--fuse`` the ONNX Runtime rows compare ``fold,fa,gn,geglu`` + ``ort-contr
 ``fold,tome{ratio=R},fa,gn,geglu`` + ``ort-contrib``: attention runs in ORT's MultiHeadAttention
 kernel, which does not materialise the [B, heads, N, N] scores. That is what makes 1024 px fit in
 memory (unfused: 8.6 GB of scores per tensor at batch 1); the variants are written to their own
-folders (3.4 GB each) and removed at the end.
+folders (3.4 GB each, one on disk at a time). OpenVINO needs no such help: its CPU plugin fuses the
+exported MatMul-Softmax-MatMul into its own SDPA kernel (measured: one 1024 px block, batch 1, runs
+in 1.0 GB). Every graph variant is built in a child process, so the pass's copy of the 3.4 GB
+model never stays in the measuring process (the first 1024 px run was OOM-killed at 15.7 GB).
 
     python tools/bench_tome.py --px 512 --batch 2 --repeat 3 --work /tmp/tome-bench
     python tools/bench_tome.py --px 1024 --batch 1 --repeat 2 --fuse --work /tmp/tome-bench
@@ -23,6 +26,7 @@ import gc
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,6 +128,28 @@ def fused_variant(base: Path, ratio: float | None) -> tuple[Path, dict]:
     return out, {"blocks_merged": stats.get("tome", {}).get("blocks_merged"), "fused": fused}
 
 
+def build(kind: str, base: Path, ratio: float | None) -> tuple[Path, dict]:
+    """Build a variant (``tome`` or ``fused``) in a child process; returns its path and stats."""
+    spec = json.dumps(dict(kind=kind, base=str(base), ratio=ratio))
+    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"building {kind} {ratio} failed (rc {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    path, stats = json.loads(lines[-1][len("RESULT "):])
+    return Path(path), stats
+
+
+def _child(spec: str) -> int:
+    d = json.loads(spec)
+    base, ratio = Path(d["base"]), d["ratio"]
+    if d["kind"] == "fused":
+        path, stats = fused_variant(base, ratio)
+    else:
+        path, stats = tome_variant(base, ratio, inline=True)
+    print("RESULT " + json.dumps([str(path), stats]), flush=True)
+    return 0
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -200,7 +226,10 @@ def main() -> int:
     ap.add_argument("--block", action="store_true", help="time one full-resolution transformer block, not the UNet")
     ap.add_argument("--fuse", action="store_true",
                     help="ORT rows: fold,fa,gn,geglu + ort-contrib with and without tome (memory-safe at 1024 px)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        return _child(a.child)
     lat = a.px // 8
     if a.block:
         unet = None
@@ -215,6 +244,8 @@ def main() -> int:
         t0 = time.perf_counter()
         export(unet, base, feeds)
         print(f"exported {base} in {time.perf_counter() - t0:.0f} s", flush=True)
+    unet = None  # 3.4 GB at full size: rebuilt (same seed, same weights) for the torch rows
+    gc.collect()
     engines = a.engines.split(",")
     ratios = [float(r) for r in a.ratios.split(",")]
     rows = []
@@ -226,17 +257,14 @@ def main() -> int:
         fuse = a.fuse and engine == "ort"
         if fuse:
             t0 = time.perf_counter()
-            base_path, _ = fused_variant(base, None)
+            base_path, _ = build("fused", base, None)
             made.append(base_path.parent)
             print(f"fused base in {time.perf_counter() - t0:.0f} s", flush=True)
         else:
             base_path = base
         base_fn, ref = make(base_path, feeds)
         for r in ratios:
-            if fuse:
-                path, stats = fused_variant(base, r)
-            else:
-                path, stats = tome_variant(base, r, inline=(engine == "ov"))
+            path, stats = build("fused" if fuse else "tome", base, r)
             var_fn, out = make(path, feeds)
             tb, tv = interleaved(base_fn, var_fn, a.repeat)
             rows.append(dict(engine=engine + (" fused" if fuse else ""), variant=f"tome ratio {r}", base_seconds=tb, seconds=tv, speedup=tb / tv,
@@ -249,6 +277,7 @@ def main() -> int:
         del base_fn
         gc.collect()
     if "torch" in engines:
+        unet = _unet(a.size)
         base_fn, ref = torch_runner(unet, feeds, None)
         var_fn, out = torch_runner(unet, feeds, 0.5)
         tb, tv = interleaved(base_fn, var_fn, a.repeat)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 _DIR = Path(tempfile.mkdtemp(prefix="sdgraph-fusion-models-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)  # a test run leaves nothing behind in /tmp
 
 UNETS = {
     # SD 1.x: one head dim for all levels, conv projections, SDPA processor.
