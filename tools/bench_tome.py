@@ -17,6 +17,7 @@ model never stays in the measuring process (the first 1024 px run was OOM-killed
 
     python tools/bench_tome.py --px 512 --batch 2 --repeat 3 --work /tmp/tome-bench
     python tools/bench_tome.py --px 1024 --batch 1 --repeat 2 --fuse --work /tmp/tome-bench
+    python tools/bench_tome.py --px 1024 --batch 1 --fuse --profile 0.5     # ORT seconds per op type
 """
 
 from __future__ import annotations
@@ -95,30 +96,35 @@ def export_block(path: Path, batch: int, tokens: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def tome_variant(base: Path, ratio: float, inline: bool) -> tuple[Path, dict]:
-    """Apply tome{ratio} and write the graph (only) beside the base model's weights."""
+def _tome(ratio: float, opts: str) -> str:
+    return f"tome{{ratio={ratio}{' ' + opts if opts else ''}}}"
+
+
+def tome_variant(base: Path, ratio: float, inline: bool, opts: str = "") -> tuple[Path, dict]:
+    """Apply tome{ratio [opts]} and write the graph (only) beside the base model's weights."""
     import onnx
     import onnx.inliner
 
     from sdgraph.ir.model import Model
-    from sdgraph.passes.tome import Tome
+    from sdgraph.passes.manager import PassManager
 
     m = Model.load(base)
-    stats = Tome(ratio=ratio).run(m).stats
+    stats = PassManager(_tome(ratio, opts)).run(m).records[-1].stats
     proto = m.to_proto()
     if inline:
         proto = onnx.inliner.inline_local_functions(proto)
-    out = base.parent / f"tome{ratio}{'_inl' if inline else ''}.onnx"
+    tag = "".join(ch for ch in opts if ch.isalnum())
+    out = base.parent / f"tome{ratio}{tag}{'_inl' if inline else ''}.onnx"
     onnx.save(proto, str(out))
     return out, stats
 
 
-def fused_variant(base: Path, ratio: float | None) -> tuple[Path, dict]:
-    """``fold,[tome{ratio},]fa,gn,geglu`` then ``ort-contrib``, saved in a folder of its own."""
+def fused_variant(base: Path, ratio: float | None, opts: str = "") -> tuple[Path, dict]:
+    """``fold,[tome{ratio [opts]},]fa,gn,geglu`` then ``ort-contrib``, saved in a folder of its own."""
     from sdgraph.ir.model import Model
     from sdgraph.passes.manager import PassManager
 
-    tome = f"tome{{ratio={ratio}}}," if ratio else ""
+    tome = _tome(ratio, opts) + "," if ratio else ""
     m = Model.load(base)
     rep = PassManager(f"fold,{tome}fa,gn,geglu").run(m)
     PassManager("ort-contrib").run(m)
@@ -128,9 +134,9 @@ def fused_variant(base: Path, ratio: float | None) -> tuple[Path, dict]:
     return out, {"blocks_merged": stats.get("tome", {}).get("blocks_merged"), "fused": fused}
 
 
-def build(kind: str, base: Path, ratio: float | None) -> tuple[Path, dict]:
+def build(kind: str, base: Path, ratio: float | None, opts: str = "") -> tuple[Path, dict]:
     """Build a variant (``tome`` or ``fused``) in a child process; returns its path and stats."""
-    spec = json.dumps(dict(kind=kind, base=str(base), ratio=ratio))
+    spec = json.dumps(dict(kind=kind, base=str(base), ratio=ratio, opts=opts))
     proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -143,9 +149,9 @@ def _child(spec: str) -> int:
     d = json.loads(spec)
     base, ratio = Path(d["base"]), d["ratio"]
     if d["kind"] == "fused":
-        path, stats = fused_variant(base, ratio)
+        path, stats = fused_variant(base, ratio, d["opts"])
     else:
-        path, stats = tome_variant(base, ratio, inline=True)
+        path, stats = tome_variant(base, ratio, inline=True, opts=d["opts"])
     print("RESULT " + json.dumps([str(path), stats]), flush=True)
     return 0
 
@@ -174,6 +180,28 @@ def ort_runner(path: Path, feeds):
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     out = sess.run(None, feeds)[0]  # also the warm-up
     return (lambda: sess.run(None, feeds)), out
+
+
+def ort_profile(path: Path, feeds) -> dict[str, float]:
+    """Seconds per op type in one ORT call after a warm-up call (ORT's own profiler)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.parent / "ort_profile")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= max(runs):
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e6
+    return per_op
 
 
 def ov_runner(path: Path, feeds):
@@ -213,6 +241,31 @@ def cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def profile(base: Path, feeds, ratio: float, json_out: str | None, fuse: bool, opts: str = "") -> int:
+    """Where the time goes: ORT seconds per op type without and with ToMe, one call each."""
+    times = {}
+    for label, r in (("no ToMe", None), (f"tome {ratio}", ratio)):
+        if fuse:
+            path, _ = build("fused", base, r, opts)
+        else:
+            path = base if r is None else build("tome", base, r, opts)[0]
+        times[label] = ort_profile(path, feeds)
+        if fuse:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        gc.collect()
+    (b, v) = times.values()
+    ops = sorted(set(b) | set(v), key=lambda o: -max(b.get(o, 0), v.get(o, 0)))
+    print(f"| op type | s no ToMe | s {list(times)[1]} | saved s |")
+    print("| --- | ---: | ---: | ---: |")
+    for op in ops:
+        if max(b.get(op, 0), v.get(op, 0)) >= 0.05:
+            print(f"| {op} | {b.get(op, 0):.2f} | {v.get(op, 0):.2f} | {b.get(op, 0) - v.get(op, 0):+.2f} |")
+    print(f"| total (kernels) | {sum(b.values()):.2f} | {sum(v.values()):.2f} | {sum(b.values()) - sum(v.values()):+.2f} |")
+    if json_out:
+        Path(json_out).write_text(json.dumps(times, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--px", type=int, default=512)
@@ -226,6 +279,9 @@ def main() -> int:
     ap.add_argument("--block", action="store_true", help="time one full-resolution transformer block, not the UNet")
     ap.add_argument("--fuse", action="store_true",
                     help="ORT rows: fold,fa,gn,geglu + ort-contrib with and without tome (memory-safe at 1024 px)")
+    ap.add_argument("--profile", type=float, default=None, metavar="RATIO",
+                    help="only profile one ORT call per op type, without ToMe and with tome at RATIO (--fuse graphs)")
+    ap.add_argument("--tome-options", default="", help="more tome options, e.g. 'mlp=true crossattn=true'")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -246,6 +302,8 @@ def main() -> int:
         print(f"exported {base} in {time.perf_counter() - t0:.0f} s", flush=True)
     unet = None  # 3.4 GB at full size: rebuilt (same seed, same weights) for the torch rows
     gc.collect()
+    if a.profile:
+        return profile(base, feeds, a.profile, a.json, fuse=a.fuse, opts=a.tome_options)
     engines = a.engines.split(",")
     ratios = [float(r) for r in a.ratios.split(",")]
     rows = []
@@ -264,10 +322,10 @@ def main() -> int:
             base_path = base
         base_fn, ref = make(base_path, feeds)
         for r in ratios:
-            path, stats = build("fused" if fuse else "tome", base, r)
+            path, stats = build("fused" if fuse else "tome", base, r, a.tome_options)
             var_fn, out = make(path, feeds)
             tb, tv = interleaved(base_fn, var_fn, a.repeat)
-            rows.append(dict(engine=engine + (" fused" if fuse else ""), variant=f"tome ratio {r}", base_seconds=tb, seconds=tv, speedup=tb / tv,
+            rows.append(dict(engine=engine + (" fused" if fuse else ""), variant=f"{_tome(r, a.tome_options)}", base_seconds=tb, seconds=tv, speedup=tb / tv,
                              cosine=cosine(ref, out), blocks=stats["blocks_merged"], fused=stats.get("fused")))
             print(rows[-1], flush=True)
             del var_fn
