@@ -31,9 +31,10 @@ _DEFAULT_SCALING = 0.18215
 
 
 def cache_dir() -> Path:
-    """Where calibration inputs and ranges are cached (``$SDGRAPH_CACHE`` or ``~/.cache/sdgraph``)."""
-    root = os.environ.get("SDGRAPH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sdgraph")
-    return Path(root) / "calib"
+    """Where calibration inputs and ranges are cached: ``calib/`` in sdgraph's cache (``$SDGRAPH_CACHE_DIR``)."""
+    from sdgraph.targets.cache import cache_dir as sdgraph_cache
+
+    return sdgraph_cache() / "calib"
 
 
 def model_dir(model) -> Path:

@@ -26,6 +26,20 @@ import pytest
 _ARCHS = ("sd15", "sd21", "sdxl", "pix2pix")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_sdgraph_cache(tmp_path_factory):
+    """Tests lower into a cache of their own, never the user's ``~/.cache/sdgraph``."""
+    import os
+
+    old = os.environ.get("SDGRAPH_CACHE_DIR")
+    os.environ["SDGRAPH_CACHE_DIR"] = str(tmp_path_factory.mktemp("sdgraph-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SDGRAPH_CACHE_DIR", None)
+    else:
+        os.environ["SDGRAPH_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """Factory: ``tiny_pipeline("sdxl")`` -> path of a tiny random-weight diffusers pipeline."""

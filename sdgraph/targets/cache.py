@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["cache_dir", "graph_hash", "make_key", "ArtifactCache", "COMPONENTS"]
+__all__ = ["cache_dir", "cache_max_bytes", "graph_hash", "make_key", "ArtifactCache", "COMPONENTS", "DEFAULT_MAX_GB"]
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,27 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("graph", "pipeline", "target", "options", "precision", "shapes", "tools")
 
 
+# A lowered full-size SD1.5 pipeline is about 8 GB per target: keep a few, then evict the least
+# recently used entries.
+DEFAULT_MAX_GB = 40.0
+
+
 def cache_dir() -> Path:
     env = os.environ.get("SDGRAPH_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "sdgraph"
+
+
+def cache_max_bytes() -> int | None:
+    """``$SDGRAPH_CACHE_MAX_GB`` (default 40; 0 or ``none``: unbounded) as bytes."""
+    env = os.environ.get("SDGRAPH_CACHE_MAX_GB", "").strip().lower()
+    if env in ("0", "none", "unlimited"):
+        return None
+    try:
+        gb = float(env) if env else DEFAULT_MAX_GB
+    except ValueError:
+        log.warning("SDGRAPH_CACHE_MAX_GB=%r is not a number; using %s", env, DEFAULT_MAX_GB)
+        gb = DEFAULT_MAX_GB
+    return int(gb * 1e9) if gb > 0 else None
 
 
 def _digest(obj: Any) -> str:
@@ -78,11 +97,15 @@ class ArtifactCache:
     """Built submodel folders stored as ``<root>/<target>/<key>/{files..., entry.json}``.
 
     ``entry.json`` holds the key's components, so a miss can be explained by comparing against the
-    closest earlier entry for the same submodel (same source path or same role).
+    closest earlier entry for the same submodel (same source path or same role). Its mtime is the
+    entry's last use: after each store, the least recently used entries are evicted until the cache
+    holds at most ``max_bytes`` (files hard-linked into artifacts count too: they are the cache's
+    as soon as the artifact is deleted).
     """
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, max_bytes: int | None = None):
         self.root = Path(root) if root else cache_dir()
+        self.max_bytes = max_bytes  # None: unbounded; the driver passes cache_max_bytes()
 
     def lookup(self, target: str, components: Mapping[str, Any]) -> tuple[Path | None, str]:
         """Return (entry folder, "") on a hit, (None, reason) on a miss."""
@@ -92,6 +115,7 @@ class ArtifactCache:
         if meta.is_file() and (folder / "files").is_dir():
             try:
                 json.loads(meta.read_text())
+                _touch(meta)
                 return folder, ""
             except ValueError:
                 log.warning("cache entry %s is unreadable; rebuilding", folder)
@@ -146,14 +170,78 @@ class ArtifactCache:
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
             os.rename(tmp, folder)
-            return folder
         except OSError as exc:
             log.warning("could not store %s in the cache at %s: %s", target, self.root, exc)
             return None
+        if self.max_bytes is not None:
+            self.prune(self.max_bytes, keep=folder)
+        return folder
+
+    def entries(self) -> list[tuple[Path, float, int]]:
+        """(folder, last use, bytes of its files) for every complete entry, least recently used first."""
+        out = []
+        for meta in self.root.glob("*/*/entry.json"):
+            try:
+                used = meta.stat().st_mtime
+            except OSError:
+                continue
+            out.append((meta.parent, used, _tree_bytes(meta.parent, set())))
+        return sorted(out, key=lambda e: e[1])
+
+    def size(self) -> int:
+        """Bytes of all entries, each hard-linked file counted once."""
+        seen: set[tuple[int, int]] = set()
+        return sum(_tree_bytes(folder, seen) for folder, _, _ in self.entries())
+
+    def prune(self, max_bytes: int, keep: Path | None = None) -> list[Path]:
+        """Evict least recently used entries until the cache holds at most ``max_bytes``; returns them."""
+        entries = self.entries()
+        seen: set[tuple[int, int]] = set()
+        total = sum(_tree_bytes(folder, seen) for folder, _, _ in entries)
+        evicted = []
+        for folder, _, nbytes in entries:
+            if total <= max_bytes:
+                break
+            if keep is not None and folder == keep:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= nbytes
+            evicted.append(folder)
+            log.info("cache: evicted %s (%.1f MB)", folder, nbytes / 1e6)
+        return evicted
+
+    def clear(self) -> int:
+        """Remove every entry (and the hash memo); returns the number of entries removed."""
+        entries = self.entries()
+        for folder, _, _ in entries:
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.root / "hashes", ignore_errors=True)
+        return len(entries)
 
     def restore(self, folder: Path, dst: Path) -> dict[str, Any]:
         copy_tree(folder / "files", dst)
         return json.loads((folder / "entry.json").read_text())["entry"]
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves hits
+        pass
+
+
+def _tree_bytes(folder: Path, seen: set[tuple[int, int]]) -> int:
+    """Bytes of the files under ``folder`` whose inode is not in ``seen`` (which it extends)."""
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
 
 
 def _short(v: Any, n: int = 60) -> str:

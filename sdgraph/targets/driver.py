@@ -18,7 +18,7 @@ from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
 from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
-from sdgraph.targets.cache import ArtifactCache, graph_hash
+from sdgraph.targets.cache import ArtifactCache, cache_max_bytes, graph_hash
 
 __all__ = ["lower", "load_artifact", "LowerResult", "Artifact", "parse_shape_spec", "parse_shape_args", "generic_problems",
            "normalize_shapes", "bucket_for"]
@@ -280,7 +280,7 @@ def lower(
                                if len(problems) > 1 else f"cannot lower to {target!r}: {problems[0]}", problems)
 
     # 2. build each submodel (or restore it from the cache) into a temporary folder, then rename
-    store = ArtifactCache(cache_dir)
+    store = ArtifactCache(cache_dir, max_bytes=cache_max_bytes())
     tools = {"sdgraph": _version(), **tgt.tool_versions()}
     results: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}

@@ -23,7 +23,7 @@ FAST = {"calib": "2", "steps": "2", "held_out": "1"}
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv("SDGRAPH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("SDGRAPH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     yield tiny_sd15_dir()
     mp.undo()
 
@@ -235,7 +235,7 @@ def test_batch1_unet_gets_both_cfg_halves_as_samples(sd, tmp_path):
 
 
 def test_sdxl_unet_calibration_uses_both_text_encoders(tiny_sdxl_onnx, tmp_path, monkeypatch):
-    monkeypatch.setenv("SDGRAPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SDGRAPH_CACHE_DIR", str(tmp_path / "cache"))
     unet = Model.load(tiny_sdxl_onnx / "unet" / "model.onnx")
     specs = rt.input_specs(unet)
     feeds = calibration.calibration_feeds(unet, 6, steps=3)  # batch-1 graph: 3 steps x 2 CFG halves

@@ -253,3 +253,59 @@ def test_cli_lower_and_targets(tmp_path, monkeypatch):
     assert r.exit_code == 4 and "frob_1 (com.example::Frob)" in r.output and "frob_2" in r.output
     r = runner.invoke(app, ["lower", str(src), "-t", "ort", "-o", str(tmp_path / "c"), "--option", "threads"])
     assert r.exit_code == 2 and "expected KEY=VALUE" in r.output
+
+
+# -- cache bound -----------------------------------------------------------------------------------
+def test_cache_evicts_least_recently_used_beyond_its_bound(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from sdgraph.targets.cache import ArtifactCache
+
+    cache = tmp_path / "cache"
+    a = _write(tmp_path, name="a")
+    b = _write(tmp_path, MLP.replace("Relu", "Sigmoid"), name="b")
+    c = _write(tmp_path, MLP.replace("Relu", "Tanh"), name="c")
+    lower(a, "ort", tmp_path / "oa", cache_dir=cache)
+    lower(b, "ort", tmp_path / "ob", cache_dir=cache)
+    entries = ArtifactCache(cache).entries()
+    assert len(entries) == 2
+    one = max(n for _, _, n in entries)
+    # a is used again (a hit), so b is now the least recently used
+    for i, (folder, _, _) in enumerate(entries):
+        os.utime(folder / "entry.json", (time.time() - 100 + i, time.time() - 100 + i))
+    assert lower(a, "ort", tmp_path / "oa2", cache_dir=cache).submodels["model"]["cache"] == "hit"
+    monkeypatch.setenv("SDGRAPH_CACHE_MAX_GB", str(2.5 * one / 1e9))  # room for two entries, not three
+    lower(c, "ort", tmp_path / "oc", cache_dir=cache)
+    left = ArtifactCache(cache).entries()
+    assert len(left) == 2
+    assert lower(b, "ort", tmp_path / "ob2", cache_dir=cache).submodels["model"]["cache"] == "miss"  # b evicted
+    assert (tmp_path / "ob" / "model" / "model.onnx").is_file()  # artifacts keep their (hard-linked) files
+
+
+def test_cache_unbounded_and_bad_bound(monkeypatch):
+    from sdgraph.targets.cache import DEFAULT_MAX_GB, cache_max_bytes
+
+    monkeypatch.setenv("SDGRAPH_CACHE_MAX_GB", "0")
+    assert cache_max_bytes() is None
+    monkeypatch.setenv("SDGRAPH_CACHE_MAX_GB", "lots")
+    assert cache_max_bytes() == int(DEFAULT_MAX_GB * 1e9)
+    monkeypatch.delenv("SDGRAPH_CACHE_MAX_GB")
+    assert cache_max_bytes() == int(DEFAULT_MAX_GB * 1e9)
+
+
+def test_cache_command_lists_prunes_and_clears(tmp_path):
+    cache = tmp_path / "cache"
+    lower(_write(tmp_path, name="a"), "ort", tmp_path / "oa", cache_dir=cache)
+    lower(_write(tmp_path, MLP.replace("Relu", "Sigmoid"), name="b"), "ort", tmp_path / "ob", cache_dir=cache)
+    runner = CliRunner()
+    r = runner.invoke(app, ["cache", "--cache-dir", str(cache)])
+    assert r.exit_code == 0 and "2 entries" in r.output and r.output.count("ort ") == 2
+    r = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune", "0"])
+    assert r.exit_code == 0 and "evicted 2 entries" in r.output and "0 entries" in r.output
+    lower(_write(tmp_path, name="c"), "ort", tmp_path / "oc", cache_dir=cache)
+    r = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--clear"])
+    assert r.exit_code == 0 and "removed 1 entries" in r.output
+    assert not (cache / "hashes").exists()
+    r = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune", "-1"])
+    assert r.exit_code != 0 and "--prune needs" in r.output and "Traceback" not in r.output
