@@ -72,9 +72,10 @@ def run_cmd(
 
 def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     """Two tables: the headline numbers with ratios vs the first dir, and per-submodel latency."""
-    named = list(zip(list(labels) if labels else [Path(r["path"]).name for r in report["results"]], report["results"]))
-    failed = [(n, r) for n, r in named if "error" in r]
-    names, res = [n for n, r in named if "error" not in r], [r for n, r in named if "error" not in r]
+    from sdgraph.pipeline.bench import split_results
+
+    ran, failed = split_results(report, labels)
+    names, res = [n for n, _ in ran], [r for _, r in ran]
     t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
     for col in ("dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"):
         t.add_column(col, justify="left" if col == "dir" else "right")
@@ -111,7 +112,7 @@ def bench_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
 ) -> None:
     """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
-    from sdgraph.pipeline.bench import bench, write_json, write_plot
+    from sdgraph.pipeline.bench import bench, split_results, write_json, write_plot
 
     for d in dirs:
         if not d.is_dir():
@@ -124,9 +125,10 @@ def bench_cmd(
         console.print(f"json: {write_json(report, json_out)}")
     if plot:
         console.print(f"plot: {write_plot(report, plot)}")
-    bad = [r for r in report["results"] if "error" in r]
-    if bad:
-        raise PassError(f"{len(bad)} of {len(report['results'])} dir(s) failed; first: {bad[0]['path']}: {bad[0]['error']}")
+    _, failed = split_results(report)
+    if failed:
+        first = failed[0][1]
+        raise PassError(f"{len(failed)} of {len(report['results'])} dir(s) failed; first: {first['path']}: {first['error']}")
 
 
 def _fmt(x: float) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from sdgraph.errors import PassError, TargetUnavailable, UsageError
 
-__all__ = ["METRICS", "RssSampler", "bench", "write_plot", "write_json"]
+__all__ = ["METRICS", "RssSampler", "bench", "split_results", "write_plot", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,13 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
             "failed": [r["path"] for r in results if "error" in r]}
 
 
+def split_results(report: dict[str, Any], labels: Sequence[str] | None = None) -> tuple[list, list]:
+    """``([(label, result), ...] of the dirs that ran, [(label, result), ...] of those that failed)``."""
+    names = list(labels) if labels else [Path(r["path"]).name for r in report["results"]]
+    named = list(zip(names, report["results"]))
+    return [(n, r) for n, r in named if "error" not in r], [(n, r) for n, r in named if "error" in r]
+
+
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     from sdgraph.ir.io import atomic_file
     from sdgraph.pipeline.runner import readable
@@ -178,9 +185,8 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence
     from sdgraph.ir.io import atomic_file
     from sdgraph.pipeline.runner import readable
 
-    pairs = [(n, r) for n, r in zip(list(labels) if labels else [Path(r["path"]).name for r in report["results"]],
-                                    report["results"]) if "error" not in r]
-    names, res = [n for n, _ in pairs], [r for _, r in pairs]
+    ran, _ = split_results(report, labels)
+    names, res = [n for n, _ in ran], [r for _, r in ran]
     panels = (("e2e_s", "end-to-end s / image", "e2e_speedup", "x faster"),
               ("unet_its", "UNet it/s", "unet_its", "x"),
               ("peak_rss_delta_mb", "peak RSS over start (MB)", "peak_rss", "x"))

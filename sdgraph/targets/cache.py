@@ -177,33 +177,36 @@ class ArtifactCache:
             self.prune(self.max_bytes, keep=folder)
         return folder
 
-    def entries(self) -> list[tuple[Path, float, int]]:
-        """(folder, last use, bytes of its files) for every complete entry, least recently used first."""
+    def _scan(self) -> list[tuple[Path, float, dict[tuple[int, int], int]]]:
+        """(folder, last use, {inode: bytes} of its files) per complete entry, least recently used first."""
         out = []
         for meta in self.root.glob("*/*/entry.json"):
             try:
                 used = meta.stat().st_mtime
             except OSError:
                 continue
-            out.append((meta.parent, used, _tree_bytes(meta.parent, set())))
+            out.append((meta.parent, used, _tree_files(meta.parent)))
         return sorted(out, key=lambda e: e[1])
+
+    def entries(self) -> list[tuple[Path, float, int]]:
+        """(folder, last use, bytes of its files) for every complete entry, least recently used first."""
+        return [(folder, used, sum(files.values())) for folder, used, files in self._scan()]
 
     def size(self) -> int:
         """Bytes of all entries, each hard-linked file counted once."""
-        seen: set[tuple[int, int]] = set()
-        return sum(_tree_bytes(folder, seen) for folder, _, _ in self.entries())
+        return _union_bytes(files for _, _, files in self._scan())
 
     def prune(self, max_bytes: int, keep: Path | None = None) -> list[Path]:
         """Evict least recently used entries until the cache holds at most ``max_bytes``; returns them."""
-        entries = self.entries()
-        seen: set[tuple[int, int]] = set()
-        total = sum(_tree_bytes(folder, seen) for folder, _, _ in entries)
+        scan = self._scan()
+        total = _union_bytes(files for _, _, files in scan)
         evicted = []
-        for folder, _, nbytes in entries:
+        for folder, _, files in scan:
             if total <= max_bytes:
                 break
             if keep is not None and folder == keep:
                 continue
+            nbytes = sum(files.values())
             shutil.rmtree(folder, ignore_errors=True)
             total -= nbytes
             evicted.append(folder)
@@ -230,18 +233,25 @@ def _touch(path: Path) -> None:
         pass
 
 
-def _tree_bytes(folder: Path, seen: set[tuple[int, int]]) -> int:
-    """Bytes of the files under ``folder`` whose inode is not in ``seen`` (which it extends)."""
-    total = 0
+def _tree_files(folder: Path) -> dict[tuple[int, int], int]:
+    """{(device, inode): bytes} of the regular files under ``folder``."""
+    files = {}
     for p in folder.rglob("*"):
         try:
             st = p.lstat()
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
+        if stat.S_ISREG(st.st_mode):
+            files[(st.st_dev, st.st_ino)] = st.st_size
+    return files
+
+
+def _union_bytes(trees) -> int:
+    """Bytes of several trees' files, a file hard-linked into more than one counted once."""
+    union: dict[tuple[int, int], int] = {}
+    for files in trees:
+        union.update(files)
+    return sum(union.values())
 
 
 def _short(v: Any, n: int = 60) -> str:
