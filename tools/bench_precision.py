@@ -96,7 +96,7 @@ def main() -> int:
     ap.add_argument("--bf16", default="", help="extra bf16 options, KEY=VALUE space-separated (e.g. block_ops=Softmax)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from sdgraph import calibration
+    from sdgraph.quant import calibration
     from sdgraph.ir.model import Model
     from sdgraph.passes.base import create_pass
 
@@ -105,7 +105,7 @@ def main() -> int:
     results: dict = {"calib": args.calib, "steps": args.steps, "repeat": args.repeat, "threads": args.threads}
     t0 = time.perf_counter()
 
-    # held-back inputs: other prompts and noise than calibration (sdgraph.calibration holdout=True)
+    # held-back inputs: other prompts and noise than calibration (sdgraph.quant.calibration holdout=True)
     m = Model.load(src)
     held = calibration.calibration_feeds(m, 2, steps=args.steps, holdout=True)
     feeds = held[0]

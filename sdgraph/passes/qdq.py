@@ -1,65 +1,20 @@
-"""qdq: static INT8 post-training quantization (QuantizeLinear/DequantizeLinear) with SD calibration."""
+"""qdq: static INT8 post-training quantization (QuantizeLinear/DequantizeLinear) with SD calibration.
+
+A short driver over ``sdgraph.quant``: calibration inputs, scope, ranges, QDQ insertion, fidelity,
+sensitivity and auto-exclude each live there.
+"""
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
-import logging
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from sdgraph.errors import PassError, UsageError
-from sdgraph.passes._precision import default_scope, match_names
 from sdgraph.passes.base import Option, Pass, PassResult, register
+from sdgraph.quant.scope import activation_matmuls, quantized_nodes, resolve_scope, watched_tensors
 
 __all__ = ["Qdq", "quantized_nodes"]
-
-log = logging.getLogger(__name__)
-
-_WORK_DIRS: list[Path] = []  # quantized weights live here until the process ends (the model reads them lazily)
-
-
-@atexit.register
-def _cleanup() -> None:
-    for d in _WORK_DIRS:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _workdir() -> Path:
-    d = Path(tempfile.mkdtemp(prefix="sdgraph-qdq-"))
-    _WORK_DIRS.append(d)
-    return d
-
-
-def quantized_nodes(graph) -> list:
-    """Conv/Gemm/MatMul nodes whose inputs all come from DequantizeLinear (they run in INT8)."""
-    out = []
-    for n in graph.nodes:
-        if n.op in ("Conv", "Gemm", "MatMul") and all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in n.inputs[:2]):
-            out.append(n)
-    return out
-
-
-class _DropPreprocessHint(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-process" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_ort():
-    """Drop ORT's 'consider pre-processing' warning (sdgraph has already run shape inference)."""
-    flt = _DropPreprocessHint()
-    root = logging.getLogger()
-    root.addFilter(flt)
-    try:
-        yield
-    finally:
-        root.removeFilter(flt)
 
 
 @register
@@ -67,16 +22,18 @@ class Qdq(Pass):
     """Static INT8 quantization as QuantizeLinear/DequantizeLinear pairs (onnxruntime.quantization).
 
     Cases handled:
-      1. Calibration inputs by role from the model's own pipeline directory (sdgraph.calibration):
+      1. Calibration inputs by role from the model's own pipeline directory (sdgraph.quant.calibration):
          UNet along guided denoising trajectories, text encoder on tokenized prompts, VAE decoder
          on predicted clean latents; cached on disk, as are the calibrated ranges.
-      2. The seeds' ignored scope (conv_in, conv_out, time embedding, first shortcut conv), found
+      2. ``calib_data=FILE.npz`` (or a folder of .npz, one sample each): inputs from a file, for a
+         graph without a pipeline folder; the last ``held_out`` samples are held back.
+      3. The seeds' ignored scope (conv_in, conv_out, time embedding, first shortcut conv), found
          structurally with names as fallback; ``exclude=`` adds names (``none`` drops the default).
-      3. Conv, Gemm and MatMul with a constant weight are quantized (``act_matmul=true`` also
+      4. Conv, Gemm and MatMul with a constant weight are quantized (``act_matmul=true`` also
          quantizes activation x activation MatMuls such as attention scores).
-      4. Fidelity on held-back inputs (other prompts and noise): cosine and max error in the stats.
-      5. ``sensitivity=K``: per-layer error with only that layer quantized, for K sampled layers.
-      6. ``auto_exclude=true`` with ``min_cosine``: keeps the most sensitive layers in float until
+      5. Fidelity on held-back inputs (other prompts and noise): cosine and max error in the stats.
+      6. ``sensitivity=K``: per-layer error with only that layer quantized, for K sampled layers.
+      7. ``auto_exclude=true`` with ``min_cosine``: keeps the most sensitive layers in float until
          the held-back cosine reaches ``min_cosine``.
     """
 
@@ -94,6 +51,8 @@ class Qdq(Pass):
         Option("reduce_range", bool, True, "7-bit weights: ORT's x86 u8s8 kernels saturate with 8 (see README)"),
         Option("steps", int, 8, "scheduler steps per calibration trajectory", min=1),
         Option("prompt_file", str, "", "prompt list for calibration (default: sdgraph's shipped list)"),
+        Option("calib_data", str, "", "calibration inputs from an .npz (arrays named as the graph inputs, leading axis = "
+                                      "samples) or a folder of .npz (one sample each), instead of the model directory"),
         Option("held_out", int, 2, "held-back samples for the fidelity numbers", min=0),
         Option("sensitivity", int, 0, "layers to test one at a time for the sensitivity report", min=0),
         Option("auto_exclude", bool, False, "exclude the most sensitive layers until min_cosine is met"),
@@ -107,105 +66,34 @@ class Qdq(Pass):
         if self.auto_exclude and self.min_cosine is None:
             raise UsageError("pass 'qdq': auto_exclude=true needs min_cosine=")
 
-    # -- helpers ------------------------------------------------------------------------------
-    def _scope(self, model) -> tuple[list[str], list[str]]:
-        names: list[str] = []
-        notes: list[str] = []
-        for item in self.exclude:
-            if item == "default":
-                found, n = default_scope(model)
-                names += found
-                notes += n
-            elif item == "none":
-                continue
-            else:
-                found = match_names(model.graph, [item])
-                if not found:
-                    raise UsageError(f"pass 'qdq': exclude={item!r} matches no node")
-                names += found
-        return list(dict.fromkeys(names)), notes
+    def _feeds(self, model) -> tuple[list[dict], list[dict], list[str]]:
+        """(calibration feeds, held-back feeds, notes) from calib_data or the model directory."""
+        from sdgraph.quant.calibration import calibration_feeds
 
-    def _calibrate(self, model, src: Path, feeds, excluded, ranges: Path) -> None:
-        """Ranges for the tensors that will be quantized only, one sample's activations in memory at a time.
+        if self.calib_data:
+            from sdgraph.quant.calib_file import load_calib_data
 
-        ORT's calibrators do the math; sdgraph narrows what they watch to the inputs and outputs of
-        the Conv/Gemm/MatMul nodes it will quantize (watching every MatMul input would hold a 512 px
-        UNet's 1 GB attention-probability tensors), and merges ranges after every sample.
-        """
-        from onnxruntime.quantization import calibrate as cal
+            samples = load_calib_data(self.calib_data, model)
+            n_held = self.held_out if len(samples) > self.held_out else 0
+            notes = [] if n_held == self.held_out else [
+                f"calib_data has {len(samples)} sample(s): none held back for fidelity (needs more than held_out={self.held_out})"]
+            return samples[:len(samples) - n_held][:self.calib], samples[len(samples) - n_held:], notes
+        common = {"prompt_file": self.prompt_file or None, "steps": self.steps, "use_cache": self.cache}
+        feeds = calibration_feeds(model, self.calib, **common)
+        held = calibration_feeds(model, self.held_out, holdout=True, **common) if self.held_out else []
+        return feeds, held, []
 
-        from sdgraph.calibration import FeedReader
-
-        watch = set()
-        skip = set(excluded)
-        for n in model.graph.nodes:
-            if n.name in skip or n.op not in ("Conv", "Gemm", "MatMul"):
-                continue
-            if n.op == "MatMul" and not self.act_matmul and not isinstance(n.inputs[1], gs.Constant):
-                continue  # attention scores / probabilities: not quantized, not watched
-            watch.update(t.name for t in n.inputs[:2] if not isinstance(t, gs.Constant))
-            watch.update(t.name for t in n.outputs)
-        base = {"minmax": cal.MinMaxCalibrater, "percentile": cal.PercentileCalibrater,
-                "entropy": cal.EntropyCalibrater}[self.method]
-
-        class Narrow(base):
-            def select_tensors_to_calibrate(self, m):
-                tensors, infos = super().select_tensors_to_calibrate(m)
-                return {t for t in tensors if t in watch}, infos
-
-        kwargs = {"minmax": {"symmetric": False}, "percentile": {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
-                  "entropy": {"symmetric": False, "num_bins": 128, "num_quantized_bins": 128}}[self.method]
-        calibrator = Narrow(src, None, str(src.parent / "augmented.onnx"), use_external_data_format=True, **kwargs)
-        calibrator.augment_graph()
-        calibrator.create_inference_session()
-        reader = FeedReader(feeds)
-        for i in range(len(feeds)):
-            reader.set_range(i, i + 1)
-            calibrator.collect_data(reader)
-        cal.save_tensors_data(calibrator.compute_data(), ranges)
-        del calibrator
-        for f in src.parent.glob("augmented.onnx*"):
-            f.unlink()
-
-    def _quantize(self, src: Path, dst: Path, excluded, ranges: Path, only: list[str] | None = None) -> None:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                  "entropy": CalibrationMethod.Entropy}[self.method]
-        extra = {
-            "ActivationSymmetric": bool(self.symmetric),
-            "WeightSymmetric": True,
-        }
-        with _quiet_ort():
-            quantize_static(
-            str(src), str(dst), None,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            per_channel=bool(self.per_channel),
-            reduce_range=bool(self.reduce_range),
-            activation_type=QuantType.QInt8 if self.symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=only,
-            nodes_to_exclude=list(excluded),
-            use_external_data_format=True,
-            calibrate_method=method,
-            extra_options=extra,
-            calibration_cache_path=str(ranges),
-            )
-
-    # -- run ------------------------------------------------------------------------------------
     def run(self, model) -> PassResult:
-        from sdgraph.calibration import cache_dir, calibration_feeds
-        from sdgraph.ir import runtime as rt
         from sdgraph.ir.model import Model
+        from sdgraph.quant.modeldir import cache_dir
+        from sdgraph.quant.ort import QuantConfig, calibrate_ranges, insert_qdq, workdir
+        from sdgraph.quant.sensitivity import Fidelity, auto_exclude, sensitivity
 
         model.name_unnamed_nodes()
-        excluded, notes = self._scope(model)
-        feeds = calibration_feeds(model, self.calib, prompt_file=self.prompt_file or None, steps=self.steps,
-                                  use_cache=self.cache)
-        held = (calibration_feeds(model, self.held_out, prompt_file=self.prompt_file or None, steps=self.steps,
-                                  holdout=True, use_cache=self.cache) if self.held_out else [])
-        work = _workdir()
+        excluded, notes = resolve_scope(model, self.exclude)
+        feeds, held, feed_notes = self._feeds(model)
+        notes += feed_notes
+        work = workdir()
         src = model.save_to_dir_unchecked(work, "float.onnx")
         key = hashlib.sha256(model.to_proto().SerializeToString())
         key.update(repr((sorted(excluded), self.calib, self.method, self.symmetric, self.steps, self.act_matmul, self.prompt_file,
@@ -214,63 +102,29 @@ class Qdq(Pass):
         if not self.cache:
             ranges.unlink(missing_ok=True)
         ranges.parent.mkdir(parents=True, exist_ok=True)
-
-        ref_outs = []
-        if held:
-            ref_sess = rt.session(model)
-            ref_outs = [ref_sess.run(None, f) for f in held]
-            del ref_sess  # a 3.4 GB UNet session should not live through calibration
-
-        def fidelity(path: Path) -> dict[str, float]:
-            if not held:
-                return {"cosine": float("nan"), "max_rel": float("nan")}
-            sess = rt.session(path, optimize=True)  # QDQ fused into the integer kernels users run
-            worst = {"cosine": 1.0, "max_rel": 0.0}
-            for f, ref in zip(held, ref_outs):
-                out = sess.run(None, f)
-                w = rt.worst(rt.compare({str(i): r for i, r in enumerate(ref)}, {str(i): o for i, o in enumerate(out)}))
-                worst = {"cosine": min(worst["cosine"], w["cosine"]), "max_rel": max(worst["max_rel"], w["max_rel"])}
-            return worst
-
+        fidelity = Fidelity(model, held)
         if not ranges.is_file():
-            with _quiet_ort():
-                self._calibrate(model, src, feeds, excluded, ranges)
-        dst = work / "int8.onnx"
+            calibrate_ranges(src, feeds, watched_tensors(model.graph, excluded, self.act_matmul), self.method, ranges)
+
+        cfg = QuantConfig(self.method, bool(self.per_channel), bool(self.symmetric), bool(self.reduce_range))
         # ORT's MatMulConstBOnly is not honoured in QDQ mode: leave activation x activation MatMuls here.
-        act_mm = [] if self.act_matmul else [n.name for n in model.graph.nodes
-                                              if n.op == "MatMul" and not isinstance(n.inputs[1], gs.Constant)]
-        excluded = excluded + act_mm
-        self._quantize(src, dst, excluded, ranges)
+        act_mm = [] if self.act_matmul else activation_matmuls(model.graph)
+        dst = work / "int8.onnx"
+        insert_qdq(src, dst, cfg, ranges, excluded + act_mm)
         numbers = fidelity(dst)
-        stats: dict = {"calib_samples": len(feeds), "excluded": len(excluded) - len(act_mm)}
-        sensitivity: list[tuple[str, float]] = []
-        auto: list[str] = []
+        stats: dict = {"calib_samples": len(feeds), "excluded": len(excluded)}
+        ranked: list[tuple[str, dict]] = []
         if self.sensitivity or self.auto_exclude:
-            q = Model.load(dst)
-            layers = [n.name for n in quantized_nodes(q.graph)]
-            k = self.sensitivity or 16
-            sample = [layers[i] for i in np.linspace(0, len(layers) - 1, min(k, len(layers))).round().astype(int)] if layers else []
-            for i, name in enumerate(dict.fromkeys(sample)):
-                one = work / f"one{i}.onnx"
-                self._quantize(src, one, [], ranges, only=[name])
-                sensitivity.append((name, fidelity(one)))
-                for f in work.glob(f"one{i}.onnx*"):
-                    f.unlink()
-            sensitivity.sort(key=lambda x: (x[1]["cosine"], -x[1]["max_rel"]))
+            layers = [n.name for n in quantized_nodes(Model.load(dst).graph)]
+            ranked = sensitivity(layers, self.sensitivity or 16, lambda name, out: insert_qdq(src, out, cfg, ranges, [], only=[name]),
+                                 fidelity, work)
             stats["sensitivity"] = [[n, float(f"{1 - x['cosine']:.3g}"), float(f"{x['max_rel']:.3g}")]
-                                    for n, x in sensitivity[:10]]  # [layer, 1 - cosine, max_rel], worst first
-            notes.append(f"sensitivity: {len(sensitivity)} of {len(layers)} quantized layers tested one at a time")
+                                    for n, x in ranked[:10]]  # [layer, 1 - cosine, max_rel], worst first
+            notes.append(f"sensitivity: {len(ranked)} of {len(layers)} quantized layers tested one at a time")
         if self.auto_exclude and numbers["cosine"] < self.min_cosine:
-            ranked = [n for n, _ in sensitivity]
-            k = 1
-            while numbers["cosine"] < self.min_cosine and k <= len(ranked):
-                auto = ranked[:k]
-                trial = work / f"auto{k}.onnx"
-                self._quantize(src, trial, excluded + auto, ranges)
-                numbers = fidelity(trial)
-                dst = trial
-                log.info("qdq auto_exclude %d layer(s): cosine %.6f", k, numbers["cosine"])
-                k *= 2
+            auto, numbers, dst = auto_exclude([n for n, _ in ranked], self.min_cosine,
+                                              lambda names, out: insert_qdq(src, out, cfg, ranges, excluded + act_mm + names),
+                                              fidelity, work, numbers, dst)
             stats["auto_excluded"] = auto
             if numbers["cosine"] < self.min_cosine:
                 notes.append(f"auto_exclude reached cosine {numbers['cosine']:.6f} with {len(auto)} layer(s) excluded")

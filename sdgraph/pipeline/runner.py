@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +17,8 @@ import numpy as np
 
 from sdgraph.errors import InputError, TargetUnavailable, UsageError
 from sdgraph.manifest import read_manifest
+from sdgraph.quant.text import penultimate_hidden as _penultimate
+from sdgraph.quant.text import pick_output as _pick
 
 __all__ = [
     "SCHEDULERS",
@@ -521,25 +522,6 @@ class Pipeline:
             notes.append("the decoded image has NaN/Inf values")
         return Generation(images=images, seconds=time.perf_counter() - t_start, notes=notes,
                           stats={k: dict(v) for k, v in self.stats.items()}, steps_run=len(timesteps))
-
-
-def _pick(outs: Mapping[str, np.ndarray], names: Sequence[str], fallback: int) -> np.ndarray:
-    for n in names:
-        if n in outs:
-            return np.asarray(outs[n])
-    return np.asarray(list(outs.values())[fallback])
-
-
-def _penultimate(outs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """SDXL conditions on the penultimate hidden state of each text encoder."""
-    for k, v in outs.items():
-        if "penultimate" in k:
-            return np.asarray(v)
-    numbered = sorted((int(m.group(1)), k) for k in outs if (m := re.search(r"hidden_states\.(\d+)$", k)))
-    if len(numbered) >= 2:
-        return np.asarray(outs[numbered[-2][1]])
-    log.warning("no penultimate hidden state among %s; using the last hidden state", list(outs))
-    return _pick(outs, ("last_hidden_state",), 0)
 
 
 def _to_pil(pix: np.ndarray) -> list:

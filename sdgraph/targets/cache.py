@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from sdgraph.ir.io import cache_root
+
 __all__ = ["cache_dir", "cache_max_bytes", "graph_hash", "make_key", "ArtifactCache", "COMPONENTS", "DEFAULT_MAX_GB"]
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,7 @@ DEFAULT_MAX_GB = 40.0
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("SDGRAPH_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "sdgraph"
+    return cache_root()
 
 
 def cache_max_bytes() -> int | None:

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sdgraph import calibration
+from sdgraph.quant import calibration
 from sdgraph.errors import InputError, UsageError, VerificationError
 from sdgraph.ir import runtime as rt
 from sdgraph.ir.model import Model

@@ -6,14 +6,14 @@ import hashlib
 import json
 import logging
 import math
-import os
-from importlib import resources
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import numpy as np
 
 from sdgraph.errors import InputError, UsageError
+from sdgraph.quant.modeldir import cache_dir, load_prompts, model_dir, need
+from sdgraph.quant.text import TextEncoder, tokenized_feeds
 
 __all__ = [
     "model_dir",
@@ -25,51 +25,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SUBDIRS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
 _GUIDANCE = 7.5
 _DEFAULT_SCALING = 0.18215
-
-
-def cache_dir() -> Path:
-    """Where calibration inputs and ranges are cached: ``calib/`` in sdgraph's cache (``$SDGRAPH_CACHE_DIR``)."""
-    from sdgraph.targets.cache import cache_dir as sdgraph_cache
-
-    return sdgraph_cache() / "calib"
-
-
-def model_dir(model) -> Path:
-    """The pipeline directory a submodel belongs to: ``DIR/unet/model.onnx`` -> ``DIR``."""
-    if model.path is None:
-        raise InputError("calibration needs the model's pipeline directory, but this model was not loaded from a file")
-    path = Path(model.path).resolve()
-    parent = path.parent
-    if parent.name in _SUBDIRS:
-        return parent.parent
-    return parent
-
-
-def load_prompts(prompt_file: str | os.PathLike | None = None) -> list[str]:
-    """Prompts from ``prompt_file`` (one a line, ``#`` comments) or sdgraph's shipped list."""
-    if prompt_file:
-        p = Path(prompt_file)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InputError(f"{p}: cannot read the prompt file ({exc.strerror})") from None
-    else:
-        text = resources.files("sdgraph").joinpath("data/prompts.txt").read_text(encoding="utf-8")
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise InputError(f"{prompt_file or 'prompts.txt'}: no prompts in the file")
-    return prompts
-
-
-def _need(directory: Path, sub: str, role: str, what: str) -> Path:
-    p = directory / sub
-    if not p.exists():
-        raise InputError(f"calibrating the {role} needs {what} at {p}, which is missing "
-                         f"(run on a submodel inside an exported model directory)")
-    return p
 
 
 def _file_key(directory: Path, subs: list[str]) -> list:
@@ -88,74 +45,10 @@ def _fixed_batch(t) -> int | None:
     return int(d) if isinstance(d, (int, np.integer)) and d > 0 else None
 
 
-class _TextEncoder:
-    """Tokenizer(s) + text encoder(s) of the pipeline, run in ONNX Runtime.
-
-    ``xl``: SDXL's pair, conditioned like diffusers' StableDiffusionXLPipeline (the penultimate
-    hidden state of each encoder, concatenated on the last axis, and text_encoder_2's pooled
-    projection as ``text_embeds``).
-    """
-
-    def __init__(self, directory: Path, role: str, xl: bool = False):
-        self.parts = [self._load(directory, role, "tokenizer", "text_encoder")]
-        if xl:
-            self.parts.append(self._load(directory, role, "tokenizer_2", "text_encoder_2"))
-        self.xl = xl
-        self.tokenizer, self.model, self.specs, self.sess = self.parts[0]
-
-    @staticmethod
-    def _load(directory: Path, role: str, tok_sub: str, te_sub: str):
-        from transformers import CLIPTokenizer
-
-        from sdgraph.ir import runtime as rt
-        from sdgraph.ir.model import Model
-
-        tok_dir = _need(directory, tok_sub, role, f"the tokenizer ({tok_sub})")
-        te_file = _need(directory, f"{te_sub}/model.onnx", role, f"the text encoder ({te_sub})")
-        try:
-            tok = CLIPTokenizer.from_pretrained(str(tok_dir))
-        except Exception as exc:
-            raise InputError(f"{tok_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-        model = Model.load(te_file)
-        return tok, model, rt.input_specs(model), rt.session(model)
-
-    def feeds(self, prompts: list[str]) -> list[dict[str, np.ndarray]]:
-        return tokenized_feeds(self.tokenizer, self.specs, prompts)
-
-    def encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """(encoder_hidden_states, pooled text_embeds or None) for one prompt."""
-        from sdgraph.pipeline.runner import _penultimate, _pick
-
-        outs = []
-        for tok, _, specs, sess in self.parts:
-            names = [o.name for o in sess.get_outputs()]
-            outs.append(dict(zip(names, sess.run(None, tokenized_feeds(tok, specs, [prompt])[0]))))
-        if not self.xl:
-            return _pick(outs[0], ("last_hidden_state",), 0), None
-        hidden = np.concatenate([_penultimate(o) for o in outs], axis=-1)
-        return hidden, _pick(outs[1], ("text_embeds", "pooler_output"), 1)
-
-
-def tokenized_feeds(tokenizer, specs: Mapping[str, tuple], prompts: list[str]) -> list[dict[str, np.ndarray]]:
-    """One feed dict per prompt for a text encoder with ``input_ids`` (and maybe ``attention_mask``)."""
-    ids_name = next((n for n in specs if "input_ids" in n or "ids" in n), next(iter(specs)))
-    (shape, dtype) = specs[ids_name]
-    seq = shape[-1] if len(shape) >= 2 else 77
-    out = []
-    for p in prompts:
-        enc = tokenizer([p], padding="max_length", max_length=seq, truncation=True, return_tensors="np")
-        feed = {ids_name: enc["input_ids"].astype(dtype).reshape((1, seq) if len(shape) >= 2 else (seq,))}
-        for name, (s, dt) in specs.items():
-            if name != ids_name and "mask" in name:
-                feed[name] = enc["attention_mask"].astype(dt).reshape(feed[ids_name].shape)
-        out.append(feed)
-    return out
-
-
 def _scheduler(directory: Path, role: str):
     import diffusers
 
-    cfg_file = _need(directory, "scheduler/scheduler_config.json", role, "the scheduler config")
+    cfg_file = need(directory, "scheduler/scheduler_config.json", role, "the scheduler config")
     try:
         cfg = json.loads(cfg_file.read_text())
         cls = getattr(diffusers, cfg["_class_name"])
@@ -184,7 +77,7 @@ def _trajectories(unet, directory: Path, prompts: list[str], steps: int, n_traj:
 
     ins = {t.name: t for t in unet.graph.inputs}
     xl = "text_embeds" in ins or "time_ids" in ins
-    te = _TextEncoder(directory, role, xl=xl)
+    te = TextEncoder(directory, role, xl=xl)
     sched = _scheduler(directory, role)
     specs = rt.input_specs(unet)
     sample = next((n for n in ins if n == "sample"), None) or next(n for n, (s, _) in specs.items() if len(s) == 4)
@@ -307,7 +200,7 @@ def _make_feeds(model, role, directory, prompts, n, steps, seed) -> list[dict[st
         from transformers import CLIPTokenizer
 
         sub = "tokenizer_2" if role == "text_encoder_2" and (directory / "tokenizer_2").exists() else "tokenizer"
-        tok = CLIPTokenizer.from_pretrained(str(_need(directory, sub, role, "the tokenizer")))
+        tok = CLIPTokenizer.from_pretrained(str(need(directory, sub, role, "the tokenizer")))
         chosen = [prompts[i % len(prompts)] for i in range(n)]
         return tokenized_feeds(tok, rt.input_specs(model), chosen)
     if role == "unet":
@@ -315,7 +208,7 @@ def _make_feeds(model, role, directory, prompts, n, steps, seed) -> list[dict[st
         records, _ = _trajectories(model, directory, prompts, steps, math.ceil(n / per_traj), seed, role)
         return _spread(records, n)
     if role == "vae_decoder":
-        unet = Model.load(_need(directory, "unet/model.onnx", role, "the UNet (latents come from its trajectories)"))
+        unet = Model.load(need(directory, "unet/model.onnx", role, "the UNet (latents come from its trajectories)"))
         _, x0s = _trajectories(unet, directory, prompts, steps, math.ceil(n / max(1, steps)), seed, role)
         scale = _scaling_factor(directory)
         name = model.graph.inputs[0].name
