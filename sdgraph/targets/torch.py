@@ -15,16 +15,13 @@ from sdgraph.errors import InputError, UsageError
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.passes.base import Option
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
+from sdgraph.targets.torch_fx import CANONICAL_NATIVE, SUPPORTED_OPS, emit, unsupported_nodes
 
 __all__ = ["TorchTarget", "TorchRunner"]
 
 log = logging.getLogger(__name__)
 
 _MODES = ("eager", "default", "max-autotune", "reduce-overhead", "cudagraphs")
-
-
-def _function_ops(model: Model) -> set[tuple[str, str]]:
-    return set(model.functions)
 
 
 class TorchRunner:
@@ -79,8 +76,8 @@ class TorchTarget(Target):
     summary = "PyTorch: own ONNX->torch.fx emitter + torch.compile (default/max-autotune/cudagraphs), channels_last, dynamic"
     extra = "torch"
     capability = Capability(
-        ops=None,  # checked node by node against the emitter's table (torch_fx.SUPPORTED_OPS)
-        canonical_ops=frozenset({"Attention", "AttentionMasked", "GroupNorm", "GroupNormSilu", "GeGLU"}),
+        ops=None,  # checked node by node by each converter's support check (torch_fx.CONVERTERS)
+        canonical_ops=CANONICAL_NATIVE,
         dtypes=frozenset({"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}),
         precisions=("fp32", "bf16"),
         static_shapes=False,
@@ -119,11 +116,7 @@ class TorchTarget(Target):
         return opts
 
     def check(self, model: Model, ctx: LowerContext) -> list[Problem]:
-        from sdgraph.targets.torch_fx import CANONICAL_NATIVE, unsupported_nodes
-
         problems = [Problem(n, op, why, "use --target ort or openvino, or a pass that rewrites it") for n, op, why in unsupported_nodes(model)]
-        from sdgraph.targets.torch_fx import SUPPORTED_OPS
-
         for (domain, name), fn in model.functions.items():
             if domain == CANONICAL_DOMAIN and name in CANONICAL_NATIVE:
                 continue
@@ -137,13 +130,10 @@ class TorchTarget(Target):
 
     def legalize(self, model: Model, ctx: LowerContext) -> None:
         from sdgraph.targets._legal import inline_functions
-        from sdgraph.targets.torch_fx import CANONICAL_NATIVE
 
         inline_functions(model, keep={(CANONICAL_DOMAIN, n) for n in CANONICAL_NATIVE})
 
     def build(self, model: Model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:
-        from sdgraph.targets.torch_fx import emit
-
         model.save_to_dir_unchecked(out_dir)
         t0 = time.perf_counter()
         gm = emit(model)
@@ -196,8 +186,6 @@ class TorchTarget(Target):
         return TorchRunner(gm, fn, ins, outs, precision, bool(settings.get("channels_last")), device)
 
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> TorchRunner:
-        from sdgraph.targets.torch_fx import emit
-
         try:
             model = Model.load(artifact_dir / entry.get("model", "model.onnx"))
         except InputError as exc:
