@@ -53,4 +53,4 @@ def calib_data(
                               holdout=holdout)
     save_calib_data(out, feeds)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds[0].items())
-    console.print(f"wrote {out}: {len(feeds)} samples for {role} ({shapes} each)", markup=False)
+    console.print(f"wrote {out}: {len(feeds)} samples for {role} ({shapes} each)", markup=False, soft_wrap=True)
