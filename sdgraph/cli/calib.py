@@ -42,7 +42,7 @@ def calib_data(
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: not a directory (calib-data needs an exported model directory)")
     if not src.is_file():
-        raise InputError(f"{src}: missing (is {model_dir} an exported model directory with a {role}?)")
+        raise InputError(f"{src}: missing (is it an exported model directory with a {role}?)")
     if out.suffix != ".npz":
         raise UsageError(f"{out}: the output must end in .npz")
     if out.exists() and not force:

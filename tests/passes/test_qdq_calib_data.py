@@ -11,6 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from typer.testing import CliRunner
+
+from sdgraph.cli import app
 from sdgraph.errors import InputError
 from sdgraph.ir import runtime as rt
 from sdgraph.ir.model import Model
@@ -65,6 +68,7 @@ def test_bare_unet_without_source_names_calib_data(env, bare):
     _one_line_error(res, 2, "calib_data=FILE.npz")
 
 
+@pytest.mark.slow  # ~70 s on 2 shared cores: three CLI runs and two quantizations
 def test_calib_data_command_then_bare_unet_quantizes_as_well_as_the_model_dir(env, bare, tmp_path):
     sd, _ = env
     npz = tmp_path / "inputs.npz"
@@ -142,8 +146,16 @@ def test_bad_calib_data_is_one_line_exit_2(env, bare, tmp_path):
         with pytest.raises(InputError, match="") as info:
             load_calib_data(path, unet)
         assert match in str(info.value), (path, str(info.value))
-    # through the CLI: one line, exit 2 (the two that need the least work)
-    for path in (tmp_path / "wrong_name.npz", tmp_path / "not_npz.npz"):
-        res = sdgraph(env, "optimize", bare, "--passes", f"qdq{{calib_data={path}}}", "--out", tmp_path / "o")
-        _one_line_error(res, 2, cases[path])
+    # through the CLI (in process): one line, exit 2, no output, for wrong name, wrong shape, not an npz
+    for name in ("wrong_name.npz", "wrong_shape.npz", "not_npz.npz"):
+        res = CliRunner().invoke(app, ["optimize", str(bare), "--passes", f"qdq{{calib_data={tmp_path / name}}}",
+                                       "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert lines[-1].startswith("error: ") and cases[tmp_path / name] in lines[-1], res.output
+        assert sum(ln.startswith("error") for ln in lines) == 1 and "Traceback" not in res.output
         assert not (tmp_path / "o").exists()
+    # calib-data without a model directory around the submodel: one line, exit 2, nothing written
+    res = sdgraph(env, "calib-data", bare.parent, "-o", tmp_path / "x.npz")
+    _one_line_error(res, 2, "is it an exported model directory with a unet")
+    assert not (tmp_path / "x.npz").exists()
