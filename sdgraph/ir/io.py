@@ -22,7 +22,6 @@ __all__ = [
     "INLINE_LIMIT",
     "atomic_dir",
     "atomic_file",
-    "cache_root",
     "check_output_path",
     "external_info",
     "is_external",
@@ -39,12 +38,6 @@ DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data (optimum's convention)
 MAX_IR_VERSION = 10  # onnx 1.23 writes 14; onnxruntime 1.31 and OpenVINO 2026 refuse > 13 / > 10
 INLINE_LIMIT = 1024  # tensors at most this many bytes stay inside the graph message
 _COPY_CHUNK = 64 << 20
-
-
-def cache_root() -> Path:
-    """sdgraph's cache folder (lowered artifacts, calibration data): ``$SDGRAPH_CACHE_DIR`` or ``~/.cache/sdgraph``."""
-    env = os.environ.get("SDGRAPH_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "sdgraph"
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
-from typing import Mapping
+import re
+from typing import Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from sdgraph.errors import InputError
 
-__all__ = ["session", "run", "seeded_inputs", "compare", "worst", "input_specs"]
+__all__ = ["session", "run", "seeded_inputs", "compare", "worst", "input_specs", "pick_output",
+           "penultimate_hidden_state"]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +165,23 @@ def worst(report: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         "max_rel": max(r["max_rel"] for r in report.values()),
         "cosine": min(r["cosine"] for r in report.values()),
     }
+
+
+def pick_output(outs: Mapping[str, np.ndarray], names: Sequence[str], fallback: int) -> np.ndarray:
+    """The first of ``names`` among a run's outputs, else the output at position ``fallback``."""
+    for n in names:
+        if n in outs:
+            return np.asarray(outs[n])
+    return np.asarray(list(outs.values())[fallback])
+
+
+def penultimate_hidden_state(outs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """SDXL conditions on the penultimate hidden state of each text encoder."""
+    for k, v in outs.items():
+        if "penultimate" in k:
+            return np.asarray(v)
+    numbered = sorted((int(m.group(1)), k) for k in outs if (m := re.search(r"hidden_states\.(\d+)$", k)))
+    if len(numbered) >= 2:
+        return np.asarray(outs[numbered[-2][1]])
+    log.warning("no penultimate hidden state among %s; using the last hidden state", list(outs))
+    return pick_output(outs, ("last_hidden_state",), 0)

@@ -16,9 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from sdgraph.errors import InputError, TargetUnavailable, UsageError
+from sdgraph.ir.runtime import penultimate_hidden_state as _penultimate, pick_output as _pick
 from sdgraph.manifest import read_manifest
-from sdgraph.quant.text import penultimate_hidden as _penultimate
-from sdgraph.quant.text import pick_output as _pick
 
 __all__ = [
     "SCHEDULERS",

@@ -4,10 +4,11 @@
 - ``text``: prompts through the pipeline's tokenizer(s) and ONNX text encoder(s).
 - ``calibration``: calibration inputs by role (UNet trajectories, tokenized prompts, VAE latents).
 - ``calib_file``: calibration inputs from ``.npz`` files (for a bare graph without a pipeline folder).
-- ``scope``: what stays float (SD ignored scope, user names) and what is quantized.
+- ``scope``: what stays float (the SD ignored scope, shared with fp16/bf16; user names) and what is quantized.
 - ``ort``: range calibration and QDQ insertion through onnxruntime.quantization.
 - ``sensitivity``: held-back fidelity, per-layer sensitivity, auto-exclude.
 
-Layering: this family sits with the passes (it uses ``sdgraph.ir`` and ``sdgraph.passes._precision``)
-and imports nothing from targets, pipeline or cli.
+Layering: between ``sdgraph.ir`` and ``sdgraph.passes`` (the layer ``sdgraph.calibration`` had): it
+imports ``sdgraph.ir``, ``sdgraph.errors`` and ``sdgraph.paths`` only; the ``qdq`` pass and the
+precision helpers import it.
 """

@@ -7,8 +7,8 @@ from importlib import resources
 from pathlib import Path
 
 from sdgraph.errors import InputError
-from sdgraph.ir.io import cache_root
 from sdgraph.ir.model import ROLES
+from sdgraph.paths import cache_dir as cache_root
 
 __all__ = ["cache_dir", "model_dir", "load_prompts", "need", "NO_SOURCE_HINT"]
 

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
 from sdgraph.errors import InputError
+from sdgraph.ir.runtime import penultimate_hidden_state, pick_output
 from sdgraph.quant.modeldir import need
 
-__all__ = ["TextEncoder", "tokenized_feeds", "pick_output", "penultimate_hidden"]
-
-log = logging.getLogger(__name__)
-
-
-def pick_output(outs: Mapping[str, np.ndarray], names: Sequence[str], fallback: int) -> np.ndarray:
-    """The first of ``names`` among a run's outputs, else the output at position ``fallback``."""
-    for n in names:
-        if n in outs:
-            return np.asarray(outs[n])
-    return np.asarray(list(outs.values())[fallback])
-
-
-def penultimate_hidden(outs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """SDXL conditions on the penultimate hidden state of each text encoder."""
-    for k, v in outs.items():
-        if "penultimate" in k:
-            return np.asarray(v)
-    numbered = sorted((int(m.group(1)), k) for k in outs if (m := re.search(r"hidden_states\.(\d+)$", k)))
-    if len(numbered) >= 2:
-        return np.asarray(outs[numbered[-2][1]])
-    log.warning("no penultimate hidden state among %s; using the last hidden state", list(outs))
-    return pick_output(outs, ("last_hidden_state",), 0)
+__all__ = ["TextEncoder", "tokenized_feeds"]
 
 
 class TextEncoder:
@@ -79,7 +56,7 @@ class TextEncoder:
             outs.append(dict(zip(names, sess.run(None, tokenized_feeds(tok, specs, [prompt])[0]))))
         if not self.xl:
             return pick_output(outs[0], ("last_hidden_state",), 0), None
-        hidden = np.concatenate([penultimate_hidden(o) for o in outs], axis=-1)
+        hidden = np.concatenate([penultimate_hidden_state(o) for o in outs], axis=-1)
         return hidden, pick_output(outs[1], ("text_embeds", "pooler_output"), 1)
 
 
@@ -92,7 +69,7 @@ def tokenized_feeds(tokenizer, specs: Mapping[str, tuple], prompts: list[str]) -
     for p in prompts:
         enc = tokenizer([p], padding="max_length", max_length=seq, truncation=True, return_tensors="np")
         feed = {ids_name: enc["input_ids"].astype(dtype).reshape((1, seq) if len(shape) >= 2 else (seq,))}
-        for name, (s, dt) in specs.items():
+        for name, (_, dt) in specs.items():
             if name != ids_name and "mask" in name:
                 feed[name] = enc["attention_mask"].astype(dt).reshape(feed[ids_name].shape)
         out.append(feed)

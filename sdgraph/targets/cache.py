@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from sdgraph.ir.io import cache_root
+from sdgraph.paths import cache_dir
 
 __all__ = ["cache_dir", "cache_max_bytes", "graph_hash", "make_key", "ArtifactCache", "COMPONENTS", "DEFAULT_MAX_GB"]
 
@@ -26,10 +26,6 @@ COMPONENTS = ("graph", "pipeline", "target", "options", "precision", "shapes", "
 # A lowered full-size SD1.5 pipeline is about 8 GB per target: keep a few, then evict the least
 # recently used entries.
 DEFAULT_MAX_GB = 40.0
-
-
-def cache_dir() -> Path:
-    return cache_root()
 
 
 def cache_max_bytes() -> int | None:
