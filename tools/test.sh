@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+bash tools/setup_browser.sh
 if [ "${SDGRAPH_SKIP_NE_ENV:-0}" != "1" ]; then
   bash tools/setup_neural_engine.sh || echo "tools/test.sh: Neural Engine runtime env not usable here (see above); its runtime tests will say why"
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from sdgraph.cli import _conventions  # noqa: F401  (--version, -v/-q on the app)
 from sdgraph.cli._app import app
 
 __all__ = ["app", "main"]

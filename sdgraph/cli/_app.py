@@ -18,7 +18,7 @@ app = typer.Typer(
     name="sdgraph",
     help="One compiler for Stable Diffusion graphs: export, optimize, lower, run, bench, verify.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 console = Console(highlight=False)

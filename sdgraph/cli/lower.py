@@ -54,18 +54,18 @@ def lower_cmd(
 
 
 @command("targets")
-def targets_cmd() -> None:
+def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Print the targets as JSON")) -> None:
     """List targets: what each accepts and whether it is usable here."""
+    from sdgraph.cli._conventions import print_records
     from sdgraph.targets.base import targets
 
-    table = Table(title="targets", title_justify="left")
-    for col in ("target", "usable here", "precisions", "shapes", "canonical ops", "options", "summary"):
-        table.add_column(col)
+    rows = []
     for name, cls in targets().items():
         t = cls()
         ok, why = t.available()
         usable = "yes" if ok else f"no: {why}" + (f" (pip install 'sdgraph[{t.extra}]')" if t.extra else "")
         cap = t.capability
-        table.add_row(name, usable, ",".join(cap.precisions), "static" if cap.static_shapes else "dynamic",
-                      ",".join(sorted(cap.canonical_ops)) or "inlined", " ".join(o.name for o in t.options), t.summary)
-    console.print(table)
+        rows.append((name, usable, list(cap.precisions), "static" if cap.static_shapes else "dynamic",
+                     sorted(cap.canonical_ops) or ["inlined"], [o.name for o in t.options], t.summary))
+    print_records("targets", ("target", "usable here", "precisions", "shapes", "canonical ops", "options", "summary"),
+                  rows, as_json=as_json)

@@ -141,30 +141,43 @@ def inspect(
 
 
 @command("passes")
-def passes() -> None:
+def passes(as_json: bool = typer.Option(False, "--json", help="Print the passes, their options and the presets as JSON")) -> None:
     """Every registered pass with its summary and options, and the presets."""
-    from sdgraph.passes.base import registry
+    from rich.padding import Padding
+    from rich.text import Text
+
+    from sdgraph.passes.base import format_value, registry
     from sdgraph.passes.pipeline import PRESETS
 
+    if as_json:
+        type_name = {list: "list", bool: "bool", int: "int", float: "float", str: "str"}
+        data = {"passes": [{"name": name, "exact": cls.exact, "summary": cls.summary,
+                            "options": [{"name": o.name, "type": type_name.get(o.type, str(o.type)),
+                                         "default": format_value(o.default), "choices": list(o.choices or ()),
+                                         "positional": bool(o.positional), "help": o.help} for o in cls.options]}
+                           for name, cls in registry().items()],
+                "presets": dict(PRESETS)}
+        typer.echo(json.dumps(data, indent=2))
+        return
     for name, cls in registry().items():
         kind = "exact" if cls.exact else "approximate"
-        console.print(f"[bold]{name}[/bold]  ({kind}) {cls.summary}")
+        console.print(f"[bold]{name}[/bold]  ({kind}) {escape(cls.summary)}")
         for opt in cls.options:
             pos = " (positional)" if opt.positional else ""
-            console.print(f"    {opt.describe()}{pos}", markup=False)
+            head, _, rest = opt.describe().partition("  ")
+            console.print(Padding(Text(f"{head}{pos}", overflow="fold"), (0, 0, 0, 4)))
+            if rest.strip():
+                console.print(Padding(Text(rest.strip(), style="dim"), (0, 0, 0, 8)))
     console.print("[bold]presets[/bold]")
     for name, text in PRESETS.items():
         console.print(f"    {name} = {text}", markup=False)
 
 
 @command("doctor")
-def doctor() -> None:
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON")) -> None:
     """Which optional parts and targets are usable here, and why not."""
+    from sdgraph.cli._conventions import print_records
     from sdgraph.doctor import checks
 
-    table = Table(title="sdgraph doctor", title_justify="left")
-    for col in ("part", "usable", "detail"):
-        table.add_column(col, overflow="fold")
-    for name, ok, detail in checks():
-        table.add_row(escape(name), "yes" if ok else "no", escape(detail))
-    console.print(table)
+    rows = [(name, bool(ok), detail) for name, ok, detail in checks()]
+    print_records("sdgraph doctor", ("part", "usable", "detail"), rows, as_json=as_json)

@@ -260,6 +260,8 @@ def demo_cmd(
     for label, v in rep.get("verify", {}).items():
         console.print(verify_table(v, f"verify {label} against model (exported, ORT, no passes)"))
     console.print(f"image: {rep.get('image')}  plot: {rep.get('plot')}  all in {out} ({rep['seconds']:.0f} s)")
+    if rep.get("report"):
+        console.print(f"report: {rep['report']} (open it in a browser)", markup=False)
     for f in rep["failed"]:
         err_console.print(f"failed: {f}", markup=False)
     if rep["failed"]:

@@ -41,6 +41,7 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     from sdgraph.export import export_pipeline
     from sdgraph.passes.manager import optimize_path
     from sdgraph.pipeline.bench import bench, write_json, write_plot
+    from sdgraph.pipeline.report import write_report
     from sdgraph.pipeline.runner import open_pipeline, save_images
     from sdgraph.pipeline.verify import verify_dirs
     from sdgraph.targets import lower
@@ -142,5 +143,9 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
         if v is not None:
             report["verify"][label] = v
     report["seconds"] = round(time.perf_counter() - t_all, 1)
+    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    # The HTML report reads demo.json and the verify folders: written last, then recorded in demo.json.
+    page = stage("report", lambda: write_report([out], out / "report.html", title="sdgraph demo", force=True)[0])
+    report["report"] = str(page) if page else None
     (out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
