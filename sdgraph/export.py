@@ -479,20 +479,15 @@ def _check_args(exporter, opset, batch, height, width, submodels, attention, tol
     return opset, submodels
 
 
-def _check_out(out: Path, src: _Source, force: bool) -> None:
-    from sdgraph.ir.io import check_output_path
+def _check_out(out: Path, src: _Source, force: bool, vae: str | os.PathLike | None = None) -> None:
+    from sdgraph.ir.outputs import guard_output
 
-    if src.local:
-        root = Path(src.root)
-        o = out.resolve()
-        if o == root or root in o.parents or o in root.parents:
-            raise InputError(f"{out}: output would overwrite or sit inside the source pipeline {src.spec}; "
-                             "choose another output directory")
-        check_output_path(out, [root])
-    if out.exists() and not out.is_dir():
+    inputs = [Path(src.root)] if src.local else []
+    if vae is not None and Path(vae).exists():
+        inputs.append(Path(vae))
+    guard_output(out, inputs, force=force)
+    if out.exists() and not out.is_dir() and not force:
         raise InputError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise InputError(f"{out}: output directory is not empty (use --force to replace it)")
 
 
 def _plan(src: _Source, submodels: list[str] | None, vae_override: str | None) -> list[str]:
@@ -578,7 +573,7 @@ def export_pipeline(
     opset, submodels = _check_args(exporter, opset, batch, height, width, submodels, attention, tolerance)
     source = _Source(src)
     out = Path(out_dir)
-    _check_out(out, source, force)
+    _check_out(out, source, force, vae)
     unet_cfg = _read_config(source, "unet") if source.has_folder("unet") else {}
     family = detect_family(source.index, unet_cfg)
     vae_override = (str(Path(vae).resolve()) if Path(vae).exists() else str(vae)) if vae is not None else None
@@ -594,7 +589,7 @@ def export_pipeline(
     manifest: dict[str, Any] = {}
     from sdgraph.ir.io import atomic_dir
 
-    with atomic_dir(out, force=True) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         _open_mode(tmp)
         tokenizers = _copy_assets(source, tmp, vae_override, vae_cfg)
         results = {}

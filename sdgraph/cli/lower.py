@@ -34,13 +34,14 @@ def lower_cmd(
     option: Optional[List[str]] = typer.Option(None, "--option", help="Target option KEY=VALUE (repeatable)"),
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Build even when the cache has this artifact"),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder"),
 ) -> None:
     """Lower a model (or every submodel of a model directory) to a target's artifact folder."""
     from sdgraph.targets.driver import lower, parse_shape_args
 
     buckets = parse_shape_args(shape or [])
     res = lower(src, target, out, precision=precision, shapes=buckets or None, options=_parse_options(option),
-                submodels=submodels.split(",") if submodels else None, cache=not no_cache,
+                submodels=submodels.split(",") if submodels else None, cache=not no_cache, force=force,
                 progress=lambda m: err_console.print(m, markup=False, style="dim"))
     table = Table(title=f"{src} -> {target} ({precision})", title_justify="left")
     for col in ("submodel", "cache", "s", "files"):

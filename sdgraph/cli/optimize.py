@@ -42,24 +42,30 @@ def optimize(
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
     shape: Optional[List[str]] = typer.Option(None, "--shape", help="Input shape for --verify, NAME=D1,D2,..."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --verify inputs"),
+    force: bool = typer.Option(False, "--force", help="Replace existing non-empty outputs (-o, --report, --dump-dir)"),
 ) -> None:
     """Run a pass pipeline on a model (or every submodel of a model directory)."""
+    from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.passes.manager import DumpDir, PrintAfter, optimize_path
 
+    if not src.exists():
+        raise InputError(f"{src}: no such file or directory")
+    inputs = model_inputs(src)
+    guard_output(out, inputs, force=force)
+    if report_path is not None:
+        guard_output(report_path, inputs, force=force, what="report")
     instruments = []
     if dump_dir is not None:
-        instruments.append(DumpDir(dump_dir))
+        instruments.append(DumpDir(dump_dir, force=force, inputs=inputs))
     if print_after:
         names = [] if "all" in print_after else print_after
         instruments.append(PrintAfter(lambda text: console.print(text, markup=False), names))
-    if not src.exists():
-        raise InputError(f"{src}: no such file or directory")
     with console.status(f"optimizing {src} ...", spinner="dots"):
         reports = optimize_path(
             src, passes_, out,
             submodels=submodels.split(",") if submodels else None,
             verify=verify, strict=strict, debug=debug, seed=seed, shapes=_parse_shapes(shape),
-            instruments=instruments,
+            instruments=instruments, force=force,
         )
     for name, rep in reports.items():
         _print_report(name, rep, debug)
@@ -68,7 +74,7 @@ def optimize(
         from sdgraph.ir.io import atomic_file
 
         data = {name: rep.to_dict() for name, rep in reports.items()}
-        with atomic_file(report_path) as tmp:
+        with atomic_file(report_path, force=force) as tmp:
             tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 

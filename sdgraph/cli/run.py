@@ -36,10 +36,13 @@ def run_cmd(
     image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
     devices: int = typer.Option(1, "--devices", help="Split the guidance batch over this many UNet instances, run concurrently"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .png (one image) or folder"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing image or non-empty output folder"),
 ) -> None:
     """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, on any target's artifacts."""
+    from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.pipeline.runner import load_image, open_pipeline, read_prompts, save_images
 
+    guard_output(out, model_inputs(model_dir) + [p for p in (image, prompt_file) if p is not None], force=force)
     prompts = read_prompts(prompt, prompt_file)
     if num_images < 1:
         raise UsageError(f"--num-images {num_images}: must be >= 1")
@@ -64,7 +67,7 @@ def run_cmd(
             total += g.seconds
             for n in g.notes:
                 err_console.print(f"note: {n}", markup=False)
-    written = save_images(images, out, grid=grid)
+    written = save_images(images, out, grid=grid, force=force)
     console.print(f"{len(images)} image(s) {w}x{h} on {pipe.target} in {total:.2f} s "
                   f"({total / len(images):.2f} s/image) -> {', '.join(map(str, written[:4]))}"
                   + (" ..." if len(written) > 4 else ""))
@@ -110,21 +113,26 @@ def bench_cmd(
     scheduler: Optional[str] = typer.Option(None, "--scheduler"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files"),
 ) -> None:
     """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
+    from sdgraph.ir.outputs import guard_output
     from sdgraph.pipeline.bench import bench, split_results, write_json, write_plot
 
     for d in dirs:
         if not d.is_dir():
             raise InputError(f"{d}: not a directory")
+    for o, what in ((json_out, "--json file"), (plot, "--plot file")):
+        if o is not None:
+            guard_output(o, list(dirs), force=force, what=what)
     report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
                    scheduler=scheduler, progress=lambda m: err_console.print(m, markup=False))
     for t in bench_table(report):
         console.print(t)
     if json_out:
-        console.print(f"json: {write_json(report, json_out)}")
+        console.print(f"json: {write_json(report, json_out, force=force)}")
     if plot:
-        console.print(f"plot: {write_plot(report, plot)}")
+        console.print(f"plot: {write_plot(report, plot, force=force)}")
     _, failed = split_results(report)
     if failed:
         first = failed[0][1]
@@ -167,14 +175,20 @@ def verify_cmd(
     max_pixel_diff: Optional[int] = typer.Option(None, "--max-pixel-diff", help="Fail above this max pixel difference"),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail below this output cosine"),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Fail above this max abs output difference"),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder"),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
     from sdgraph.pipeline.runner import read_prompts
-    from sdgraph.pipeline.verify import DEFAULT_PROMPTS, check_thresholds, compare_onnx_files, raise_on, verify_dirs
+    from sdgraph.ir.outputs import guard_output, model_inputs
+    from sdgraph.pipeline.verify import (DEFAULT_PROMPTS, check_thresholds, compare_onnx_files, raise_on, verify_dirs,
+                                         write_verify_dir)
 
     for p in (ref, cand):
         if not p.exists():
             raise InputError(f"{p}: no such file or directory")
+    if out is not None:
+        guard_output(out, model_inputs(ref) + model_inputs(cand) + [p for p in (prompt_file, clip_model, fid_model) if p],
+                     force=force)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -196,7 +210,7 @@ def verify_cmd(
     else:
         prompts = list(prompt) if prompt else (read_prompts(None, prompt_file) if prompt_file else list(DEFAULT_PROMPTS))
         report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
-                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model)
+                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force)
         console.print(verify_table(report, f"verify {cand} against {ref}"))
         for n in report["notes"]:
             console.print(f"note: {n}", markup=False)
@@ -207,15 +221,8 @@ def verify_cmd(
             console.print(f"FID (candidate vs reference images): {report['fid']:.3f}")
         if report.get("sheet"):
             console.print(f"sheet: {report['sheet']}")
-    if out is not None:
-        from sdgraph.ir.io import atomic_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        from sdgraph.pipeline.runner import readable
-
-        with atomic_file(out / "verify.json") as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        readable(out / "verify.json")
+    if out is not None and ref.is_file():
+        write_verify_dir(out, report, force=force)
     raise_on(check_thresholds(report, min_psnr=min_psnr, min_ssim=min_ssim, max_pixel=max_pixel_diff,
                               min_cosine=min_cosine, max_abs=max_abs))
 
@@ -228,6 +235,7 @@ def demo_cmd(
     size: Optional[int] = typer.Option(None, "--size", help="Image size in pixels (default: the demo model's, 128)"),
     no_openvino: bool = typer.Option(False, "--no-openvino", help="Do not lower to OpenVINO even when installed"),
     source: Optional[Path] = typer.Option(None, "--from", help="Start from this diffusers pipeline dir instead of building the tiny demo one"),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out folder, replacing what the demo writes"),
 ) -> None:
     """The main job: random-weight demo pipeline -> export -> optimize -> lower -> run -> bench -> verify."""
     from sdgraph.pipeline.main_job import run_demo
@@ -235,7 +243,7 @@ def demo_cmd(
     if source is not None and not source.is_dir():
         raise InputError(f"{source}: not a diffusers pipeline directory")
     rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino, source=source,
-                   say=lambda m: err_console.print(m, markup=False))
+                   say=lambda m: err_console.print(m, markup=False), force=force)
     t = Table(title="stages")
     t.add_column("stage")
     t.add_column("seconds", justify="right")

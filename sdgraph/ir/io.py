@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from sdgraph.errors import InputError
+from sdgraph.ir.outputs import atomic_dir, atomic_file, check_output_path  # noqa: F401 (one place: outputs.py)
 
 __all__ = [
     "DATA_SUFFIX",
@@ -163,14 +164,15 @@ def write_proto(
     out_file: Path,
     source_base: Path | None,
     inline_limit: int = INLINE_LIMIT,
+    data_name: str | None = None,
 ) -> int:
-    """Write ``proto`` to ``out_file`` with weights in one ``<name>_data`` file beside it.
+    """Write ``proto`` to ``out_file`` with weights in one data file beside it (``data_name``, default ``<name>_data``).
 
     Tensors that still point at the source model's external data are streamed file to file, so a
     3.4 GB UNet never becomes one in-memory protobuf. ``proto`` is modified in place (its tensors
     are made to point at the new data file). Returns the bytes of external data written.
     """
-    data_name = out_file.name + DATA_SUFFIX
+    data_name = data_name or out_file.name + DATA_SUFFIX
     data_path = out_file.parent / data_name
     written = 0
     handles: dict[Path, object] = {}
@@ -266,71 +268,3 @@ def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) 
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
         e = t.external_data.add()
         e.key, e.value = k, v
-
-
-def check_output_path(out: Path, inputs: list[Path]) -> None:
-    """Refuse outputs that would overwrite (or replace a folder holding) an input, or cannot be written."""
-    out_r = Path(out).resolve()
-    for inp in inputs:
-        inp_r = Path(inp).resolve()
-        if out_r == inp_r or out_r in inp_r.parents:
-            raise InputError(f"{out}: output would overwrite the input {inp}; choose another output path")
-    parent = out_r.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK) or (out_r.exists() and not os.access(out_r, os.W_OK)):
-        raise InputError(f"{out}: output location is not writable")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
-
-    If the body raises, the temporary directory is removed and ``path`` is left as it was.
-    With ``force=False`` an existing non-empty ``path`` is an error.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path}: exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise InputError(f"{path}: output directory is not empty (use --force to replace it)")
-    parent = path.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
-    except OSError as exc:
-        raise InputError(f"{path}: cannot create output directory ({exc.strerror})") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = parent / f".{path.name}.old-{os.getpid()}"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file name beside ``path``; renamed onto ``path`` only on success."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)

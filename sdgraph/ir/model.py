@@ -6,8 +6,6 @@ import collections
 import copy as _copy
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -231,26 +229,37 @@ class Model:
             proto.metadata_props.add(key=k, value=v)
         return proto
 
-    def save(self, out: str | os.PathLike) -> Path:
-        """Save atomically. ``out`` is a directory (gets ``model.onnx``) or a ``.onnx`` file path."""
+    def save(self, out: str | os.PathLike, force: bool = False) -> Path:
+        """Save atomically. ``out`` is a directory (gets ``model.onnx``) or a ``.onnx`` file path.
+
+        An existing non-empty ``out`` is replaced only with ``force``; an ``out`` that is, holds or
+        lies inside this model's own files is refused.
+        """
+        from sdgraph.ir import outputs
+
         out = Path(out)
-        inputs = [self.path] if self.path is not None else []
-        io.check_output_path(out, inputs)
+        inputs = outputs.model_inputs(self.path) + self.external_files() if self.path is not None else self.external_files()
+        outputs.guard_output(out, inputs, force=force)
         proto = self.to_proto()
         if out.suffix == ".onnx":
-            tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_mkparent(out)))
-            try:
-                io.write_proto(proto, tmpdir / out.name, self.base_dir)
-                data = tmpdir / (out.name + io.DATA_SUFFIX)
-                if data.exists():
-                    os.replace(data, out.parent / data.name)
-                os.replace(tmpdir / out.name, out)
-            finally:
-                shutil.rmtree(tmpdir, ignore_errors=True)
+            with outputs.atomic_model_file(out, force=force, protect=inputs) as (graph, data_name):
+                io.write_proto(proto, graph, self.base_dir, data_name=data_name)
             return out
-        with io.atomic_dir(out) as tmp:
+        with outputs.atomic_dir(out, force=force) as tmp:
             io.write_proto(proto, tmp / "model.onnx", self.base_dir)
         return out / "model.onnx"
+
+    def external_files(self) -> list[Path]:
+        """The files this model's weights still live in (resolved), for guarding outputs against them."""
+        files = set()
+        if self.base_dir is None:
+            return []
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Constant):
+                tensor = getattr(t._values, "tensor", None)
+                if tensor is not None and io.is_external(tensor):
+                    files.add(Path(os.path.realpath(self.base_dir / io.external_info(tensor)["location"])))
+        return sorted(files)
 
     def save_to_dir_unchecked(self, directory: Path, filename: str = "model.onnx") -> Path:
         """Write into an existing (temporary) directory without the atomic rename dance."""
@@ -279,11 +288,3 @@ class Model:
 def _op_key(node: gs.Node) -> str:
     domain = node.domain or ""
     return node.op if domain in ("", "ai.onnx") else f"{domain}::{node.op}"
-
-
-def _mkparent(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{out}: cannot create output directory ({exc.strerror})") from None
-    return out.parent

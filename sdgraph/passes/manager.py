@@ -78,8 +78,11 @@ class Instrument:
 class DumpDir(Instrument):
     """Write the graph after each pass as ``NNN_<pass>.onnx`` (``000_input.onnx`` first)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, force: bool = False, inputs: Iterable[Path] = ()):
+        from sdgraph.ir.outputs import guard_output
+
         self.directory = Path(directory)
+        guard_output(self.directory, list(inputs), force=force, what="dump folder")
         self.written: list[Path] = []
 
     def before_pass(self, index: int, p: Pass, model: Model) -> None:
@@ -97,7 +100,7 @@ class DumpDir(Instrument):
         out = self.directory / filename
         m = model.copy()
         m.path = None
-        m.save(out)
+        m.save(out, force=True)  # the folder was guarded when the run started
         self.written.append(out)
 
 
@@ -320,29 +323,30 @@ def optimize_path(
     out: str | Path,
     *,
     submodels: Iterable[str] | None = None,
+    force: bool = False,
     **manager_kwargs: Any,
 ) -> dict[str, Report]:
     """Optimize one model file, or every submodel of a model directory, into ``out``.
 
     A model directory's other files (tokenizer, scheduler, manifest) are copied; the manifest
     gains the passes applied with their stats. Inputs are never modified; ``out`` is written
-    atomically.
+    atomically; an existing non-empty ``out`` is replaced only with ``force``.
     """
-    from sdgraph.ir import io
+    from sdgraph.ir import io, outputs
     from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
 
     src, out = Path(src), Path(out)
-    io.check_output_path(out, [src])
+    outputs.guard_output(out, outputs.model_inputs(src), force=force)
     pm = PassManager(passes, **manager_kwargs)
     model_dir = src.is_dir() and not (src / "model.onnx").is_file() and any((src / s / "model.onnx").is_file() for s in SUBMODELS)
     if not model_dir:
         model = Model.load(src)
         report = pm.run(model)
-        model.save(out)
+        model.save(out, force=force)
         return {model.name: report}
     wanted = set(submodels) if submodels else None
     reports: dict[str, Report] = {}
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, force=force) as tmp:
         for item in sorted(src.iterdir()):
             if item.name in SUBMODELS and (item / "model.onnx").is_file():
                 continue

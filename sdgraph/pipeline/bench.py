@@ -163,17 +163,18 @@ def split_results(report: dict[str, Any], labels: Sequence[str] | None = None) -
     return [(n, r) for n, r in named if "error" not in r], [(n, r) for n, r in named if "error" in r]
 
 
-def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
+def write_json(report: dict[str, Any], path: str | os.PathLike, force: bool = False) -> Path:
     from sdgraph.ir.io import atomic_file
     from sdgraph.pipeline.runner import readable
 
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force=force) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     return readable(path)
 
 
-def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence[str] | None = None) -> Path:
+def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence[str] | None = None,
+               force: bool = False) -> Path:
     """A PNG with three panels: s/image, UNet it/s and peak RSS per dir (ratios vs the first on the bars)."""
     try:
         import matplotlib
@@ -204,7 +205,7 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike, labels: Sequence
                  f"median of {report['repeats']}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force=force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return readable(path)

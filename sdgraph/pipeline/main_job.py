@@ -30,7 +30,7 @@ def optimize_pipelines() -> dict[str, str]:
 def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: int | None = None,
              prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 0,
              openvino: bool = True, source: str | Path | None = None,
-             say: Callable[[str], None] | None = None) -> dict[str, Any]:
+             say: Callable[[str], None] | None = None, force: bool = False) -> dict[str, Any]:
     """Run the whole chain on a random-weight tiny SD1.5 pipeline; everything lands in ``out_dir``.
 
     A stage whose dependency is missing is skipped with its reason in ``report["skipped"]``; a stage
@@ -48,7 +48,10 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     from sdgraph.targets.base import targets
 
     say = say or (lambda m: log.info(m))
+    from sdgraph.ir.outputs import guard_output
+
     out = Path(out_dir)
+    guard_output(out, [source] if source is not None else [], force=force)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"out": str(out), "stages": {}, "skipped": [], "failed": []}
     t_all = time.perf_counter()
@@ -86,7 +89,7 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     opt_dirs: dict[str, Path] = {}
     for label, spec in pipes.items():
         d = out / f"model-{label}"
-        reports = stage(f"optimize {label} ({spec})", lambda d=d, spec=spec: optimize_path(model, spec, d))
+        reports = stage(f"optimize {label} ({spec})", lambda d=d, spec=spec: optimize_path(model, spec, d, force=True))
         if reports is not None:
             opt_dirs[label] = d
             report.setdefault("optimize", {})[label] = {
@@ -97,7 +100,7 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     artifacts: dict[str, Path] = {}
     for label, d in [("fp32", model), *opt_dirs.items()]:
         a = out / f"ort-{label}"
-        if stage(f"lower ort-{label}", lambda d=d, a=a: lower(d, "ort", a)) is not None:
+        if stage(f"lower ort-{label}", lambda d=d, a=a: lower(d, "ort", a, force=True)) is not None:
             artifacts[f"ort-{label}"] = a
         elif label != "fp32":  # still bench and verify the optimized model dir itself, on ORT
             artifacts[f"model-{label}"] = d
@@ -106,7 +109,7 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
         if ok:
             a = out / "openvino-opt"
             src_dir = opt_dirs.get("opt", model)
-            if stage("lower openvino-opt", lambda: lower(src_dir, "openvino", a)) is not None:
+            if stage("lower openvino-opt", lambda: lower(src_dir, "openvino", a, force=True)) is not None:
                 artifacts["openvino-opt"] = a
         else:
             report["skipped"].append(f"lower openvino: skipped ({why})")
@@ -121,7 +124,7 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     def run_one():
         pipe = open_pipeline(run_dir)
         g = pipe.generate(prompt, steps=steps, seed=seed)
-        return save_images(g.images, out / "image.png")[0]
+        return save_images(g.images, out / "image.png", force=True)[0]
 
     img = stage("run", run_one)
     report["image"] = str(img) if img else None
@@ -133,19 +136,25 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
         for r in b["results"]:
             if "error" in r:
                 report["failed"].append(f"bench {r['path']}: FAILED ({r['error']})")
-        write_json(b, out / "bench.json")
-        p = stage("plot", lambda: write_plot(b, out / "bench.png", labels=report["bench_labels"]))
+        write_json(b, out / "bench.json", force=True)
+        p = stage("plot", lambda: write_plot(b, out / "bench.png", labels=report["bench_labels"], force=True))
         report["plot"] = str(p) if p else None
     report["verify"] = {}
     for label, a in artifacts.items():
         v = stage(f"verify {label}", lambda a=a, label=label: verify_dirs(
-            model, a, out / f"verify-{label}", prompts=(prompt,), seeds=(seed,), steps=steps))
+            model, a, out / f"verify-{label}", prompts=(prompt,), seeds=(seed,), steps=steps, force=True))
         if v is not None:
             report["verify"][label] = v
     report["seconds"] = round(time.perf_counter() - t_all, 1)
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    from sdgraph.ir.io import atomic_file
+
+    def save_report() -> None:
+        with atomic_file(out / "demo.json", force=True) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    save_report()
     # The HTML report reads demo.json and the verify folders: written last, then recorded in demo.json.
     page = stage("report", lambda: write_report([out], out / "report.html", title="sdgraph demo", force=True)[0])
     report["report"] = str(page) if page else None
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    save_report()
     return report

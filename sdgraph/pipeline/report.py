@@ -320,7 +320,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path, *, title: str = "
         raise InputError(f"{out}: exists (use --force to replace it)")
     data = collect(paths, title=title)
     html = render(data)
-    with atomic_file(out) as tmp:
+    with atomic_file(out, force=force) as tmp:
         tmp.write_text(html, encoding="utf-8")
     readable(out)
     return out, data

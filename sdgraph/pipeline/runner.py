@@ -153,31 +153,41 @@ def make_grid(images: Sequence, cols: int | None = None):
     return grid
 
 
-def save_images(images: Sequence, out: str | os.PathLike, grid: bool = False) -> list[Path]:
+def save_images(images: Sequence, out: str | os.PathLike, grid: bool = False, force: bool = False) -> list[Path]:
     """Write images: one image and ``out`` ending in .png/.jpg -> that file; else a folder of PNGs.
 
-    With ``grid`` a ``grid.png`` (or ``<out stem>_grid.png``) tiles them all.
+    With ``grid`` a ``grid.png`` (or ``<out stem>_grid.png``) tiles them all. A folder is committed
+    as a whole; existing files or a non-empty folder are replaced only with ``force``.
     """
-    from sdgraph.ir.io import atomic_file
+    from sdgraph.ir.io import atomic_dir, atomic_file
 
     out = Path(out)
-    written: list[Path] = []
     is_file = out.suffix.lower() in (".png", ".jpg", ".jpeg")
-    if is_file and len(images) == 1:
-        targets = [out]
-    elif is_file:
-        targets = [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(len(images))]
-    else:
-        targets = [out / f"image_{i:03d}.png" for i in range(len(images))]
-    for img, path in zip(images, targets):
-        with atomic_file(path) as tmp:
-            img.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
-        written.append(readable(path))
+
+    def save(img, path: Path, named: Path | None = None) -> None:
+        img.save(path, format="JPEG" if (named or path).suffix.lower() in (".jpg", ".jpeg") else "PNG")
+
+    if not is_file:
+        with atomic_dir(out, force=force) as tmp:
+            for i, img in enumerate(images):
+                save(img, tmp / f"image_{i:03d}.png")
+            if grid:
+                save(make_grid(images), tmp / "grid.png")
+        return [out / f"image_{i:03d}.png" for i in range(len(images))] + ([out / "grid.png"] if grid else [])
+    targets = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(len(images))]
+    pairs = list(zip(images, targets))
     if grid:
-        gpath = out.with_name(f"{out.stem}_grid.png") if is_file else out / "grid.png"
-        with atomic_file(gpath) as tmp:
-            make_grid(images).save(tmp, format="PNG")
-        written.append(readable(gpath))
+        pairs.append((make_grid(images), out.with_name(f"{out.stem}_grid.png")))
+    if not force:
+        from sdgraph.ir.outputs import guard_output
+
+        for _, path in pairs:
+            guard_output(path, [], force=False)
+    written: list[Path] = []
+    for img, path in pairs:
+        with atomic_file(path, force=force) as tmp:
+            save(img, tmp, path)
+        written.append(path)
     return written
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from sdgraph.errors import InputError, UsageError, VerificationError
 
 __all__ = ["psnr", "ssim", "max_pixel_diff", "compare_onnx_files", "verify_dirs", "check_thresholds",
-           "side_by_side", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
+           "side_by_side", "write_verify_dir", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +223,22 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
                 prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = (0,), steps: int = 10,
                 height: int | None = None, width: int | None = None, guidance: float = 7.5,
                 scheduler: str | None = None, image=None, strength: float = 0.8,
-                clip_model: str | os.PathLike | None = None, fid_model: str | os.PathLike | None = None
-                ) -> dict[str, Any]:
-    """Compare a candidate model/artifact dir with a reference dir: submodels, then images end to end."""
+                clip_model: str | os.PathLike | None = None, fid_model: str | os.PathLike | None = None,
+                force: bool = False) -> dict[str, Any]:
+    """Compare a candidate model/artifact dir with a reference dir: submodels, then images end to end.
+
+    With ``out_dir`` the sheet, the images and ``verify.json`` are committed there as one folder
+    (an existing non-empty one is replaced only with ``force``).
+    """
+    from sdgraph.ir.outputs import guard_output
     from sdgraph.ir.runtime import compare, worst
     from sdgraph.pipeline.runner import open_pipeline
 
     if not prompts or not seeds:
         raise UsageError("verify needs at least one prompt and one seed")
+    if out_dir is not None:
+        guard_output(out_dir, [p for p in (ref, cand, clip_model, fid_model, image) if isinstance(p, (str, os.PathLike))],
+                     force=force)
     pr, pc = open_pipeline(ref), open_pipeline(cand)
     report: dict[str, Any] = {"reference": str(ref), "candidate": str(cand), "submodels": {}, "images": [],
                               "notes": []}
@@ -277,13 +285,6 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
         "cosine_min": min((s["worst"]["cosine"] for s in report["submodels"].values()), default=1.0),
         "max_abs": max((s["worst"]["max_abs"] for s in report["submodels"].values()), default=0.0),
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        report["sheet"] = str(side_by_side(rows, out / "verify_sheet.png"))
-        for i, (a, b) in enumerate(zip(ref_imgs, cand_imgs)):
-            a.save(out / f"ref_{i:03d}.png")
-            b.save(out / f"cand_{i:03d}.png")
     if clip_model is not None:
         report["clip_score"] = {"reference": clip_score(ref_imgs, caps, clip_model),
                                 "candidate": clip_score(cand_imgs, caps, clip_model)}
@@ -293,7 +294,27 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
         report["fid"] = fid(ref_imgs, cand_imgs, fid_model)
     else:
         report["notes"].append("FID: skipped (no --fid-model PATH to a local TorchScript Inception; nothing is downloaded)")
+    if out_dir is not None:
+        report["sheet"] = str(Path(out_dir) / "verify_sheet.png")
+        write_verify_dir(out_dir, report, force=force, sheet_rows=rows, images=list(zip(ref_imgs, cand_imgs)))
     return report
+
+
+def write_verify_dir(out_dir: str | os.PathLike, report: Mapping[str, Any], force: bool = False,
+                     sheet_rows: Sequence | None = None, images: Sequence = ()) -> Path:
+    """One folder committed at once: ``verify.json``, and for image runs the sheet and each image pair."""
+    import json
+
+    from sdgraph.ir.outputs import atomic_dir
+
+    with atomic_dir(out_dir, force=force) as tmp:
+        if sheet_rows:
+            side_by_side(sheet_rows, tmp / "verify_sheet.png")
+        for i, (a, b) in enumerate(images):
+            a.save(tmp / f"ref_{i:03d}.png")
+            b.save(tmp / f"cand_{i:03d}.png")
+        (tmp / "verify.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return Path(out_dir)
 
 
 def check_thresholds(report: Mapping[str, Any], *, min_psnr: float | None = None, min_ssim: float | None = None,

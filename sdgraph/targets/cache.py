@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import shutil
+import contextlib
+import fcntl
 import stat
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+from sdgraph.errors import SdgraphError
 
 from sdgraph.paths import cache_dir
 
@@ -45,17 +48,40 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _stamp(p: Path) -> list:
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _sample_digest(p: Path, block: int = 1 << 16, samples: int = 16) -> str:
+    """blake2b over a few spread blocks of the file: a cheap check that a memoized hash is still right."""
+    h = hashlib.blake2b(digest_size=16)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        for i in range(samples + 1):
+            f.seek(max(0, min(size - block, (size - block) * i // samples)) if size > block else 0)
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
 def graph_hash(files: list[Path], root: Path | None = None) -> str:
     """sha256 over a graph file and its external-data files (in the order given).
 
-    Hashing 3.4 GB takes seconds, so the result is memoized by (path, size, mtime) in the cache.
+    Hashing 3.4 GB takes seconds, so the result is memoized under (path, size, mtime, inode, ctime)
+    together with a sampled content digest that is re-checked on every use: an edit that keeps the
+    size and restores the mtime still changes the ctime, and a memo whose samples differ is rehashed.
     """
     files = [Path(p).resolve() for p in files]
-    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = [_stamp(p) for p in files]
+    samples = [_sample_digest(p) for p in files]
     memo_dir = (root or cache_dir()) / "hashes"
-    memo = memo_dir / (_digest(stamp)[:32] + ".txt")
-    if memo.is_file():
-        return memo.read_text().strip()
+    memo = memo_dir / (_digest(stamp)[:32] + ".json")
+    try:
+        data = json.loads(memo.read_text())
+        if data.get("samples") == samples and isinstance(data.get("sha256"), str):
+            return data["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
@@ -65,8 +91,11 @@ def graph_hash(files: list[Path], root: Path | None = None) -> str:
     value = h.hexdigest()
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
-        memo.write_text(value)
-    except OSError:  # a read-only cache still works, just slower
+        from sdgraph.ir.outputs import atomic_file
+
+        with atomic_file(memo, force=True) as tmp:
+            tmp.write_text(json.dumps({"sha256": value, "samples": samples}))
+    except (OSError, SdgraphError):  # a read-only cache still works, just slower
         pass
     return value
 
@@ -75,34 +104,83 @@ def make_key(components: Mapping[str, Any]) -> str:
     return _digest({k: components[k] for k in COMPONENTS})[:40]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def file_digest(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+_FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, xfs, bcachefs ...)
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """Copy one file as its own inode: a reflink (copy-on-write) where the filesystem has them, else
+    an in-kernel copy. Never a hard link: editing the copy never edits the source.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        try:
+            fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
+            cloned = True
+        except OSError:
+            cloned = False
+    if not cloned:
+        shutil.copyfile(src, dst)  # sendfile on Linux
+    shutil.copystat(src, dst)
 
 
-def copy_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) every file of ``src`` into ``dst``: a 3.4 GB artifact costs no space twice."""
+def copy_tree(src: Path, dst: Path) -> dict[str, str]:
+    """Copy every regular file of ``src`` into ``dst`` (``clone_file``); returns {relative path: sha256}."""
+    digests = {}
     for p in sorted(src.rglob("*")):
-        if p.is_file():
-            _link_or_copy(p, dst / p.relative_to(src))
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(src)
+            clone_file(p, dst / rel)
+            digests[rel.as_posix()] = file_digest(dst / rel)
+    return digests
 
 
 class ArtifactCache:
     """Built submodel folders stored as ``<root>/<target>/<key>/{files..., entry.json}``.
 
     ``entry.json`` holds the key's components, so a miss can be explained by comparing against the
-    closest earlier entry for the same submodel (same source path or same role). Its mtime is the
-    entry's last use: after each store, the least recently used entries are evicted until the cache
-    holds at most ``max_bytes`` (files hard-linked into artifacts count too: they are the cache's
-    as soon as the artifact is deleted).
+    closest earlier entry for the same submodel (same source path or same role), and the sha256 of
+    every file, checked on every hit (a mismatch evicts the entry). Its mtime is the entry's last
+    use: after each store, the least recently used entries are evicted until the cache holds at most
+    ``max_bytes``. Artifacts get copies (reflinks where the filesystem has them), never hard links.
+    ``lock`` serializes processes building the same key.
     """
 
     def __init__(self, root: Path | None = None, max_bytes: int | None = None):
         self.root = Path(root) if root else cache_dir()
         self.max_bytes = max_bytes  # None: unbounded; the driver passes cache_max_bytes()
+
+    def usable(self) -> bool:
+        """Whether entries can be stored here; says once (a warning) when not, and lowering goes on uncached."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return True
+        except OSError as exc:
+            log.warning("the cache folder %s is not writable (%s); lowering without the cache", self.root,
+                        exc.strerror or exc)
+            return False
+
+    @contextlib.contextmanager
+    def lock(self, target: str, components: Mapping[str, Any]) -> Iterator[None]:
+        """An exclusive ``flock`` on ``<root>/<target>/.<key>.lock`` while a key is looked up and built."""
+        folder = self.root / target
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f".{make_key(components)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def lookup(self, target: str, components: Mapping[str, Any]) -> tuple[Path | None, str]:
         """Return (entry folder, "") on a hit, (None, reason) on a miss."""
@@ -115,7 +193,9 @@ class ArtifactCache:
                 _touch(meta)
                 return folder, ""
             except ValueError:
-                log.warning("cache entry %s is unreadable; rebuilding", folder)
+                log.warning("cache entry %s is unreadable; evicted, rebuilding", folder)
+                self.evict(folder)
+                return None, "entry unreadable (evicted)"
         return None, self.explain(target, components)
 
     def explain(self, target: str, components: Mapping[str, Any]) -> str:
@@ -155,29 +235,33 @@ class ArtifactCache:
         return "; ".join(parts)
 
     def store(self, target: str, components: Mapping[str, Any], built: Path, entry: Mapping[str, Any]) -> Path | None:
-        """Copy a freshly built submodel folder into the cache (atomically); failures only warn."""
+        """Copy a freshly built submodel folder into the cache (one commit); failures only warn."""
+        from sdgraph.ir.outputs import atomic_dir
+
         key = make_key(components)
         folder = self.root / target / key
         try:
-            (self.root / target).mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root / target))
-            copy_tree(built, tmp / "files")
-            (tmp / "entry.json").write_text(json.dumps(
-                {"components": dict(components), "entry": dict(entry), "created": time.time()}, indent=2, default=str))
-            if folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-            os.rename(tmp, folder)
-        except OSError as exc:
+            with atomic_dir(folder, force=True) as tmp:
+                digests = copy_tree(built, tmp / "files")
+                (tmp / "entry.json").write_text(json.dumps(
+                    {"components": dict(components), "entry": dict(entry), "digests": digests, "created": time.time()},
+                    indent=2, default=str))
+        except (OSError, SdgraphError) as exc:
             log.warning("could not store %s in the cache at %s: %s", target, self.root, exc)
             return None
         if self.max_bytes is not None:
             self.prune(self.max_bytes, keep=folder)
         return folder
 
+    def evict(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
     def _scan(self) -> list[tuple[Path, float, dict[tuple[int, int], int]]]:
         """(folder, last use, {inode: bytes} of its files) per complete entry, least recently used first."""
         out = []
         for meta in self.root.glob("*/*/entry.json"):
+            if meta.parent.name.startswith("."):  # an entry being written
+                continue
             try:
                 used = meta.stat().st_mtime
             except OSError:
@@ -218,9 +302,27 @@ class ArtifactCache:
         shutil.rmtree(self.root / "hashes", ignore_errors=True)
         return len(entries)
 
-    def restore(self, folder: Path, dst: Path) -> dict[str, Any]:
-        copy_tree(folder / "files", dst)
-        return json.loads((folder / "entry.json").read_text())["entry"]
+    def restore(self, folder: Path, dst: Path) -> dict[str, Any] | None:
+        """Copy an entry's files into ``dst`` and check each copy against the digest recorded at store.
+
+        Returns the entry, or None when the entry is corrupt (a file missing, changed or added, or no
+        digests recorded): then the entry is evicted, ``dst`` emptied, and one warning says so.
+        """
+        try:
+            data = json.loads((folder / "entry.json").read_text())
+            want = data.get("digests")
+            got = copy_tree(folder / "files", dst)
+        except (OSError, ValueError) as exc:
+            want, got, data = None, {}, {"why": str(exc)}
+        if not isinstance(want, dict) or got != want:
+            bad = sorted(k for k in set(got) | set(want or {}) if got.get(k) != (want or {}).get(k))
+            why = "no digests recorded" if not isinstance(want, dict) else f"{', '.join(bad[:3])} changed"
+            log.warning("cache entry %s/%s is corrupt (%s); evicted, rebuilding", folder.parent.name, folder.name[:12], why)
+            self.evict(folder)
+            for p in list(dst.iterdir()):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            return None
+        return data["entry"]
 
 
 def _touch(path: Path) -> None:
@@ -244,7 +346,7 @@ def _tree_files(folder: Path) -> dict[tuple[int, int], int]:
 
 
 def _union_bytes(trees) -> int:
-    """Bytes of several trees' files, a file hard-linked into more than one counted once."""
+    """Bytes of several trees' files, a file hard-linked into more than one (older caches) counted once."""
     union: dict[tuple[int, int], int] = {}
     for files in trees:
         union.update(files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -198,17 +199,6 @@ def _pipeline_text(manifest: Mapping[str, Any]) -> str:
     return " | ".join(str(p.get("pipeline", "")) for p in manifest.get("passes", []) if isinstance(p, Mapping))
 
 
-def _external_files(model: Model) -> list[Path]:
-    files = set()
-    for t in model.graph.tensors().values():
-        if isinstance(t, gs.Constant):
-            v = t._values
-            tensor = getattr(v, "tensor", None)
-            if tensor is not None and io.is_external(tensor) and model.base_dir is not None:
-                files.add((model.base_dir / io.external_info(tensor)["location"]).resolve())
-    return sorted(files)
-
-
 def _say(progress: Callable[[str], None] | None, msg: str) -> None:
     log.info(msg)
     if progress is not None:
@@ -227,12 +217,16 @@ def lower(
     cache: bool = True,
     progress: Callable[[str], None] | None = None,
     cache_dir: str | Path | None = None,
+    force: bool = False,
 ) -> LowerResult:
     """Lower a model file or a model directory to ``target`` into the artifact folder ``out``.
 
     Every submodel is checked before any work; all problems are reported together
-    (``UnsupportedError.problems``). ``out`` is written atomically, inputs are never touched.
+    (``UnsupportedError.problems``). ``out`` is written atomically, inputs are never touched; an
+    existing non-empty ``out`` is replaced only with ``force``.
     """
+    from sdgraph.ir import outputs
+
     t0 = time.perf_counter()
     tgt = get_target(target)
     tgt.require()
@@ -243,7 +237,7 @@ def lower(
     src, out = Path(src), Path(out)
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
-    io.check_output_path(out, [src])
+    outputs.guard_output(out, outputs.model_inputs(src), force=force)
     model_dir = _is_model_dir(src)
     src_manifest = _source_manifest(src, model_dir)
     pipeline = _pipeline_text(src_manifest)
@@ -281,11 +275,13 @@ def lower(
 
     # 2. build each submodel (or restore it from the cache) into a temporary folder, then rename
     store = ArtifactCache(cache_dir, max_bytes=cache_max_bytes())
+    cache_note = ""
+    if cache and not store.usable():
+        cache, cache_note = False, f"the cache folder {store.root} is not writable"
     tools = {"sdgraph": _version(), **tgt.tool_versions()}
     results: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
-    with io.atomic_dir(out) as tmp:
-        tmp.chmod(0o755)
+    with io.atomic_dir(out, force=force) as tmp:
         if model_dir:
             for item in sorted(src.iterdir()):
                 if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
@@ -299,7 +295,7 @@ def lower(
             sub = tmp / name
             sub.mkdir()
             components = {
-                "graph": graph_hash([m.path] + _external_files(m), store.root) if cache else "",
+                "graph": graph_hash([m.path] + m.external_files(), store.root) if cache else "",
                 "pipeline": pipeline,
                 "target": target,
                 "options": {k: v for k, v in sorted(opts.items())},
@@ -309,25 +305,10 @@ def lower(
                 "source": str(m.path.resolve()) if m.path else "",
                 "role": name,
             }
-            hit, reason = (None, "disabled (--no-cache)") if not cache else store.lookup(target, components)
-            if hit is not None:
-                entry = store.restore(hit, sub)
-                state = "hit"
-                _say(progress, f"{name}: cache hit ({hit.name[:12]})")
-            else:
-                _say(progress, f"{name}: cache {'off' if not cache else 'miss'}: {reason}; legalizing for {target}")
-                tl = time.perf_counter()
-                tgt.legalize(m, ctx)
-                legal_s = time.perf_counter() - tl
-                _say(progress, f"{name}: building {target} artifact")
-                tb = time.perf_counter()
-                entry = dict(tgt.build(m, sub, ctx))
-                entry.setdefault("inputs", [t.name for t in m.graph.inputs])
-                entry.setdefault("outputs", [t.name for t in m.graph.outputs])
-                entry["timing"] = {"legalize_s": round(legal_s, 3), "build_s": round(time.perf_counter() - tb, 3)}
-                state = "miss" if cache else "off"
-                if cache:
-                    store.store(target, components, sub, entry)
+            with store.lock(target, components) if cache else contextlib.nullcontext():
+                entry, state, reason = _restore_or_build(store, tgt, m, ctx, sub, target, components, cache, progress, name)
+            if not cache and cache_note:
+                reason = cache_note
             entry["files"] = {str(p.relative_to(sub)): p.stat().st_size for p in sorted(sub.rglob("*")) if p.is_file()}
             entry["shapes"] = components["shapes"]
             entry["graph_hash"] = components["graph"]
@@ -350,6 +331,31 @@ def lower(
     secs = time.perf_counter() - t0
     _say(progress, f"wrote {out} ({target}, {precision}) in {secs:.1f} s")
     return LowerResult(out=out, target=target, precision=precision, submodels=results, manifest=manifest, seconds=secs)
+
+
+def _restore_or_build(store: ArtifactCache, tgt: Target, m: Model, ctx: LowerContext, sub: Path, target: str,
+                      components: dict[str, Any], cache: bool, progress, name: str) -> tuple[dict[str, Any], str, str]:
+    """One submodel: restore it from the cache (digests checked) or legalize and build it (then store it)."""
+    hit, reason = (None, "disabled (--no-cache)") if not cache else store.lookup(target, components)
+    if hit is not None:
+        entry = store.restore(hit, sub)
+        if entry is not None:
+            _say(progress, f"{name}: cache hit ({hit.name[:12]})")
+            return entry, "hit", ""
+        reason = "entry corrupt (evicted)"
+    _say(progress, f"{name}: cache {'off' if not cache else 'miss'}: {reason}; legalizing for {target}")
+    tl = time.perf_counter()
+    tgt.legalize(m, ctx)
+    legal_s = time.perf_counter() - tl
+    _say(progress, f"{name}: building {target} artifact")
+    tb = time.perf_counter()
+    entry = dict(tgt.build(m, sub, ctx))
+    entry.setdefault("inputs", [t.name for t in m.graph.inputs])
+    entry.setdefault("outputs", [t.name for t in m.graph.outputs])
+    entry["timing"] = {"legalize_s": round(legal_s, 3), "build_s": round(time.perf_counter() - tb, 3)}
+    if cache:
+        store.store(target, components, sub, entry)
+    return entry, "miss" if cache else "off", reason
 
 
 def _version() -> str:

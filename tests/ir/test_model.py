@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -53,7 +55,11 @@ def test_ir_version_14_is_lowered_for_onnxruntime(tmp_path):
 def test_save_to_file_path_writes_data_beside_it(tmp_path):
     src = save_external(mlp_model(hidden=256), tmp_path / "in" / "model.onnx")
     out = Model.load(src).save(tmp_path / "x" / "small.onnx")
-    assert (tmp_path / "x" / "small.onnx_data").is_file()
+    data = [p for p in (tmp_path / "x").iterdir() if p.name.endswith(".onnx_data")]
+    # a uniquely-named data file (small.<8 hex>.onnx_data) that the graph names: one rename commits both
+    assert len(data) == 1 and re.fullmatch(r"small\.[0-9a-f]{8}\.onnx_data", data[0].name), data
+    assert {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            for e in t.external_data if e.key == "location"} == {data[0].name}
     assert not [p for p in (tmp_path / "x").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 

@@ -94,7 +94,7 @@ def test_changed_graph_misses(tmp_path):
     src = _write(tmp_path)
     cache = tmp_path / "cache"
     lower(src, "ort", tmp_path / "a1", cache_dir=cache)
-    Model.from_onnx_text(MLP.replace("Relu", "Sigmoid")).save(src)
+    Model.from_onnx_text(MLP.replace("Relu", "Sigmoid")).save(src, force=True)  # replace the input on purpose
     r = lower(src, "ort", tmp_path / "a2", cache_dir=cache)
     assert r.submodels["model"]["reason"].startswith("graph changed (hash ")
 
