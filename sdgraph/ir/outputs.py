@@ -335,6 +335,7 @@ def _commit(tmp: Path, final: Path, shown: Path, force: bool) -> None:
         if os.path.lexists(final) and (final.is_dir() or tmp.is_dir()):
             if _exchange(tmp, final):
                 _fsync_path(final.parent, directory=True)
+                pause_point("committed")
                 _remove(tmp)  # now the old output
                 return
             old = temp_name(final, "old")
@@ -342,10 +343,12 @@ def _commit(tmp: Path, final: Path, shown: Path, force: bool) -> None:
             pause_point("swap")
             os.rename(tmp, final)
             _fsync_path(final.parent, directory=True)
+            pause_point("committed")
             _remove(old)
             return
         os.replace(tmp, final)
         _fsync_path(final.parent, directory=True)
+        pause_point("committed")
 
 
 @contextlib.contextmanager

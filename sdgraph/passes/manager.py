@@ -93,6 +93,7 @@ class DumpDir(Instrument):
         self._write(model, f"{index:03d}_{p.name}.onnx")
 
     def _write(self, model: Model, filename: str) -> None:
+        created = not self.directory.exists()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -100,7 +101,12 @@ class DumpDir(Instrument):
         out = self.directory / filename
         m = model.copy()
         m.path = None
-        m.save(out, force=True)  # the folder was guarded when the run started
+        try:
+            m.save(out, force=True)  # the folder was guarded when the run started
+        except BaseException:
+            if created and not any(self.directory.iterdir()):
+                self.directory.rmdir()  # leave no empty folder behind a failed first dump
+            raise
         self.written.append(out)
 
 

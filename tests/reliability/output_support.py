@@ -75,8 +75,10 @@ def tally(kind: str, **problems: bool) -> None:
 
 def check_refused(kind: str, res: subprocess.CompletedProcess, code: int, match: str,
                   before: dict[str, str], after: dict[str, str]) -> None:
-    """Exit ``code``, exactly one ``error:`` line containing ``match``, no traceback, nothing changed."""
+    """Exit ``code``, exactly one ``error:`` line (the last; progress lines may precede it) containing
+    ``match``, no traceback, nothing changed."""
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
     traceback = "Traceback" in res.stderr + res.stdout
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     modified = {k for k in changed if k in before}
@@ -85,6 +87,16 @@ def check_refused(kind: str, res: subprocess.CompletedProcess, code: int, match:
           partial_output=bool(stray))
     assert not traceback, res.stderr
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.stderr
+    assert len(errors) == 1 and lines[-1] == errors[0] and match in errors[0], res.stderr
     assert not modified, f"modified: {sorted(modified)}"
     assert not stray, f"stray or partial output: {sorted(stray)}"
+
+
+def start(*args, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sdgraph", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(**env))
+
+
+def hidden(folder: Path) -> list[str]:
+    """Temporary leftovers (``.X.tmp-*``, ``.X.old-*``) in a folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
