@@ -74,7 +74,7 @@ def ov_runner(path: Path):
     m = Model.load(path)
     if m.functions:
         inline_functions(m)
-        path = m.save(path.parent.parent / (path.parent.name + "-inlined"))
+        path = m.save(path.parent.parent / (path.parent.name + "-inlined"), force=True)
     core = ov.Core()
     model = core.read_model(str(path))
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -187,10 +187,10 @@ def main() -> int:
     m = Model.load(src)
     rep = PassManager("fold,fa,gn,geglu", strict=True).run(m)
     results["notes"]["fusion"] = {r.name: {"expected": r.expected, "matched": r.matched, "stats": r.stats} for r in rep.records}
-    canon = m.save(work / "canonical")
+    canon = m.save(work / "canonical", force=True)
     m2 = Model.load(canon)
     rep2 = PassManager("ort-contrib").run(m2)
-    lowered = m2.save(work / "lowered")
+    lowered = m2.save(work / "lowered", force=True)
     results["notes"]["lowering"] = rep2.records[0].stats
     results["notes"]["optimize_seconds"] = round(time.perf_counter() - t, 1)
     del m, m2

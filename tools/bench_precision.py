@@ -69,7 +69,7 @@ def _torch(src: Path, work: Path, precision: str, threads: int):
     torch.set_num_threads(threads)
     out = work / f"torch-{precision}"
     if not out.exists():
-        lower(src, "torch", out, precision=precision, options={"mode": "eager", "warmup": False}, cache=False)
+        lower(src, "torch", out, precision=precision, options={"mode": "eager", "warmup": False}, cache=False, force=True)
     run = load_artifact(out).runner()
     return lambda f: next(iter(run(f).values()))
 
@@ -120,7 +120,7 @@ def main() -> int:
         res = p.run(m)
         results["qdq_seconds"] = round(time.perf_counter() - t, 1)
         results["qdq_stats"] = res.stats
-        m.save(args.work / "int8")
+        m.save(args.work / "int8", force=True)
     del m
     gc.collect()
     bf16_file = args.work / "bf16" / "model.onnx"
@@ -132,7 +132,7 @@ def main() -> int:
         res = create_pass("bf16", named=opts).run(m)
         results["bf16_seconds"] = round(time.perf_counter() - t, 1)
         results["bf16_stats"] = res.stats
-        m.save(args.work / "bf16")
+        m.save(args.work / "bf16", force=True)
         del m
         gc.collect()
     results["sizes_mb"] = {k: round(_size(f) / 1e6, 1) for k, f in (("fp32", src), ("int8", int8_file), ("bf16", bf16_file))}

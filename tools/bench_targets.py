@@ -104,7 +104,7 @@ def main() -> None:
         shutil.rmtree(art, ignore_errors=True)
         topts = opts.get(target, {})
         t = time.perf_counter()
-        res = lower(args.src, target, art, shapes=buckets or None, options=topts, cache=False)
+        res = lower(args.src, target, art, shapes=buckets or None, options=topts, cache=False, force=True)
         lower_s = time.perf_counter() - t
         entry = res.manifest["submodels"][next(iter(res.manifest["submodels"]))]
         child = _child(art, args.src, shapes, args.repeat, work / f"out-{target}.npy", env)

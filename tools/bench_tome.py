@@ -127,7 +127,7 @@ def fused_variant(base: Path, ratio: float | None, opts: str = "") -> tuple[Path
     m = Model.load(base)
     rep = PassManager(f"fold,{tome}fa,gn,geglu").run(m)
     PassManager("ort-contrib").run(m)
-    out = m.save(base.parent.parent / f"{base.parent.name}_fused_{ratio or 'base'}")
+    out = m.save(base.parent.parent / f"{base.parent.name}_fused_{ratio or 'base'}", force=True)
     stats = {r.name: r.stats for r in rep.records}
     fused = {r.name: f"{r.matched}/{r.expected}" for r in rep.records if r.expected is not None}
     return out, {"blocks_merged": stats.get("tome", {}).get("blocks_merged"), "fused": fused}

@@ -240,7 +240,7 @@ def _save_cache(path: Path, feeds: list[dict[str, np.ndarray]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{i}::{k}": v for i, f in enumerate(feeds) for k, v in f.items()}
     try:
-        with atomic_file(path) as tmp:
+        with atomic_file(path, force=True) as tmp:  # the calibration cache's own file
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
     except (OSError, InputError) as exc:

@@ -6,13 +6,11 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io

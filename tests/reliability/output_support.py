@@ -66,11 +66,11 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def tally(kind: str, **problems: bool) -> None:
+def tally(kind: str, note: str = "", **problems: bool) -> None:
     path = os.environ.get("SDGRAPH_RELIABILITY_TALLY")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"kind": kind, **{k: bool(v) for k, v in problems.items()}}) + "\n")
+            f.write(json.dumps({"kind": kind, "note": note, **{k: bool(v) for k, v in problems.items()}}) + "\n")
 
 
 def check_refused(kind: str, res: subprocess.CompletedProcess, code: int, match: str,

@@ -7,6 +7,7 @@ The next run into the same folder removes what the killed one left (``.X.tmp-<pi
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_optimize_killed_after_varied_delays(tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
         state = _state(out, y_old, y_new)
-        tally("kill -9 optimize after a delay", partial_output=state not in ("old", "new"))
+        tally("kill -9 optimize after a delay", note=f"{delay} s: {state}", partial_output=state not in ("old", "new"))
         seen.append(state)
         if state == "new":  # start over from the old output so later kills can catch a replace again
             Model.load(src_old).save(out, force=True)
@@ -128,3 +129,44 @@ def test_optimize_killed_after_varied_delays(tmp_path):
     assert sdgraph("optimize", src_new, "-p", "fold", "-o", out, "--force").returncode == 0
     assert _state(out, y_old, y_new) == "new" and hidden(out.parent) == []
     assert len(list(out.parent.glob("*.onnx_data"))) == 1
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_dead_processes_are_cleaned_live_ones_kept(tmp_path):
+    from sdgraph.ir.outputs import clean_stale
+
+    dead, live = _dead_pid(), os.getpid()
+    (tmp_path / f".out.tmp-{dead}-ab12cd34").mkdir()
+    (tmp_path / f".out.tmp-{dead}-ab12cd34" / "model.onnx").write_bytes(b"partial")
+    (tmp_path / f".r.json.tmp-{dead}-0a0b0c0d").write_text("{")
+    (tmp_path / f".mine.tmp-{live}-00000000").mkdir()
+    (tmp_path / f".gone.old-{dead}-12345678").mkdir()  # killed between the two renames of a swap
+    (tmp_path / f".gone.old-{dead}-12345678" / "keep.txt").write_text("old output")
+    (tmp_path / ".not-ours.tmp").write_text("user file")
+    clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".mine.tmp-{live}-00000000", ".not-ours.tmp", "gone"]
+    assert (tmp_path / "gone" / "keep.txt").read_text() == "old output"  # the old output is put back
+    tally("stale temp leftovers of a dead pid")
+
+
+def test_swap_without_renameat2_still_commits_once(tmp_path, monkeypatch):
+    """Where the kernel cannot exchange two paths, the two-rename swap leaves the new folder, no leftovers."""
+    from sdgraph.ir import outputs
+
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    src = save_external(mlp_model(hidden=256), tmp_path / "in" / "m.onnx")
+    out = tmp_path / "o"
+    Model.load(src).save(out)
+    (out / "extra.txt").write_text("old")
+    Model.load(src).save(out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx_data"]
+    assert hidden(tmp_path) == []
+    tally("folder replace without renameat2")

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from sdgraph.errors import InputError
