@@ -298,7 +298,7 @@ def test_cli_bad_inputs_one_line_each(tiny_sd15_pipeline, tmp_path):
         _one_line_error(res, code, match)
         _nothing_written(out)
     res = sdgraph("export", tiny_sd15_pipeline, "-o", tiny_sd15_pipeline / "onnx")
-    _one_line_error(res, 2, "inside the source pipeline")
+    _one_line_error(res, 2, "lies inside the input folder")
     assert not (tiny_sd15_pipeline / "onnx").exists()
 
 
