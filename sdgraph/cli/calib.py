@@ -29,7 +29,7 @@ def calib_data(
 
     The file feeds `qdq{calib_data=FILE.npz}` on a copy of the submodel that has no folder around it.
     """
-    from sdgraph.ir.io import check_output_path
+    from sdgraph.ir.outputs import guard_output
     from sdgraph.ir.model import Model
     from sdgraph.quant.calib_file import save_calib_data
     from sdgraph.quant.calibration import calibration_feeds
@@ -45,12 +45,10 @@ def calib_data(
         raise InputError(f"{src}: missing (is it an exported model directory with a {role}?)")
     if out.suffix != ".npz":
         raise UsageError(f"{out}: the output must end in .npz")
-    if out.exists() and not force:
-        raise InputError(f"{out}: exists (use --force to replace it)")
-    check_output_path(out, [model_dir])
+    guard_output(out, [model_dir] + ([prompt_file] if prompt_file else []), force=force)
     model = Model.load(src)
     feeds = calibration_feeds(model, samples, prompt_file=str(prompt_file) if prompt_file else None, steps=steps,
                               holdout=holdout)
-    save_calib_data(out, feeds)
+    save_calib_data(out, feeds, force=force)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds[0].items())
     console.print(f"wrote {out}: {len(feeds)} samples for {role} ({shapes} each)", markup=False, soft_wrap=True)

@@ -119,8 +119,7 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
                      "lies inside": f"lies inside the input folder {inp}"}[rel]
             raise InputError(f"{out}: {what} {shown}; choose another {what} path")
     if out_r.exists() and _non_empty(out_r) and not force:
-        kind = "folder" if out_r.is_dir() else "file"
-        raise InputError(f"{out}: {what} {kind} exists and is not empty (use --force to replace it)")
+        raise _exists(out, out_r, what)
     parent = out_r.parent
     while not parent.exists():
         parent = parent.parent
@@ -132,6 +131,13 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 
 
 guard_output = check_output_path
+
+
+def _exists(shown: Path, real: Path, what: str = "output") -> InputError:
+    """The one line for an existing non-empty output without ``force``."""
+    if real.is_dir():
+        return InputError(f"{shown}: {what} folder is not empty (use --force to replace it)")
+    return InputError(f"{shown}: {what} exists (use --force to replace it)")
 
 
 def _non_empty(p: Path) -> bool:
@@ -330,7 +336,7 @@ def _commit(tmp: Path, final: Path, shown: Path, force: bool) -> None:
     with _folder_lock(final.parent):
         clean_stale(final.parent)
         if os.path.lexists(final) and _non_empty(final) and not force:
-            raise InputError(f"{shown}: output exists and is not empty (use --force to replace it)")
+            raise _exists(shown, final)
         pause_point("commit")
         if os.path.lexists(final) and (final.is_dir() or tmp.is_dir()):
             if _exchange(tmp, final):
@@ -363,7 +369,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     if os.path.lexists(final) and not final.is_dir() and not force:
         raise InputError(f"{shown}: exists and is not a directory (use --force to replace it)")
     if final.exists() and _non_empty(final) and not force:
-        raise InputError(f"{shown}: output directory is not empty (use --force to replace it)")
+        raise _exists(shown, final)
     _mkdirs(final.parent, shown)
     tmp = temp_name(final)
     try:
@@ -385,7 +391,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     if final.is_dir():
         raise InputError(f"{shown}: is a directory, not a file")
     if final.exists() and _non_empty(final) and not force:
-        raise InputError(f"{shown}: output file exists (use --force to replace it)")
+        raise _exists(shown, final)
     _mkdirs(final.parent, shown)
     tmp = temp_name(final)
     with _undo_on_failure(shown, [tmp]):
@@ -412,7 +418,7 @@ def atomic_model_file(path: str | os.PathLike, force: bool = False,
     if final.is_dir():
         raise InputError(f"{shown}: is a directory, not a .onnx file")
     if final.exists() and _non_empty(final) and not force:
-        raise InputError(f"{shown}: output file exists (use --force to replace it)")
+        raise _exists(shown, final)
     _mkdirs(final.parent, shown)
     stem = final.name[:-5] if final.name.endswith(".onnx") else final.name
     data_name = f"{stem}.{secrets.token_hex(4)}.onnx_data"
@@ -432,7 +438,7 @@ def atomic_model_file(path: str | os.PathLike, force: bool = False,
         with _folder_lock(final.parent):
             clean_stale(final.parent)
             if final.exists() and _non_empty(final) and not force:
-                raise InputError(f"{shown}: output exists and is not empty (use --force to replace it)")
+                raise _exists(shown, final)
             old_data = [f for f in _data_files_of(final) if f.parent == final.parent and _owned_data(f.name, stem)]
             if data.exists():
                 undo.append(final.parent / data_name)

@@ -94,8 +94,9 @@ def load_calib_data(path: str | os.PathLike, model) -> list[dict[str, np.ndarray
     return feeds
 
 
-def save_calib_data(path: str | os.PathLike, feeds: Sequence[Mapping[str, np.ndarray]]) -> Path:
-    """Write ``feeds`` as one .npz (arrays stacked on a new leading sample axis), atomically."""
+def save_calib_data(path: str | os.PathLike, feeds: Sequence[Mapping[str, np.ndarray]], force: bool = False) -> Path:
+    """Write ``feeds`` as one .npz (arrays stacked on a new leading sample axis), atomically; an existing
+    file is replaced only with ``force``."""
     p = Path(path)
     if not feeds:
         raise InputError("no calibration samples to write")
@@ -104,7 +105,7 @@ def save_calib_data(path: str | os.PathLike, feeds: Sequence[Mapping[str, np.nda
         if list(f) != names or any(f[k].shape != feeds[0][k].shape for k in names):
             raise InputError(f"calibration sample {i} differs in inputs or shapes from sample 0: cannot stack")
     arrays = {k: np.stack([np.asarray(f[k]) for f in feeds]) for k in names}
-    with atomic_file(p) as tmp:
+    with atomic_file(p, force=force) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     return p
