@@ -124,7 +124,7 @@ def test_torch_lists_op_without_mapping(tmp_path):
     text = MLP.replace("y = Relu(a)", "y = Hardmax(a)")
     with pytest.raises(UnsupportedError) as ei:
         lower(_write(tmp_path, text), "torch", tmp_path / "o", cache=False)
-    assert len(ei.value.problems) == 1 and "(Hardmax): no torch mapping" in ei.value.problems[0]
+    assert len(ei.value.problems) == 1 and "(Hardmax): no torch converter" in ei.value.problems[0]
 
 
 def test_unknown_target_option_precision(tmp_path):
