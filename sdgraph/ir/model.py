@@ -99,6 +99,19 @@ class Model:
         self.producer = producer
         self.metadata = dict(metadata or {})
 
+    # The attributes that make up a model (``assign`` copies exactly these).
+    _STATE = ("graph", "opset_imports", "ir_version", "functions", "base_dir", "path", "producer", "metadata")
+
+    def assign(self, other: "Model") -> "Model":
+        """Replace this model's contents with ``other``'s, in place (the one way to swap a model).
+
+        Used to roll back to a snapshot and by rewrites that rebuild the graph (onnxsim, the
+        proto-level inliner): holders of this Model object see the new graph.
+        """
+        for key in self._STATE:
+            setattr(self, key, getattr(other, key))
+        return self
+
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Model":

@@ -1,4 +1,8 @@
-"""The pass contract: registered name, summary, typed options, requires/run/ensures, results."""
+"""The pass contract: registered name, summary, typed options, requires → run → result check → ensures.
+
+``Pass.__call__(model)`` enforces the contract itself (onnx-ir's PassBase does the same): the
+manager only adds what spans passes (structural checks, numeric verification, rollback, instruments).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,16 @@ import dataclasses
 import importlib
 import logging
 import pkgutil
+from collections import Counter
 from typing import Any, Callable, ClassVar
+
+import onnx_graphsurgeon as gs
 
 from sdgraph.errors import PassError, UsageError
 
 __all__ = [
     "Option",
+    "Options",
     "Pass",
     "PassResult",
     "register",
@@ -19,6 +27,7 @@ __all__ = [
     "get_pass",
     "create_pass",
     "parse_value",
+    "graph_signature",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,12 @@ class Option:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
+
+    @property
+    def py_type(self) -> Any:
+        """The field type in the pass's option object (list options hold tuples: the object is immutable)."""
+        t = tuple[str, ...] if self.type is list else self.type
+        return t | None if self.default is None else t
 
     def describe(self) -> str:
         t = {list: "list", bool: "bool", int: "int", float: "float", str: "str"}.get(self.type, str(self.type))
@@ -85,13 +100,13 @@ def parse_value(opt: Option, raw: Any, pass_name: str) -> Any:
             raise bad("expected a number") from None
     elif opt.type is list:
         if isinstance(raw, (list, tuple)):
-            val = [str(x) for x in raw]
+            val = tuple(str(x) for x in raw)
         else:
-            val = [x for x in str(raw).split("|") if x]
+            val = tuple(x for x in str(raw).split("|") if x)
     else:
         val = str(raw)
     if opt.choices is not None:
-        items = val if isinstance(val, list) else [val]
+        items = val if isinstance(val, tuple) else [val]
         for item in items:
             if item not in opt.choices:
                 raise bad(f"expected one of {', '.join(map(str, opt.choices))}")
@@ -118,13 +133,63 @@ class PassResult:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
+class Options:
+    """Base of every pass's option object: a frozen dataclass built from the pass's ``options``.
+
+    ``Fold(max_growth=64).opts`` is a ``FoldOptions(max_growth=64, shapes=True)``: typed fields,
+    immutable (assignment raises ``dataclasses.FrozenInstanceError``), list options held as tuples.
+    """
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _freeze(opt: Option, value: Any) -> Any:
+    return tuple(value) if opt.type is list and value is not None else value
+
+
+def options_type(cls: type) -> type[Options]:
+    """The frozen dataclass of ``cls``'s options (built once per class, not inherited)."""
+    made = cls.__dict__.get("_options_type")
+    if made is None:
+        fields = [(o.name, o.py_type, dataclasses.field(default=_freeze(o, o.default))) for o in cls.options]
+        made = dataclasses.make_dataclass(f"{cls.__name__}Options", fields, bases=(Options,), frozen=True)
+        made.__module__ = cls.__module__
+        cls._options_type = made
+    return made
+
+
+def graph_signature(model) -> Counter:
+    """What the graph computes, as a multiset: (op, domain, input names, output names, attribute
+    names) per live node (one the graph outputs depend on), plus the graph's inputs and outputs.
+    Node names, node order and dead nodes do not count (naming, toposort and an export's cleanup
+    are not changes); rewiring, adding or removing a live node, or a new constant does."""
+    g = model.graph
+    sig: Counter = Counter()
+    seen: set[int] = set()
+    stack = [t for t in g.outputs]
+    while stack:
+        t = stack.pop()
+        for n in t.inputs if isinstance(t, gs.Variable) else ():
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            sig[(n.op, n.domain or "", tuple(x.name for x in n.inputs), tuple(x.name for x in n.outputs),
+                 tuple(sorted(n.attrs)))] += 1
+            stack.extend(n.inputs)
+    sig[("<io>", tuple(t.name for t in g.inputs), tuple(t.name for t in g.outputs))] += 1
+    return sig
+
+
 class Pass:
     """Base class for graph passes.
 
     Subclasses set ``name`` (short, registered), ``summary`` (one line), ``options`` (a tuple
-    of Option) and ``exact`` (True: outputs equal within ``rtol``/``atol``; False: approximate,
-    reported as numbers and failing only under ``min_cosine`` when the user sets it). They
-    implement ``run(model) -> PassResult``; ``requires``/``ensures`` raise PassError.
+    of Option, read back typed as ``self.opts.<name>``) and ``exact`` (True: outputs equal within
+    ``rtol``/``atol``; False: approximate, reported as numbers and failing only under
+    ``min_cosine`` when the user sets it). They implement ``run(model) -> PassResult`` and may
+    override ``requires``/``ensures``, which raise PassError. Call the pass, ``p(model)``, to get
+    the contract checked; ``run`` alone skips it.
     """
 
     name: ClassVar[str] = ""
@@ -142,17 +207,42 @@ class Pass:
                 raise UsageError(
                     f"pass {self.name!r} has no option {key!r} (options: {', '.join(known) or 'none'})"
                 )
-        self.config: dict[str, Any] = {}
-        for opt in self.options:
-            raw = kwargs.get(opt.name, opt.default)
-            self.config[opt.name] = parse_value(opt, raw, self.name) if opt.name in kwargs else opt.default
+        values = {k: _freeze(known[k], parse_value(known[k], v, self.name)) for k, v in kwargs.items()}
+        self.opts = options_type(type(self))(**values)
         self.debug = False
 
-    def __getattr__(self, item: str) -> Any:
-        config = self.__dict__.get("config")
-        if config is not None and item in config:
-            return config[item]
+    def __getattr__(self, item: str) -> Any:  # transitional: passes move to self.opts.<name>
+        opts = self.__dict__.get("opts")
+        if opts is not None and item in {o.name for o in self.options}:
+            return getattr(opts, item)
         raise AttributeError(item)
+
+    # -- the contract ----------------------------------------------------------------------
+    def __call__(self, model) -> PassResult:
+        """requires → run → result check → ensures, in place on ``model``.
+
+        A failed pre- or post-condition raises PassError naming the pass (other SdgraphErrors a
+        pass raises, e.g. TargetUnavailable, go through unchanged). ``run`` must return a
+        PassResult, and one that says ``modified=False`` must leave ``graph_signature`` unchanged
+        (the manager skips numeric verification for unmodified graphs, so that flag cannot lie).
+        Nodes the pass left unnamed get ``<pass>_N`` names before ``ensures`` runs.
+        """
+        try:
+            self.requires(model)
+        except PassError as exc:
+            raise PassError(f"pass {self.name!r} cannot run: {exc}") from None
+        before = graph_signature(model)
+        result = self.run(model)
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {self.name!r}: run() returned {type(result).__name__}, not PassResult")
+        if not result.modified and graph_signature(model) != before:
+            raise PassError(f"pass {self.name!r}: reported modified=False but changed the graph")
+        model.name_unnamed_nodes(self.name)
+        try:
+            self.ensures(model)
+        except PassError as exc:
+            raise PassError(f"pass {self.name!r}: post-condition failed: {exc}") from None
+        return result
 
     def requires(self, model) -> None:
         """Raise PassError if the model cannot be processed by this pass."""
@@ -167,14 +257,12 @@ class Pass:
         """This pass in canonical pipeline text (only non-default options)."""
         from sdgraph.passes.pipeline import format_element
 
-        return format_element(self.name, {k: v for k, v in self.config.items() if v != _default(self, k)}, type(self))
+        changed = {o.name: getattr(self.opts, o.name) for o in self.options
+                   if getattr(self.opts, o.name) != _freeze(o, o.default)}
+        return format_element(self.name, changed, type(self))
 
     def __repr__(self) -> str:
         return f"<Pass {self.spec()}>"
-
-
-def _default(p: Pass, key: str) -> Any:
-    return next(o.default for o in p.options if o.name == key)
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError, PassError, SdgraphError, VerificationError
 from sdgraph.ir.model import Model
-from sdgraph.passes.base import Pass, PassResult
+from sdgraph.passes.base import Pass
 from sdgraph.passes.pipeline import build_pipeline, format_pipeline
 
 __all__ = [
@@ -234,12 +234,7 @@ class PassManager:
             snapshot = model.copy()
             t0 = time.perf_counter()
             try:
-                p.requires(model)
-                result = p.run(model)
-                if not isinstance(result, PassResult):
-                    raise PassError(f"pass {p.name!r} returned {type(result).__name__}, not PassResult")
-                model.name_unnamed_nodes(p.name)
-                p.ensures(model)
+                result = p(model)  # requires -> run -> result check -> ensures
                 verify_structure(model, expected_outputs)
             except SdgraphError as exc:
                 _restore(model, snapshot)
@@ -304,7 +299,7 @@ def _run_after(p: Pass, model: Model, feeds) -> dict:
 def _judge(p: Pass, numbers: dict[str, float]) -> str | None:
     if numbers["cosine"] != numbers["cosine"]:  # NaN
         return "outputs are NaN/Inf after the pass"
-    min_cos = p.config.get("min_cosine") if hasattr(p, "config") else None
+    min_cos = getattr(p.opts, "min_cosine", None)
     if p.exact:
         if numbers["max_rel"] > p.rtol:
             return f"outputs moved by max_rel {numbers['max_rel']:.3g} (> {p.rtol:g}), cosine {numbers['cosine']:.6f}"
@@ -319,7 +314,7 @@ def _failed(index: int, p: Pass, done: list[str], why: str) -> str:
 
 
 def _restore(model: Model, snapshot: Model) -> None:
-    model.__dict__.update(snapshot.__dict__)
+    model.assign(snapshot)
 
 
 # -- files and model directories --------------------------------------------------------------

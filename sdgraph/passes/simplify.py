@@ -7,7 +7,7 @@ import logging
 import onnx
 
 from sdgraph.errors import TargetUnavailable
-from sdgraph.passes.base import Option, Pass, PassResult, register
+from sdgraph.passes.base import Option, Pass, PassResult, graph_signature, register
 
 __all__ = ["Simplify"]
 
@@ -41,7 +41,7 @@ class Simplify(Pass):
 
         from sdgraph.ir.model import Model
 
-        before = model.num_nodes()
+        before, sig = model.num_nodes(), graph_signature(model)
         proto = model.to_proto()
         if model.base_dir is not None:
             load_external_data_for_model(proto, str(model.base_dir))
@@ -50,6 +50,6 @@ class Simplify(Pass):
             log.warning("onnxsim's own check failed; keeping its output for sdgraph's verifier to judge")
         new = Model.from_proto(simplified)
         new.path, new.metadata, new.functions = model.path, model.metadata, {**model.functions, **new.functions}
-        model.__dict__.update(new.__dict__)
+        model.assign(new)
         after = model.num_nodes()
-        return PassResult(modified=after != before, stats={"nodes_removed": before - after})
+        return PassResult(modified=graph_signature(model) != sig, stats={"nodes_removed": before - after})

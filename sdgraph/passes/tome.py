@@ -285,7 +285,7 @@ class Tome(Pass):
         result.expected = len(chosen)
         merge_fn, unmerge_fn = make_tome_functions(model.opset)
         rng = np.random.default_rng(self.seed) if self.random else None
-        kinds = [k for k in ("attn", "crossattn", "mlp") if self.config[k]]
+        kinds = [k for k in ("attn", "crossattn", "mlp") if getattr(self.opts, k)]
         merged = 0
         for b in chosen:
             if b.h * b.w != b.tokens:
@@ -388,7 +388,7 @@ def estimate(model, **options) -> dict:
     flops_before = _flops(before)
     after = model.copy()
     p = Tome(**options)
-    res = p.run(after)
+    res = p(after)
     flops_after = _flops(after)
     overhead = 0
     for node in after.graph.nodes:

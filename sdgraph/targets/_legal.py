@@ -40,7 +40,7 @@ def inline_functions(model: Model, keep: set[tuple[str, str]] | frozenset = froz
     fresh = Model.from_proto(proto, base_dir=model.base_dir)
     fresh.path, fresh.metadata = model.path, dict(model.metadata)
     fresh.functions = {k: v for k, v in model.functions.items() if k in keep}
-    model.__dict__.update(fresh.__dict__)
+    model.assign(fresh)
     log.info("inlined %d canonical calls", len(todo))
     return len(todo)
 

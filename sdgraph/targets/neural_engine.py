@@ -702,14 +702,14 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
         # static shapes make masks and position tables constants: let them grow the model (up to 64 MiB)
         # (a few rounds: folding a Reshape's shape input makes the next Shape static)
         for rnd in range(6):
-            res = create_pass("fold", named={"max_growth": 64 << 20}).run(model)
+            res = create_pass("fold", named={"max_growth": 64 << 20})(model)
             stats[f"fold_{rnd}"] = dict(res.stats)
             if not res.modified or not any(n.op in ("Shape", "Size") for n in model.graph.nodes):
                 break
         stats["gelu"] = _fuse_gelu(model)
         if any(n.op == "InstanceNormalization" for n in model.graph.nodes):
             # the exported GroupNorm pattern (Reshape-InstanceNormalization-Reshape-Mul-Add) -> engine GroupNorm
-            stats["gn"] = dict(create_pass("gn").run(model).stats)
+            stats["gn"] = dict(create_pass("gn")(model).stats)
     infer_shapes(model)
     model.graph.cleanup().toposort()
     stats["dropped_outputs"] = _drop_unmappable_outputs(model, ctx)

@@ -31,7 +31,7 @@ def test_split_is_bracket_aware():
 
 def test_positional_and_named_options_are_typed():
     (p,) = parse_pipeline("demo-opts:5{ratio=0.25 flag=true exclude=conv_in|conv_out impl=x}")
-    assert p.config == {"n": 5, "ratio": 0.25, "flag": True, "exclude": ["conv_in", "conv_out"], "impl": "x"}
+    assert p.opts.as_dict() == {"n": 5, "ratio": 0.25, "flag": True, "exclude": ("conv_in", "conv_out"), "impl": "x"}
 
 
 def test_canonical_form_drops_defaults_and_spaces():
