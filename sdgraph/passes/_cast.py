@@ -169,22 +169,22 @@ class CastPass(Pass):
     def _samples(self, model):
         from sdgraph.ir import runtime as rt
 
-        return [rt.seeded_inputs(model, seed=s) for s in range(self.samples)]
+        return [rt.seeded_inputs(model, seed=s) for s in range(self.opts.samples)]
 
     def run(self, model) -> PassResult:
         notes: list[str] = []
-        if model.role in self.keep_roles and not self.force:
+        if model.role in self.keep_roles and not self.opts.force:
             notes.append(f"{self.kind}: the {model.role} stays float32 by default (overflow risk); force=true casts it")
             return PassResult(modified=False, stats={"low_nodes": 0, "kept_role": model.role}, notes=notes)
-        keep_names = set(match_names(model.graph, self.keep)) if self.keep else set()
-        missing = [k for k in self.keep if not match_names(model.graph, [k])]
+        keep_names = set(match_names(model.graph, self.opts.keep)) if self.opts.keep else set()
+        missing = [k for k in self.opts.keep if not match_names(model.graph, [k])]
         if missing:
             raise UsageError(f"pass {self.name!r}: keep={missing[0]!r} matches no node")
-        low, kept = plan(model, set(self.block_ops), keep_names)
+        low, kept = plan(model, set(self.opts.block_ops), keep_names)
         stats: dict = {}
         already: set[str] = set()
-        feeds = self._samples(model) if (self.overflow_check or self.nan_scan) else []
-        if self.overflow_check and low:
+        feeds = self._samples(model) if (self.opts.overflow_check or self.opts.nan_scan) else []
+        if self.opts.overflow_check and low:
             limit = _max_value(self.kind)
             tensors = [o.name for n in model.graph.nodes for o in n.outputs if _is_f32(o)]
             acts, runtime = probe_activations(model, tensors, feeds, runtime="ort")
@@ -205,7 +205,7 @@ class CastPass(Pass):
         stats.update(cast_graph(model, low, self.kind))
         stats["low_nodes"] = len(low)
         stats["kept_nodes"] = len(kept)
-        if self.nan_scan and low:
+        if self.opts.nan_scan and low:
             bad, runtime = nan_scan(model, feeds, ignore=already)
             stats["nan_scan"] = runtime
             if bad is not None:

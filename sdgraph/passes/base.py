@@ -211,12 +211,6 @@ class Pass:
         self.opts = options_type(type(self))(**values)
         self.debug = False
 
-    def __getattr__(self, item: str) -> Any:  # transitional: passes move to self.opts.<name>
-        opts = self.__dict__.get("opts")
-        if opts is not None and item in {o.name for o in self.options}:
-            return getattr(opts, item)
-        raise AttributeError(item)
-
     # -- the contract ----------------------------------------------------------------------
     def __call__(self, model) -> PassResult:
         """requires → run → result check → ensures, in place on ``model``.

@@ -32,7 +32,7 @@ class Check(Pass):
         external = [t for t in io.iter_tensors(proto.graph) if io.is_external(t)]
         try:
             if not external and proto.ByteSize() < 1_900_000_000:
-                onnx.checker.check_model(proto, full_check=self.full)
+                onnx.checker.check_model(proto, full_check=self.opts.full)
             else:
                 # The checker resolves external files next to the model path and refuses links.
                 # sdgraph.ir.io already validated every reference (inside the folder, present,
@@ -47,7 +47,7 @@ class Check(Pass):
                         path.write_bytes(proto.SerializeToString())
                     else:
                         io.write_proto(proto, path, model.base_dir)
-                    onnx.checker.check_model(str(path), full_check=self.full)
+                    onnx.checker.check_model(str(path), full_check=self.opts.full)
         except onnx.checker.ValidationError as exc:
             raise PassError(f"onnx checker: {str(exc).strip().splitlines()[0]}") from None
         return PassResult(modified=False, stats={"valid": True, "nodes": len(proto.graph.node)})

@@ -180,7 +180,7 @@ class FuseAttention(Pass):
         near: list[tuple[str, str]] = []
         fused = masked = rank3 = skipped = 0
         for i, sm in enumerate(softmaxes):
-            if self.include and not any(s in sm.name for s in self.include) or any(s in sm.name for s in self.exclude):
+            if self.opts.include and not any(s in sm.name for s in self.opts.include) or any(s in sm.name for s in self.opts.exclude):
                 skipped += 1
                 continue
             try:

@@ -55,7 +55,7 @@ class Fold(Pass):
         # A partial shape fold (one static dim of a dynamic shape) can make a Reshape's target, and
         # so the next tensors' shapes, known: infer again and fold again until nothing changes.
         for _ in range(_MAX_ROUNDS):
-            if self.shapes:
+            if self.opts.shapes:
                 infer_shapes(model)
             counts = self._round(model)
             for k, v in counts.items():
@@ -86,7 +86,7 @@ class Fold(Pass):
                 continue
             if any(isinstance(a, gs.Graph) for a in node.attrs.values()):
                 continue
-            if self.shapes and node.op in ("Shape", "Size") and isinstance(node.inputs[0], gs.Variable):
+            if self.opts.shapes and node.op in ("Shape", "Size") and isinstance(node.inputs[0], gs.Variable):
                 shape = static_shape(node.inputs[0])
                 if shape is None:
                     continue
@@ -100,7 +100,7 @@ class Fold(Pass):
                 node.outputs.clear()
                 shape_folded += 1
                 continue
-            if self.shapes and node.op in ("Gather", "Slice"):
+            if self.opts.shapes and node.op in ("Gather", "Slice"):
                 value = _static_part_of_shape(node)
                 if value is not None:
                     node.outputs[0].to_constant(value)
@@ -117,7 +117,7 @@ class Fold(Pass):
                 s = static_shape(o)
                 if s is not None and o.dtype is not None:
                     predicted += int(np.prod(s)) * np.dtype(o.dtype).itemsize
-            if predicted > max(_SMALL, freed + self.max_growth):
+            if predicted > max(_SMALL, freed + self.opts.max_growth):
                 skipped_growth += 1
                 continue
             try:
@@ -127,7 +127,7 @@ class Fold(Pass):
                 failed += 1
                 continue
             out_bytes = sum(v.nbytes for v in values)
-            if out_bytes > max(_SMALL, freed + self.max_growth):
+            if out_bytes > max(_SMALL, freed + self.opts.max_growth):
                 skipped_growth += 1
                 continue
             for out, val in zip(node.outputs, values):

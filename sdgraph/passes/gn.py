@@ -110,7 +110,7 @@ class FuseGroupNorm(Pass):
             except Mismatch as exc:
                 near.append((node.name, str(exc)))
                 continue
-            if m["silu"] and not self.silu:
+            if m["silu"] and not self.opts.silu:
                 m["silu"] = False
                 m["out"] = single_consumer(single_consumer(node.outputs[0], "Reshape").outputs[0], "Mul").outputs[0].outputs[0].outputs[0]
             out = m["out"]

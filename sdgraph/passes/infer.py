@@ -22,6 +22,6 @@ class Infer(Pass):
     options = (Option("data_prop", bool, True, "propagate values through shape arithmetic"),)
 
     def run(self, model) -> PassResult:
-        changed = infer_shapes(model, data_prop=self.data_prop)
+        changed = infer_shapes(model, data_prop=self.opts.data_prop)
         known = sum(1 for t in model.graph.tensors().values() if t.shape is not None)
         return PassResult(modified=False, stats={"shapes_updated": changed, "tensors_with_shape": known})

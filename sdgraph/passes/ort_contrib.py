@@ -121,9 +121,9 @@ class OrtContrib(Pass):
         for node in list(graph.nodes):
             if node.domain != CANONICAL_DOMAIN:
                 continue
-            if node.op == "Attention" and self.impl == "mha":
+            if node.op == "Attention" and self.opts.impl == "mha":
                 mha += _lower_mha(graph, node)
-            elif node.op == "GeGLU" and self.geglu == "gelu":
+            elif node.op == "GeGLU" and self.opts.geglu == "gelu":
                 gelu += _lower_geglu_gelu(graph, node)
         if mha or gelu:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -63,24 +63,24 @@ class Qdq(Pass):
     def requires(self, model) -> None:
         if model.role not in self.roles:
             raise PassError(f"qdq: cannot calibrate a model of role {model.role!r}")
-        if self.auto_exclude and self.min_cosine is None:
+        if self.opts.auto_exclude and self.opts.min_cosine is None:
             raise UsageError("pass 'qdq': auto_exclude=true needs min_cosine=")
 
     def _feeds(self, model) -> tuple[list[dict], list[dict], list[str]]:
         """(calibration feeds, held-back feeds, notes) from calib_data or the model directory."""
         from sdgraph.quant.calibration import calibration_feeds
 
-        if self.calib_data:
+        if self.opts.calib_data:
             from sdgraph.quant.calib_file import load_calib_data
 
-            samples = load_calib_data(self.calib_data, model)
-            n_held = self.held_out if len(samples) > self.held_out else 0
-            notes = [] if n_held == self.held_out else [
-                f"calib_data has {len(samples)} sample(s): none held back for fidelity (needs more than held_out={self.held_out})"]
-            return samples[:len(samples) - n_held][:self.calib], samples[len(samples) - n_held:], notes
-        common = {"prompt_file": self.prompt_file or None, "steps": self.steps, "use_cache": self.cache}
-        feeds = calibration_feeds(model, self.calib, **common)
-        held = calibration_feeds(model, self.held_out, holdout=True, **common) if self.held_out else []
+            samples = load_calib_data(self.opts.calib_data, model)
+            n_held = self.opts.held_out if len(samples) > self.opts.held_out else 0
+            notes = [] if n_held == self.opts.held_out else [
+                f"calib_data has {len(samples)} sample(s): none held back for fidelity (needs more than held_out={self.opts.held_out})"]
+            return samples[:len(samples) - n_held][:self.opts.calib], samples[len(samples) - n_held:], notes
+        common = {"prompt_file": self.opts.prompt_file or None, "steps": self.opts.steps, "use_cache": self.opts.cache}
+        feeds = calibration_feeds(model, self.opts.calib, **common)
+        held = calibration_feeds(model, self.opts.held_out, holdout=True, **common) if self.opts.held_out else []
         return feeds, held, []
 
     def run(self, model) -> PassResult:
@@ -90,43 +90,43 @@ class Qdq(Pass):
         from sdgraph.quant.sensitivity import Fidelity, auto_exclude, sensitivity
 
         model.name_unnamed_nodes()
-        excluded, notes = resolve_scope(model, self.exclude)
+        excluded, notes = resolve_scope(model, self.opts.exclude)
         feeds, held, feed_notes = self._feeds(model)
         notes += feed_notes
         work = workdir()
         src = model.save_to_dir_unchecked(work, "float.onnx")
         key = hashlib.sha256(model.to_proto().SerializeToString())
-        key.update(repr((sorted(excluded), self.calib, self.method, self.symmetric, self.steps, self.act_matmul, self.prompt_file,
+        key.update(repr((sorted(excluded), self.opts.calib, self.opts.method, self.opts.symmetric, self.opts.steps, self.opts.act_matmul, self.opts.prompt_file,
                          [sorted(f) for f in feeds[:1]], [float(np.asarray(v).ravel()[:8].sum()) for f in feeds for v in f.values()])).encode())
         ranges = cache_dir() / f"ranges-{key.hexdigest()[:24]}.json"
-        if not self.cache:
+        if not self.opts.cache:
             ranges.unlink(missing_ok=True)
         ranges.parent.mkdir(parents=True, exist_ok=True)
         fidelity = Fidelity(model, held)
         if not ranges.is_file():
-            calibrate_ranges(src, feeds, watched_tensors(model.graph, excluded, self.act_matmul), self.method, ranges)
+            calibrate_ranges(src, feeds, watched_tensors(model.graph, excluded, self.opts.act_matmul), self.opts.method, ranges)
 
-        cfg = QuantConfig(self.method, bool(self.per_channel), bool(self.symmetric), bool(self.reduce_range))
+        cfg = QuantConfig(self.opts.method, bool(self.opts.per_channel), bool(self.opts.symmetric), bool(self.opts.reduce_range))
         # ORT's MatMulConstBOnly is not honoured in QDQ mode: leave activation x activation MatMuls here.
-        act_mm = [] if self.act_matmul else activation_matmuls(model.graph)
+        act_mm = [] if self.opts.act_matmul else activation_matmuls(model.graph)
         dst = work / "int8.onnx"
         insert_qdq(src, dst, cfg, ranges, excluded + act_mm)
         numbers = fidelity(dst)
         stats: dict = {"calib_samples": len(feeds), "excluded": len(excluded)}
         ranked: list[tuple[str, dict]] = []
-        if self.sensitivity or self.auto_exclude:
+        if self.opts.sensitivity or self.opts.auto_exclude:
             layers = [n.name for n in quantized_nodes(Model.load(dst).graph)]
-            ranked = sensitivity(layers, self.sensitivity or 16, lambda name, out: insert_qdq(src, out, cfg, ranges, [], only=[name]),
+            ranked = sensitivity(layers, self.opts.sensitivity or 16, lambda name, out: insert_qdq(src, out, cfg, ranges, [], only=[name]),
                                  fidelity, work)
             stats["sensitivity"] = [[n, float(f"{1 - x['cosine']:.3g}"), float(f"{x['max_rel']:.3g}")]
                                     for n, x in ranked[:10]]  # [layer, 1 - cosine, max_rel], worst first
             notes.append(f"sensitivity: {len(ranked)} of {len(layers)} quantized layers tested one at a time")
-        if self.auto_exclude and numbers["cosine"] < self.min_cosine:
-            auto, numbers, dst = auto_exclude([n for n, _ in ranked], self.min_cosine,
+        if self.opts.auto_exclude and numbers["cosine"] < self.opts.min_cosine:
+            auto, numbers, dst = auto_exclude([n for n, _ in ranked], self.opts.min_cosine,
                                               lambda names, out: insert_qdq(src, out, cfg, ranges, excluded + act_mm + names),
                                               fidelity, work, numbers, dst)
             stats["auto_excluded"] = auto
-            if numbers["cosine"] < self.min_cosine:
+            if numbers["cosine"] < self.opts.min_cosine:
                 notes.append(f"auto_exclude reached cosine {numbers['cosine']:.6f} with {len(auto)} layer(s) excluded")
         q = Model.load(dst)
         q.metadata = dict(model.metadata)

@@ -45,7 +45,7 @@ class Simplify(Pass):
         proto = model.to_proto()
         if model.base_dir is not None:
             load_external_data_for_model(proto, str(model.base_dir))
-        simplified, ok = onnxsim.simplify(proto, check_n=self.check_n, skip_shape_inference=False)
+        simplified, ok = onnxsim.simplify(proto, check_n=self.opts.check_n, skip_shape_inference=False)
         if not ok:
             log.warning("onnxsim's own check failed; keeping its output for sdgraph's verifier to judge")
         new = Model.from_proto(simplified)

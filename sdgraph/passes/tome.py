@@ -259,7 +259,7 @@ class Tome(Pass):
     )
 
     def run(self, model) -> PassResult:
-        if not (self.attn or self.crossattn or self.mlp):
+        if not (self.opts.attn or self.opts.crossattn or self.opts.mlp):
             raise PassError("tome: nothing to merge (attn, crossattn and mlp are all false)")
         if model.opset < MIN_OPSET:
             raise UnsupportedError(f"tome needs opset >= {MIN_OPSET} (ScatterElements with reduction); model has {model.opset}")
@@ -277,24 +277,24 @@ class Tome(Pass):
         for b in blocks:
             b.downsample = int(math.ceil(math.sqrt(n0 // b.tokens))) if b.tokens <= n0 else 1
             b.h, b.w = int(math.ceil(lh / b.downsample)), int(math.ceil(lw / b.downsample))
-        max_ds = self.max_downsample or (1 if self.blocks == 0 else 1 << 30)
+        max_ds = self.opts.max_downsample or (1 if self.opts.blocks == 0 else 1 << 30)
         chosen = [b for b in blocks if b.downsample <= max_ds]
         chosen.sort(key=lambda b: b.downsample)  # stable: graph order within a resolution
-        if self.blocks:
-            chosen = chosen[: self.blocks]
+        if self.opts.blocks:
+            chosen = chosen[: self.opts.blocks]
         result.expected = len(chosen)
         merge_fn, unmerge_fn = make_tome_functions(model.opset)
-        rng = np.random.default_rng(self.seed) if self.random else None
+        rng = np.random.default_rng(self.opts.seed) if self.opts.random else None
         kinds = [k for k in ("attn", "crossattn", "mlp") if getattr(self.opts, k)]
         merged = 0
         for b in chosen:
             if b.h * b.w != b.tokens:
                 misses.append((b.name, f"{b.tokens} tokens do not form the {b.h}x{b.w} grid of the latent"))
                 continue
-            src, dst = tome_indices(b.h, b.w, self.sx, self.sy, rng)
-            r = _merge_count(b.tokens, self.ratio, len(src))
+            src, dst = tome_indices(b.h, b.w, self.opts.sx, self.opts.sy, rng)
+            r = _merge_count(b.tokens, self.opts.ratio, len(src))
             if r <= 0 or len(dst) == 0:
-                misses.append((b.name, f"ratio {self.ratio} merges no token of {b.tokens}"))
+                misses.append((b.name, f"ratio {self.opts.ratio} merges no token of {b.tokens}"))
                 continue
             batch = int(b.hidden.shape[0])
             done = self._merge_block(model, b, kinds, src, dst, r, batch, misses)
@@ -311,7 +311,7 @@ class Tome(Pass):
             result.modified = True
         if self.debug:
             result.near_misses = list(misses)
-        log.info("tome: merged %d of %d blocks (ratio %s)", merged, len(chosen), self.ratio)
+        log.info("tome: merged %d of %d blocks (ratio %s)", merged, len(chosen), self.opts.ratio)
         return result
 
     def _merge_block(self, model, b: TomeBlock, kinds: list[str], src: np.ndarray, dst: np.ndarray, r: int,
