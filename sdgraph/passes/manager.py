@@ -1,27 +1,26 @@
-"""Run a pipeline of passes: structural checks between passes, numeric verification, rollback."""
+"""Run a pipeline of passes: the loop, with rollback. Checks live in ``verifier``, hooks in ``instruments``."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import onnx_graphsurgeon as gs
-
-from sdgraph.errors import InputError, PassError, SdgraphError, VerificationError
+from sdgraph.errors import PassError, SdgraphError, VerificationError
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import Pass
+from sdgraph.passes.instruments import DumpDir, Instrument, PrintAfter, RoleGate, Timing
 from sdgraph.passes.pipeline import build_pipeline, format_pipeline
+from sdgraph.passes.verifier import judge, run_after, verify_structure
 
 __all__ = [
     "PassManager",
     "PassRecord",
     "Report",
-    "Instrument",
+    "Instrument",  # re-exported from instruments / verifier for existing callers
     "DumpDir",
     "PrintAfter",
     "verify_structure",
@@ -29,112 +28,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-# -- structural verifier ----------------------------------------------------------------------
-def verify_structure(model: Model, expected_outputs: list[str] | None = None) -> None:
-    """Cheap checks: acyclic, unique node names, no dangling tensors, graph outputs intact."""
-    graph = model.graph
-    try:
-        graph.toposort()
-    except Exception as exc:
-        raise PassError(f"graph is not a DAG after the pass: {exc}".splitlines()[0]) from None
-    names = collections.Counter(n.name for n in graph.nodes if n.name)
-    dup = [n for n, c in names.items() if c > 1]
-    if dup:
-        raise PassError(f"duplicate node names: {', '.join(sorted(dup)[:5])}")
-    graph_inputs = {t.name for t in graph.inputs}
-    producers: dict[str, int] = collections.Counter()
-    for node in graph.nodes:
-        for out in node.outputs:
-            producers[out.name] += 1
-    multi = [n for n, c in producers.items() if c > 1]
-    if multi:
-        raise PassError(f"tensors with more than one producer: {', '.join(sorted(multi)[:5])}")
-    for node in graph.nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Constant) or t.name == "" or t.name in graph_inputs or t.name in producers:
-                continue
-            raise PassError(f"node {node.name!r} ({node.op}) reads {t.name!r}, which nothing produces")
-    outs = [t.name for t in graph.outputs]
-    if expected_outputs is not None and outs != expected_outputs:
-        raise PassError(f"graph outputs changed: {expected_outputs} -> {outs}")
-    for t in graph.outputs:
-        if t.name not in producers and t.name not in graph_inputs:
-            raise PassError(f"graph output {t.name!r} is no longer produced")
-
-
-# -- instruments ------------------------------------------------------------------------------
-class Instrument:
-    """Hooks around each pass (TVM's PassInstrument): timing, dumps, printing."""
-
-    def before_pass(self, index: int, p: Pass, model: Model) -> None:
-        pass
-
-    def after_pass(self, index: int, p: Pass, model: Model, record: "PassRecord") -> None:
-        pass
-
-
-class DumpDir(Instrument):
-    """Write the graph after each pass as ``NNN_<pass>.onnx`` (``000_input.onnx`` first)."""
-
-    def __init__(self, directory: str | Path, force: bool = False, inputs: Iterable[Path] = ()):
-        from sdgraph.ir.outputs import guard_output
-
-        self.directory = Path(directory)
-        guard_output(self.directory, list(inputs), force=force, what="dump folder")
-        self.written: list[Path] = []
-
-    def before_pass(self, index: int, p: Pass, model: Model) -> None:
-        if index == 1:
-            self._write(model, f"000_input.onnx")
-
-    def after_pass(self, index: int, p: Pass, model: Model, record: "PassRecord") -> None:
-        self._write(model, f"{index:03d}_{p.name}.onnx")
-
-    def _write(self, model: Model, filename: str) -> None:
-        created = not self.directory.exists()
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{self.directory}: cannot create dump directory ({exc.strerror})") from None
-        out = self.directory / filename
-        m = model.copy()
-        m.path = None
-        try:
-            m.save(out, force=True)  # the folder was guarded when the run started
-        except BaseException:
-            if created and not any(self.directory.iterdir()):
-                self.directory.rmdir()  # leave no empty folder behind a failed first dump
-            raise
-        self.written.append(out)
-
-
-class PrintAfter(Instrument):
-    """Send a text view of the graph after the named passes (all when ``names`` is empty)."""
-
-    def __init__(self, sink: Callable[[str], None], names: Iterable[str] = ()):
-        self.sink = sink
-        self.names = set(names)
-
-    def after_pass(self, index: int, p: Pass, model: Model, record: "PassRecord") -> None:
-        if self.names and p.name not in self.names:
-            return
-        self.sink(f"// after {index:03d} {p.spec()}\n{graph_text(model)}")
-
-
-def graph_text(model: Model, limit: int = 400) -> str:
-    """A compact printed graph: one line per node, ``outs = op(ins)``."""
-    lines = [f"graph {model.name} ({model.num_nodes()} nodes)"]
-    for i, node in enumerate(model.graph.nodes):
-        if i == limit:
-            lines.append(f"  ... {model.num_nodes() - limit} more nodes")
-            break
-        ins = ", ".join("%" + t.name if not isinstance(t, gs.Constant) else f"const{list(t.shape or [])}" for t in node.inputs)
-        outs = ", ".join("%" + t.name for t in node.outputs)
-        dom = f"{node.domain}::" if node.domain else ""
-        lines.append(f"  {outs} = {dom}{node.op}({ins})")
-    return "\n".join(lines)
 
 
 # -- records and report -----------------------------------------------------------------------
@@ -177,7 +70,8 @@ class Report:
 class PassManager:
     """Runs passes in order on a Model, in place.
 
-    Between passes the structural verifier always runs. With ``verify=True`` the graph is run in
+    Each pass runs through its own contract (``Pass.__call__``); between passes the structural
+    verifier always runs. Instruments gate (roles), time, dump and print around each pass. With ``verify=True`` the graph is run in
     ONNX Runtime (graph optimizations off) before and after each pass on the same seeded inputs;
     an exact pass whose outputs move more than its tolerance is rolled back and named, with the
     passes that ran before it. Approximate passes report their error and fail only below an
@@ -202,7 +96,7 @@ class PassManager:
         self.debug = debug
         self.seed = seed
         self.shapes = shapes
-        self.instruments = list(instruments)
+        self.instruments = list(instruments)  # the caller's; the role gate and timer are always added
         for p in self.passes:
             p.debug = debug
 
@@ -221,18 +115,18 @@ class PassManager:
             feeds = runtime.seeded_inputs(model, self.seed, self.shapes)
             reference = previous = runtime.run(model, feeds)
         done: list[str] = []
+        instruments = [RoleGate(), *self.instruments, Timing()]
         for index, p in enumerate(self.passes, start=1):
             rec = PassRecord(index, p.spec(), p.name, p.exact, nodes_before=model.num_nodes())
             report.records.append(rec)
-            if p.roles is not None and model.role not in p.roles:
-                rec.skipped = f"applies to {', '.join(p.roles)}, not {model.role}"
+            rec.skipped = next((why for inst in instruments if (why := inst.should_run(index, p, model))), None)
+            if rec.skipped:
                 rec.nodes_after = rec.nodes_before
                 continue
-            for inst in self.instruments:
-                inst.before_pass(index, p, model)
             before_ops = model.op_histogram()
             snapshot = model.copy()
-            t0 = time.perf_counter()
+            for inst in instruments:
+                inst.before_pass(index, p, model)
             try:
                 result = p(model)  # requires -> run -> result check -> ensures
                 verify_structure(model, expected_outputs)
@@ -243,7 +137,6 @@ class PassManager:
                 _restore(model, snapshot)
                 log.debug("pass %s raised", p.name, exc_info=True)
                 raise PassError(_failed(index, p, done, f"{type(exc).__name__}: {exc}".splitlines()[0])) from None
-            rec.seconds = time.perf_counter() - t0
             rec.modified = result.modified
             rec.stats = dict(result.stats)
             rec.expected, rec.matched = result.expected, result.matched
@@ -253,6 +146,8 @@ class PassManager:
             after_ops = model.op_histogram()
             rec.ops_delta = {k: after_ops.get(k, 0) - before_ops.get(k, 0) for k in set(before_ops) | set(after_ops)
                              if after_ops.get(k, 0) != before_ops.get(k, 0)}
+            for inst in instruments:
+                inst.after_run(index, p, model, rec)
             if self.strict and p.pattern and rec.expected is not None and (rec.matched or 0) < rec.expected:
                 _restore(model, snapshot)
                 raise VerificationError(_failed(
@@ -262,17 +157,17 @@ class PassManager:
                 ))
             if self.verify and result.modified:
                 try:
-                    outputs = _run_after(p, model, feeds)
+                    outputs = run_after(p, model, feeds)
                 except SdgraphError as exc:
                     _restore(model, snapshot)
                     raise VerificationError(_failed(index, p, done, f"graph no longer runs: {exc}")) from None
                 rec.numbers = runtime.worst(runtime.compare(previous, outputs))
-                problem = _judge(p, rec.numbers)
+                problem = judge(p, rec.numbers)
                 if problem:
                     _restore(model, snapshot)
                     raise VerificationError(_failed(index, p, done, problem))
                 previous = outputs
-            for inst in self.instruments:
+            for inst in instruments:
                 inst.after_pass(index, p, model, rec)
             done.append(p.spec())
         if self.verify and previous is not reference:
@@ -280,32 +175,6 @@ class PassManager:
         report.seconds = time.perf_counter() - t_start
         report.ops_after = dict(model.op_histogram())
         return report
-
-
-def _run_after(p: Pass, model: Model, feeds) -> dict:
-    """ONNX Runtime; for an approximate pass whose graph ORT's CPU provider cannot load (bf16), OpenVINO."""
-    from sdgraph.ir import runtime
-
-    try:
-        return runtime.run(model, feeds)
-    except InputError:
-        if p.exact:
-            raise
-        from sdgraph.passes._precision import run_any
-
-        return run_any(model, feeds, runtime="openvino")[0]
-
-
-def _judge(p: Pass, numbers: dict[str, float]) -> str | None:
-    if numbers["cosine"] != numbers["cosine"]:  # NaN
-        return "outputs are NaN/Inf after the pass"
-    min_cos = getattr(p.opts, "min_cosine", None)
-    if p.exact:
-        if numbers["max_rel"] > p.rtol:
-            return f"outputs moved by max_rel {numbers['max_rel']:.3g} (> {p.rtol:g}), cosine {numbers['cosine']:.6f}"
-    elif min_cos is not None and numbers["cosine"] < float(min_cos):
-        return f"cosine {numbers['cosine']:.6f} is below min_cosine={min_cos}"
-    return None
 
 
 def _failed(index: int, p: Pass, done: list[str], why: str) -> str:

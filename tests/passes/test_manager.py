@@ -131,3 +131,44 @@ def test_dump_dir_and_print_after(tmp_path):
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["000_input.onnx", "001_fold.onnx", "002_cse.onnx"]
     assert len(printed) == 1 and printed[0].startswith("// after 002 cse") and "Add(" in printed[0]
     assert Model.load(tmp_path / "d" / "002_cse.onnx").num_nodes() == 2
+
+
+def test_instrument_should_run_skips_a_pass_with_its_reason_and_hooks_run_in_order():
+    from sdgraph.passes.instruments import Instrument
+
+    calls = []
+
+    class SkipCse(Instrument):
+        def should_run(self, index, p, model):
+            return "cse is off today" if p.name == "cse" else None
+
+        def before_pass(self, index, p, model):
+            calls.append(("before", p.name))
+
+        def after_run(self, index, p, model, record):
+            calls.append(("run", p.name, record.modified))
+
+        def after_pass(self, index, p, model, record):
+            calls.append(("after", p.name))
+
+    m = _model()
+    rep = PassManager("fold,cse", instruments=[SkipCse()]).run(m)
+    fold, cse = rep.records
+    assert cse.skipped == "cse is off today" and cse.nodes_after == cse.nodes_before == 3
+    assert fold.skipped is None and fold.seconds > 0 and cse.seconds == 0
+    assert calls == [("before", "fold"), ("run", "fold", True), ("after", "fold")]
+    assert m.op_histogram()["Mul"] == 2  # cse did not run
+
+
+def test_role_gate_skips_passes_for_other_roles():
+    @register
+    class _UnetOnly(Pass):
+        name = "test-unet-only"
+        summary = "applies to UNets only"
+        roles = ("unet",)
+
+        def run(self, model):  # pragma: no cover - gated
+            raise AssertionError
+
+    rep = PassManager("test-unet-only").run(_model())
+    assert rep.records[0].skipped.startswith("applies to unet, not ")
