@@ -1,4 +1,4 @@
-"""Canonical ops in the ``ai.sdgraph`` domain: standard-op function bodies, ensure_function and inline_functions."""
+"""Canonical ops in the ``ai.sdgraph`` domain: standard-op function bodies, ensure_function, and the inliner."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from onnx import AttributeProto, helper
 
 from sdgraph.errors import UsageError
+from sdgraph.ir.build import GraphBuilder
 from sdgraph.ir.model import CANONICAL_DOMAIN
 
 __all__ = [
@@ -169,12 +170,16 @@ def ensure_function(model, name: str) -> onnx.FunctionProto:
     return fn
 
 
-def make_node(model, name: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], attrs: dict, node_name: str) -> gs.Node:
-    """Insert canonical node ``name`` into ``model.graph`` (its function is added too)."""
+def make_node(model, name: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], attrs: dict, node_name: str,
+              *, builder=None) -> gs.Node:
+    """Insert canonical node ``name`` into ``model.graph`` (its function is added too).
+
+    ``outputs`` are taken over (their old producers lose them). Pass the rewrite's GraphBuilder
+    as ``builder`` when adding many nodes (one builder per pass keeps the name set once).
+    """
     ensure_function(model, name)
-    node = gs.Node(op=name, name=node_name, domain=CANONICAL_DOMAIN, attrs=dict(attrs), inputs=list(inputs), outputs=list(outputs))
-    model.graph.nodes.append(node)
-    return node
+    b = builder if builder is not None else GraphBuilder(model.graph)
+    return b.node(name, inputs, list(outputs), name=node_name, domain=CANONICAL_DOMAIN, attrs=attrs)
 
 
 def _attr_value(a: onnx.AttributeProto, actual: dict, defaults: dict):
@@ -193,53 +198,82 @@ def _to_gs_value(key: str, value):
     return value
 
 
-def inline_functions(model, names=None) -> int:
-    """Replace ``ai.sdgraph`` nodes (all, or those whose op is in ``names``) with their bodies.
+def _selector(refs) -> "Callable[[str, str], bool] | None":
+    if refs is None:
+        return None
+    if isinstance(refs, str):
+        raise UsageError(f"give a collection of function names, not the string {refs!r}")
+    keys = {r if isinstance(r, tuple) else ("*", r) for r in refs}
+    return lambda domain, op: (domain, op) in keys or ("*", op) in keys
 
-    The fallback lowering for any target that has no native kernel: the result uses standard
-    ops only. Returns how many nodes were inlined.
+
+def inline_functions(model, *, only=None, keep=None) -> int:
+    """Replace calls of model-local functions with their bodies, in place: the one inliner.
+
+    ``only``: inline just these functions; ``keep``: inline all but these (both are collections of
+    op names, or ``(domain, op)`` keys; give at most one). Without either, every call is inlined,
+    which is the fallback lowering for a target with no native kernel: the result uses standard
+    ops only. Canonical ``ai.sdgraph`` ops whose function the model lacks get the standard body.
+    Calls inside inlined bodies are inlined by the same rule. Weights stay where they are (no
+    proto round trip). Returns how many calls were inlined.
     """
+    if only is not None and keep is not None:
+        raise UsageError("inline_functions: give only= or keep=, not both")
+    want, skip = _selector(only), _selector(keep)
+
+    def selected(node: gs.Node) -> bool:
+        domain = node.domain or ""
+        if (domain, node.op) not in model.functions and not (domain == CANONICAL_DOMAIN and node.op in _BUILDERS):
+            return False
+        return (want is None or want(domain, node.op)) and (skip is None or not skip(domain, node.op))
+
     graph = model.graph
-    wanted = set(names) if names is not None else None
+    b = GraphBuilder(graph)
     count = 0
-    for node in list(graph.nodes):
-        if node.domain != CANONICAL_DOMAIN or (wanted is not None and node.op not in wanted):
-            continue
-        fn = model.functions.get((CANONICAL_DOMAIN, node.op))
-        if fn is None:
-            fn = function_proto(node.op, max(model.opset, 15))
-        defaults = {a.name: helper.get_attribute_value(a) for a in fn.attribute_proto}
-        env: dict[str, gs.Tensor] = {}
-        for formal, actual in zip(fn.input, node.inputs):
-            env[formal] = actual
-        for formal, actual in zip(fn.output, node.outputs):
-            env[formal] = actual
-        prefix = f"{node.name}/"
-
-        def tensor(nm: str) -> gs.Tensor:
-            if nm == "":
-                return gs.Variable.empty()
-            if nm not in env:
-                env[nm] = gs.Variable(prefix + nm)
-            return env[nm]
-
-        actual_attrs = dict(node.attrs)
-        node.outputs.clear()
-        node.inputs.clear()
-        for k_body, body in enumerate(fn.node):
-            attrs = {a.name: _to_gs_value(a.name, _attr_value(a, actual_attrs, defaults)) for a in body.attribute}
-            attrs = {k: v for k, v in attrs.items() if v is not None}
-            if body.op_type == "Constant":
-                # Materialise constants directly (value_float / value_int / value tensors).
-                (k, v), = attrs.items()
-                arr = v.values if isinstance(v, gs.Constant) else np.array(v, dtype=np.float32 if isinstance(v, float) else np.int64)
-                out = tensor(body.output[0])
-                if isinstance(out, gs.Variable) and body.output[0] not in fn.output:
-                    env[body.output[0]] = gs.Constant(prefix + body.output[0], np.asarray(arr))
-                    continue
-            graph.nodes.append(gs.Node(op=body.op_type, name=prefix + (body.name or f"{k_body}_{body.op_type}"), domain=body.domain or None, attrs=attrs,
-                                       inputs=[tensor(i) for i in body.input], outputs=[tensor(o) for o in body.output]))
-        count += 1
+    for _ in range(16):  # nesting depth
+        calls = [n for n in graph.nodes if selected(n)]
+        if not calls:
+            break
+        for node in calls:
+            _inline_call(model, b, node)
+        done = {id(n) for n in calls}
+        graph.nodes = [n for n in graph.nodes if id(n) not in done]
+        count += len(calls)
     if count:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return count
+
+
+def _inline_call(model, b, node: gs.Node) -> None:
+    fn = model.functions.get((node.domain or "", node.op))
+    if fn is None:
+        fn = function_proto(node.op, max(model.opset, 15))
+    defaults = {a.name: helper.get_attribute_value(a) for a in fn.attribute_proto}
+    env: dict[str, gs.Tensor] = {}
+    for formal, actual in zip(fn.input, node.inputs):
+        env[formal] = actual
+    for formal, actual in zip(fn.output, node.outputs):
+        env[formal] = actual
+    prefix = f"{node.name}/"
+
+    def tensor(nm: str) -> gs.Tensor:
+        if nm == "":
+            return gs.Variable.empty()
+        if nm not in env:
+            env[nm] = b.var(prefix + nm)
+        return env[nm]
+
+    actual_attrs = dict(node.attrs)
+    node.outputs.clear()
+    node.inputs.clear()
+    for k_body, body in enumerate(fn.node):
+        attrs = {a.name: _to_gs_value(a.name, _attr_value(a, actual_attrs, defaults)) for a in body.attribute}
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        if body.op_type == "Constant" and body.output[0] not in fn.output:
+            # Materialise constants directly (value_float / value_int / value tensors).
+            (k, v), = attrs.items()
+            arr = v.values if isinstance(v, gs.Constant) else np.array(v, dtype=np.float32 if isinstance(v, float) else np.int64)
+            env[body.output[0]] = b.const(prefix + body.output[0], np.asarray(arr))
+            continue
+        b.node(body.op_type, [tensor(i) for i in body.input], [tensor(o) for o in body.output],
+               name=prefix + (body.name or f"{k_body}_{body.op_type}"), domain=body.domain or None, attrs=attrs)

@@ -2,33 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from sdgraph.ir import canonical
+from sdgraph.ir.build import GraphBuilder
+from sdgraph.ir.edit import remove_dead
 from sdgraph.ir.pattern import Mismatch, const_value, producer, scalar, single_consumer, skip_identity_casts
 from sdgraph.ir.shapes import infer_shapes
 from sdgraph.passes.base import Option, Pass, PassResult, register
 
-__all__ = ["FuseAttention", "match_attention"]
+__all__ = ["FuseAttention", "AttentionMatch", "match_attention", "LAYOUTS"]
 
 log = logging.getLogger(__name__)
 
 
-class _Match:
-    def __init__(self):
-        self.q = self.kt = self.v = self.mask = None
-        self.scale = 1.0
-        self.out: gs.Tensor | None = None
+@dataclasses.dataclass
+class AttentionMatch:
+    """One matched attention: y = softmax(q·ktᵀ... · scale [+ mask]) · v, written to ``out``.
+
+    ``kt`` is the key as the graph has it (already transposed); ``scale`` gathers every constant
+    Mul/Div on the scores, the query and the key. Filled in while matching.
+    """
+
+    q: gs.Tensor | None = None
+    kt: gs.Tensor | None = None
+    v: gs.Tensor | None = None
+    mask: gs.Tensor | None = None
+    scale: float = 1.0
+    out: gs.Tensor | None = None
+
+    @property
+    def canonical_op(self) -> str:
+        return "AttentionMasked" if self.mask is not None else "Attention"
+
+    @property
+    def rank(self) -> int:
+        return len(self.q.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A heads layout the matcher accepts, and how the rewrite maps it to canonical [B,H,S,D]."""
+
+    name: str
+    wrap: bool  # True: Unsqueeze q/k/v on axis 0 before, Squeeze after
+
+
+# Pattern variants as data: the query ranks fa fuses (any other rank is a near miss).
+LAYOUTS = {4: Layout("[B,H,S,D]", wrap=False), 3: Layout("[B·H,S,D] (heads in batch)", wrap=True)}
 
 
 def _one_element(t: gs.Tensor) -> bool:
     return t.shape is not None and all(isinstance(d, int) for d in t.shape) and int(np.prod(t.shape)) == 1
 
 
-def _peel_scale(t: gs.Tensor, m: _Match, what: str) -> gs.Tensor:
+def _peel_scale(t: gs.Tensor, m: AttentionMatch, what: str) -> gs.Tensor:
     """Walk back through identity Casts and Mul/Div by a constant scalar, folding them into m.scale."""
     while True:
         t, _ = skip_identity_casts(t)
@@ -49,7 +81,7 @@ def _peel_scale(t: gs.Tensor, m: _Match, what: str) -> gs.Tensor:
             return t
 
 
-def match_attention(softmax: gs.Node) -> _Match:
+def match_attention(softmax: gs.Node) -> AttentionMatch:
     """Match the attention around ``softmax``; raise Mismatch with the reason if it is not one.
 
     Cases handled:
@@ -60,7 +92,7 @@ def match_attention(softmax: gs.Node) -> _Match:
       4. Casts that keep the dtype (upcast_attention in an fp32 model) anywhere on the Q/K/scores path.
       5. Heads layout [B, H, S, D] (rank 4) or heads folded into batch [B·H, S, D] (rank 3).
     """
-    m = _Match()
+    m = AttentionMatch()
     axis = softmax.attrs.get("axis", -1)
     x = softmax.inputs[0]
     rank = len(x.shape) if x.shape is not None else None
@@ -118,8 +150,8 @@ def match_attention(softmax: gs.Node) -> _Match:
         raise Mismatch("probabilities are the right operand of the output MatMul")
     m.v, m.out = user.inputs[1], user.outputs[0]
     qr = len(m.q.shape) if m.q.shape is not None else None
-    if qr not in (3, 4):
-        raise Mismatch(f"query rank is {qr}; expected 4 ([B,H,S,D]) or 3 ([B·H,S,D])")
+    if qr not in LAYOUTS:
+        raise Mismatch(f"query rank is {qr}; expected " + " or ".join(f"{r} ({lay.name})" for r, lay in LAYOUTS.items()))
     for name, tensor in (("key", m.kt), ("value", m.v)):
         if tensor.shape is not None and len(tensor.shape) != qr:
             raise Mismatch(f"{name} rank {len(tensor.shape)} differs from the query's {qr}")
@@ -128,7 +160,7 @@ def match_attention(softmax: gs.Node) -> _Match:
     return m
 
 
-def _untranspose_key(graph: gs.Graph, kt: gs.Tensor, rank: int, name: str) -> gs.Tensor:
+def _untranspose_key(b: GraphBuilder, kt: gs.Tensor, rank: int, name: str) -> gs.Tensor:
     """K from Kᵀ: reuse the Transpose's input when possible, else insert a Transpose."""
     node = producer(kt)
     last_swap = list(range(rank - 2)) + [rank - 1, rank - 2]
@@ -137,12 +169,8 @@ def _untranspose_key(graph: gs.Graph, kt: gs.Tensor, rank: int, name: str) -> gs
         if perm == last_swap:
             return node.inputs[0]
         if rank == 4 and perm == [0, 2, 3, 1]:
-            k = gs.Variable(f"{name}/key", dtype=kt.dtype)
-            graph.nodes.append(gs.Node("Transpose", f"{name}/key_t", attrs={"perm": [0, 2, 1, 3]}, inputs=[node.inputs[0]], outputs=[k]))
-            return k
-    k = gs.Variable(f"{name}/key", dtype=kt.dtype)
-    graph.nodes.append(gs.Node("Transpose", f"{name}/key_t", attrs={"perm": last_swap}, inputs=[kt], outputs=[k]))
-    return k
+            return b.op("Transpose", [node.inputs[0]], name=f"{name}/key_t", attrs={"perm": [0, 2, 1, 3]}, dtype=kt.dtype)
+    return b.op("Transpose", [kt], name=f"{name}/key_t", attrs={"perm": last_swap}, dtype=kt.dtype)
 
 
 def _heads(t: gs.Tensor) -> int:
@@ -176,6 +204,7 @@ class FuseAttention(Pass):
     def run(self, model) -> PassResult:
         graph = model.graph
         infer_shapes(model)
+        b = GraphBuilder(graph)
         softmaxes = [n for n in graph.nodes if n.op == "Softmax"]
         near: list[tuple[str, str]] = []
         fused = masked = rank3 = skipped = 0
@@ -189,30 +218,24 @@ class FuseAttention(Pass):
                 near.append((sm.name, str(exc)))
                 continue
             base = f"sdgraph_attention_{i}"
-            rank = len(m.q.shape)
-            k = _untranspose_key(graph, m.kt, rank, base)
+            layout = LAYOUTS[m.rank]
+            k = _untranspose_key(b, m.kt, m.rank, base)
             q, v, out = m.q, m.v, m.out
-            final_out = out
-            if rank == 3:
-                ax = gs.Constant(f"{base}/axis0", np.array([0], dtype=np.int64))
-                q4, k4, v4 = (gs.Variable(f"{base}/{n}4", dtype=t.dtype) for n, t in (("q", q), ("k", k), ("v", v)))
-                for src, dst in ((q, q4), (k, k4), (v, v4)):
-                    graph.nodes.append(gs.Node("Unsqueeze", f"{dst.name}_unsq", inputs=[src, ax], outputs=[dst]))
-                q, k, v = q4, k4, v4
-                out = gs.Variable(f"{base}/y4", dtype=out.dtype)
+            if layout.wrap:
+                axis0 = np.array([0], dtype=np.int64)
+                q, k, v = (b.op("Unsqueeze", [t, axis0], name=f"{base}/{n}4_unsq", dtype=t.dtype)
+                           for n, t in (("q", q), ("k", k), ("v", v)))
+                out = b.var(f"{base}/y4", dtype=m.out.dtype)
                 rank3 += 1
-            # Detach the matched output from its old producer before rewiring.
-            final_out.inputs.clear()
-            op = "AttentionMasked" if m.mask is not None else "Attention"
             inputs = [q, k, v] + ([m.mask] if m.mask is not None else [])
-            canonical.make_node(model, op, inputs, [out], {"scale": float(m.scale), "num_heads": _heads(q)}, base)
-            if rank == 3:
-                ax = gs.Constant(f"{base}/axis0_out", np.array([0], dtype=np.int64))
-                graph.nodes.append(gs.Node("Squeeze", f"{base}/squeeze", inputs=[out, ax], outputs=[final_out]))
+            canonical.make_node(model, m.canonical_op, inputs, [out], {"scale": float(m.scale), "num_heads": _heads(q)},
+                                base, builder=b)
+            if layout.wrap:
+                b.op("Squeeze", [out, np.array([0], dtype=np.int64)], name=f"{base}/squeeze", out=m.out)
             fused += 1
             masked += m.mask is not None
         if fused:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            remove_dead(graph)
         stats = {"attention_fused": fused, "masked": masked, "heads_in_batch": rank3}
         if skipped:
             stats["excluded"] = skipped

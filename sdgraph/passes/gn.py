@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from sdgraph.ir import canonical
+from sdgraph.ir.build import GraphBuilder
+from sdgraph.ir.edit import remove_dead
 from sdgraph.ir.pattern import Mismatch, const_value, dims, producer, single_consumer
 from sdgraph.ir.shapes import infer_shapes
 from sdgraph.passes.base import Option, Pass, PassResult, register
 
-__all__ = ["FuseGroupNorm", "match_group_norm"]
+__all__ = ["FuseGroupNorm", "GroupNormMatch", "match_group_norm", "EPILOGUES"]
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +25,47 @@ def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
     return b if a is t else a
 
 
-def match_group_norm(inorm: gs.Node) -> dict:
+@dataclasses.dataclass(frozen=True)
+class GroupNormMatch:
+    """One matched GroupNorm: ``affine_out`` = GroupNorm(x)·gamma + beta; ``out`` = SiLU of it when
+    ``silu``, else ``affine_out``."""
+
+    x: gs.Tensor
+    gamma: gs.Tensor
+    beta: gs.Tensor
+    groups: int
+    epsilon: float
+    affine_out: gs.Tensor
+    silu: bool
+    out: gs.Tensor
+
+    def without_silu(self) -> "GroupNormMatch":
+        return dataclasses.replace(self, silu=False, out=self.affine_out)
+
+    @property
+    def canonical_op(self) -> str:
+        return EPILOGUES["silu" if self.silu else "none"][1]
+
+
+def _silu_after(t: gs.Tensor) -> gs.Tensor | None:
+    """SiLU written as Mul(t, Sigmoid(t)): its output, else None."""
+    users = t.outputs
+    if len(users) == 2 and {u.op for u in users} == {"Sigmoid", "Mul"}:
+        sig = next(u for u in users if u.op == "Sigmoid")
+        m2 = next(u for u in users if u.op == "Mul")
+        if sig.outputs[0].outputs == [m2] and set(map(id, m2.inputs)) == {id(t), id(sig.outputs[0])}:
+            return m2.outputs[0]
+    return None
+
+
+# Pattern variants as data: what may follow the affine Add, tried in order: (matcher, canonical op).
+EPILOGUES = {
+    "silu": (_silu_after, "GroupNormSilu"),
+    "none": (lambda t: t, "GroupNorm"),
+}
+
+
+def match_group_norm(inorm: gs.Node) -> GroupNormMatch:
     """Match the GroupNorm around ``inorm``; raise Mismatch with the reason otherwise.
 
     Cases handled:
@@ -66,16 +109,12 @@ def match_group_norm(inorm: gs.Node) -> dict:
         padded = (1,) * (len(xs) - v.ndim) + tuple(v.shape)
         if len(padded) != len(xs) or any(d != 1 for j, d in enumerate(padded) if j != 1) or padded[1] not in (1, c):
             raise Mismatch(f"GroupNorm {name} of shape {v.shape} is not per-channel")
-    out = add.outputs[0]
-    silu = False
-    users = out.outputs
-    if len(users) == 2 and {u.op for u in users} == {"Sigmoid", "Mul"}:
-        sig = next(u for u in users if u.op == "Sigmoid")
-        m2 = next(u for u in users if u.op == "Mul")
-        if sig.outputs[0].outputs == [m2] and set(map(id, m2.inputs)) == {id(out), id(sig.outputs[0])}:
-            silu, out = True, m2.outputs[0]
-    return {"x": x, "gamma": gamma, "beta": beta, "groups": groups, "epsilon": float(inorm.attrs.get("epsilon", 1e-5)),
-            "silu": silu, "out": out}
+    affine = add.outputs[0]
+    for kind, (epilogue, _) in EPILOGUES.items():
+        out = epilogue(affine)
+        if out is not None:
+            break
+    return GroupNormMatch(x, gamma, beta, groups, float(inorm.attrs.get("epsilon", 1e-5)), affine, kind == "silu", out)
 
 
 def _is_shape_of(shape_t: gs.Tensor, x: gs.Tensor) -> bool:
@@ -101,6 +140,7 @@ class FuseGroupNorm(Pass):
     def run(self, model) -> PassResult:
         graph = model.graph
         infer_shapes(model)
+        b = GraphBuilder(graph)
         inorms = [n for n in graph.nodes if n.op == "InstanceNormalization"]
         near: list[tuple[str, str]] = []
         fused = with_silu = 0
@@ -110,18 +150,14 @@ class FuseGroupNorm(Pass):
             except Mismatch as exc:
                 near.append((node.name, str(exc)))
                 continue
-            if m["silu"] and not self.opts.silu:
-                m["silu"] = False
-                m["out"] = single_consumer(single_consumer(node.outputs[0], "Reshape").outputs[0], "Mul").outputs[0].outputs[0].outputs[0]
-            out = m["out"]
-            out.inputs.clear()
-            op = "GroupNormSilu" if m["silu"] else "GroupNorm"
-            canonical.make_node(model, op, [m["x"], m["gamma"], m["beta"]], [out],
-                                {"groups": m["groups"], "epsilon": m["epsilon"]}, f"sdgraph_groupnorm_{i}")
+            if m.silu and not self.opts.silu:
+                m = m.without_silu()
+            canonical.make_node(model, m.canonical_op, [m.x, m.gamma, m.beta], [m.out],
+                                {"groups": m.groups, "epsilon": m.epsilon}, f"sdgraph_groupnorm_{i}", builder=b)
             fused += 1
-            with_silu += m["silu"]
+            with_silu += m.silu
         if fused:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            remove_dead(graph)
         for name, why in near:
             log.debug("gn near miss %s: %s", name, why)
         return PassResult(fused > 0, {"groupnorm_fused": fused, "with_silu": with_silu}, expected=len(inorms), matched=fused,

@@ -693,7 +693,7 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
     from sdgraph.targets.ascend import resolve_castlike, apply_static_shapes
 
     stats: dict[str, Any] = {}
-    stats["inlined"] = inline_functions(model, {k[1] for k in model.functions if k[0] == CANONICAL_DOMAIN} - NATIVE_CANONICAL)
+    stats["inlined"] = inline_functions(model, keep={(CANONICAL_DOMAIN, n) for n in NATIVE_CANONICAL})
     apply_static_shapes(model, ctx)
     stats["castlike_resolved"] = resolve_castlike(model)
     if fold:

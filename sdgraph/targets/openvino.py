@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 
 from sdgraph.errors import InputError
+from sdgraph.ir.canonical import inline_functions
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import Option
-from sdgraph.targets._legal import inline_functions
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
 
 __all__ = ["OpenVinoTarget", "OpenVinoRunner", "ov_has_rule"]

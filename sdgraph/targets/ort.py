@@ -10,9 +10,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from sdgraph.errors import InputError
+from sdgraph.ir.canonical import inline_functions
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import Option
-from sdgraph.targets._legal import canonical_counts, inline_functions, run_pass_if_registered
+from sdgraph.targets._legal import canonical_counts, run_pass_if_registered
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
 
 __all__ = ["OrtTarget", "OrtRunner"]

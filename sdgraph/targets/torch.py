@@ -129,7 +129,7 @@ class TorchTarget(Target):
         return problems
 
     def legalize(self, model: Model, ctx: LowerContext) -> None:
-        from sdgraph.targets._legal import inline_functions
+        from sdgraph.ir.canonical import inline_functions
 
         inline_functions(model, keep={(CANONICAL_DOMAIN, n) for n in CANONICAL_NATIVE})
 

@@ -84,7 +84,7 @@ def test_inline_selected_names_only(fused_sd15):
     fused, ref = fused_sd15
     m = fused.copy()
     geglu = m.op_histogram()[f"{CANONICAL_DOMAIN}::GeGLU"]
-    n = canonical.inline_functions(m, names=["GeGLU"])
+    n = canonical.inline_functions(m, only=["GeGLU"])
     hist = m.op_histogram()
     assert n == geglu > 0 and f"{CANONICAL_DOMAIN}::GeGLU" not in hist and hist[f"{CANONICAL_DOMAIN}::Attention"] > 0
     assert runtime.worst(runtime.compare(ref, runtime.run(m, seed=0)))["max_rel"] <= 1e-4
