@@ -105,8 +105,8 @@ class Model:
     def assign(self, other: "Model") -> "Model":
         """Replace this model's contents with ``other``'s, in place (the one way to swap a model).
 
-        Used to roll back to a snapshot and by rewrites that rebuild the graph (onnxsim, the
-        proto-level inliner): holders of this Model object see the new graph.
+        Used to roll back to a snapshot (the pass manager) and by rewrites that rebuild the model
+        from a proto (onnxsim): holders of this Model object see the new graph.
         """
         for key in self._STATE:
             setattr(self, key, getattr(other, key))
