@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from sdgraph.errors import PassError, TargetUnavailable, UnsupportedError
+from sdgraph.ir.build import GraphBuilder
 from sdgraph.ir.canonical import inline_functions
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.ir.shapes import infer_shapes, static_shape
@@ -84,19 +85,25 @@ def _const(name: str, value) -> gs.Constant:
 
 
 class _Emitter:
-    """Appends nodes to a graph with unique names under one prefix."""
+    """Appends nodes under one prefix (``<prefix>/<op>_<n>``) through the graph's builder."""
 
     def __init__(self, graph: gs.Graph, prefix: str):
         self.graph, self.prefix, self.n = graph, prefix, 0
+        self.b = GraphBuilder(graph)
 
     def __call__(self, op: str, inputs, attrs=None, outputs: int | list = 1, dtype=None, shape=None, name: str | None = None):
         self.n += 1
         base = f"{self.prefix}/{name or op}_{self.n}"
         if isinstance(outputs, int):
-            outputs = [gs.Variable(f"{base}_out{i}", dtype=dtype, shape=shape) for i in range(outputs)]
-        node = gs.Node(op, base, attrs=dict(attrs or {}), inputs=list(inputs), outputs=outputs)
-        self.graph.nodes.append(node)
+            outputs = [f"{base}_out{i}" for i in range(outputs)]
+        node = self.b.node(op, inputs, outputs, name=base, attrs=attrs, dtype=dtype)
+        for o in node.outputs:
+            if shape is not None and o.shape is None:
+                o.shape = shape
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
+
+    def node(self, op: str, name: str, attrs: dict, inputs: list, outputs: list) -> gs.Node:
+        return self.b.node(op, inputs, outputs, name=name, attrs=attrs)
 
     def const(self, tag: str, value):
         self.n += 1
@@ -241,7 +248,7 @@ def _rewrite_fa(graph: gs.Graph, node: gs.Node, soc: str) -> None:
         qs = e("Mul", [q, e.const("scale", np.array(scale, np.float32))], dtype=np.float32, shape=[b, h, sq, d])
         heads = [e("Cast", [x], {"to": _F16}, dtype=np.float16) for x in (qs, k, v)]
         y = e("FlashAttentionTik", heads, dtype=np.float16, shape=[b, h, sq, d], name="FlashAttentionTik")
-        graph.nodes.append(gs.Node("Cast", f"{node.name}/Cast_out", {"to": _F32}, [y], [out]))
+        e.node("Cast", f"{node.name}/Cast_out", {"to": _F32}, [y], [out])
         return
     # UnpadFlashAttentionMix: [B, S, H, D], scale 1/sqrt(D) inside: pre-scale q when the graph's differs
     if abs(scale * math.sqrt(d) - 1.0) > 1e-6:
@@ -251,7 +258,7 @@ def _rewrite_fa(graph: gs.Graph, node: gs.Node, soc: str) -> None:
     y = e("UnpadFlashAttentionMix", bshd, outputs=4, name="UnpadFlashAttentionMix")[0]
     y.shape = [b, sq, h, d]
     y = e("Cast", [y], {"to": _F32}, dtype=np.float32, shape=[b, sq, h, d])
-    graph.nodes.append(gs.Node("Transpose", f"{node.name}/Transpose_out", {"perm": [0, 2, 1, 3]}, [y], [out]))
+    e.node("Transpose", f"{node.name}/Transpose_out", {"perm": [0, 2, 1, 3]}, [y], [out])
 
 
 def _tome_reason(node: gs.Node) -> str | None:
@@ -297,7 +304,7 @@ def _rewrite_tome(graph: gs.Graph, merge: gs.Node, unmerges: list[gs.Node], opse
     cnt_b = e("Unsqueeze", [reduce_sum(cnt, 1, 0), e.const("axes2", np.array([2], np.int64))], dtype=np.float32) if opset >= 13 \
         else e("Unsqueeze", [reduce_sum(cnt, 1, 0)], {"axes": [2]}, dtype=np.float32)
     mean_b = e("Div", [reduce_sum(sum_b, 1, 0), cnt_b], dtype=np.float32)
-    graph.nodes.append(gs.Node("Concat", f"{merge.name}/Concat_merged", {"axis": 1}, [unm, mean_b], [merged]))
+    e.node("Concat", f"{merge.name}/Concat_merged", {"axis": 1}, [unm, mean_b], [merged])
     # the canonical op's own index outputs are replaced by the plugin's (TopK order and FindMax argmax)
     for idx_out, plugin in ((src_idx, edge_idx), (dst_idx, node_idx)):
         for consumer in list(idx_out.outputs):
@@ -309,8 +316,7 @@ def _rewrite_tome(graph: gs.Graph, merge: gs.Node, unmerges: list[gs.Node], opse
         reps = eu.const("reps", np.array([1, bsz], np.int64))
         ori = [eu("Tile", [eu("Unsqueeze", [ix, eu.const("axes0", np.array([0], np.int64))]) if opset >= 13
                           else eu("Unsqueeze", [ix], {"axes": [0]}), reps]) for ix in (idx_a, idx_b)]
-        graph.nodes.append(gs.Node("TomeUnmerged", f"{un.name}/TomeUnmerged", {"topRRate": rate},
-                                   [y, ori[0], ori[1], edge_idx, node_idx], [out]))
+        eu.node("TomeUnmerged", f"{un.name}/TomeUnmerged", {"topRRate": rate}, [y, ori[0], ori[1], edge_idx, node_idx], [out])
 
 
 def rewrite_vendor_ops(model: Model, soc: str, fa: bool = True, tome: bool = True) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from sdgraph.errors import PassError, TargetUnavailable, UnsupportedError
 from sdgraph.ir.canonical import inline_functions
+from sdgraph.ir.build import GraphBuilder
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.ir.shapes import infer_shapes, static_shape
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
@@ -650,6 +651,7 @@ def _fuse_gelu(model: Model) -> int:
     The engine's ``Erf`` executor is the whole GELU, so a bare erf cannot be lowered; the exported
     GELU/GEGLU chains of SD UNets and OpenCLIP text encoders can.
     """
+    b = GraphBuilder(model.graph)
     fused = 0
     for erf in [n for n in model.graph.nodes if n.op == "Erf"]:
         pre = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
@@ -682,7 +684,7 @@ def _fuse_gelu(model: Model) -> int:
         out = chain[-1].outputs[0]
         for n in chain:
             n.outputs.clear()
-        model.graph.nodes.append(gs.Node("Gelu", erf.name + "_gelu", inputs=[x], outputs=[out]))
+        b.op("Gelu", [x], name=erf.name + "_gelu", out=out)
         fused += 1
     if fused:
         model.graph.cleanup().toposort()
