@@ -2,8 +2,8 @@
 
 from sdgraph._version import __version__
 
-from sdgraph.errors import SdgraphError  # noqa: E402
-from sdgraph.ir.model import Model  # noqa: E402
+from sdgraph.errors import SdgraphError
+from sdgraph.ir.model import Model
 
 
 def load(path) -> Model:

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from sdgraph.errors import UsageError
-from sdgraph.passes.base import Pass, create_pass, format_element, format_value
+from sdgraph.passes.base import Pass, create_pass, format_element
 
 __all__ = ["PRESETS", "parse_pipeline", "format_pipeline", "format_element", "split_elements", "build_pipeline"]
 
