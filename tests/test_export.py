@@ -19,7 +19,7 @@ from sdgraph.export import export_pipeline
 TOL = 1e-4  # the bar: every submodel within max_rel 1e-4 of torch
 
 # Submodels per arch; the dynamo run skips those whose architecture another arch already covers
-# with that exporter (SDGRAPH_SLOW=1 runs the whole matrix).
+# with that exporter (the slow test_dynamo_export_whole_pipelines runs the whole matrix).
 ALL = {
     "sd15": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
     "sd21": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
@@ -145,7 +145,6 @@ def test_dynamo_export_matches_torch(tiny_onnx, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("SDGRAPH_SLOW"), reason="the whole dynamo matrix: set SDGRAPH_SLOW=1")
 @pytest.mark.parametrize("arch", ["sd21", "sdxl", "pix2pix"])
 def test_dynamo_export_whole_pipelines(tiny_onnx, arch):
     _check_dir(tiny_onnx(arch, "dynamo"), arch, "dynamo", ALL[arch])
