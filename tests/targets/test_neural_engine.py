@@ -276,6 +276,7 @@ def fake_runtime(tmp_path, monkeypatch):
     neural_engine._status.cache_clear()
 
 
+@pytest.mark.slow  # a worker process serving the reference reader
 def test_runner_drives_a_served_worker(fake_runtime, lowered, tiny_sd15_onnx):
     from sdgraph.errors import PassError
 
