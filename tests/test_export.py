@@ -261,6 +261,7 @@ def test_cli_export_prints_a_summary_and_writes_the_manifest(tiny_sd15_pipeline,
     assert not (out / "text_encoder").exists()
 
 
+@pytest.mark.slow  # builds a demo model in a child process: ~14 s of CPU
 def test_cli_demo_model(tmp_path):
     res = sdgraph("demo-model", "-o", tmp_path / "p", "--arch", "pix2pix")
     assert res.returncode == 0, res.stderr
