@@ -18,8 +18,6 @@ from sdgraph.errors import SdgraphError
 
 from sdgraph.paths import cache_dir
 
-from sdgraph.paths import cache_dir
-
 __all__ = ["cache_dir", "cache_max_bytes", "graph_hash", "make_key", "ArtifactCache", "COMPONENTS", "DEFAULT_MAX_GB"]
 
 log = logging.getLogger(__name__)
