@@ -12,7 +12,7 @@ import networkx as nx
 
 
 def _import_graph() -> nx.DiGraph:
-    g = grimp.build_graph("sdgraph")
+    g = grimp.build_graph("sdgraph", exclude_type_checking_imports=True)  # annotations only: no run-time edge
     d = nx.DiGraph()
     for m in g.modules:
         d.add_node(m)
