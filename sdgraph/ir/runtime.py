@@ -39,7 +39,7 @@ def session(model_or_path, optimize: bool = False, threads: int | None = None, p
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions; ORT would also print them
     if threads:
         so.intra_op_num_threads = threads
     if model.base_dir is not None:

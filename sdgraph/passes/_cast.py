@@ -118,7 +118,8 @@ def cast_graph(model, low_nodes: list[gs.Node], kind: str) -> dict[str, int]:
             if isinstance(t, gs.Constant):
                 c = const_cache.get(id(t))
                 if c is None:
-                    vals = np.clip(np.asarray(t.values, dtype=np.float32), -fmax, fmax).astype(np_low)
+                    # np.asarray again: a ufunc on a 0-d array (a folded scalar) returns a numpy scalar
+                    vals = np.asarray(np.clip(np.asarray(t.values, dtype=np.float32), -fmax, fmax).astype(np_low))
                     c = const_cache[id(t)] = gs.Constant(f"{t.name}_{kind}", vals)
                     weights += 1
                 node.inputs[i] = c

@@ -101,6 +101,11 @@ def run_any(model, feeds: Mapping[str, np.ndarray], runtime: str = "auto") -> tu
 def _run_openvino(model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     import openvino as ov
 
+    from sdgraph.targets._legal import inline_functions
+
+    if model.functions:  # OpenVINO's ONNX frontend has no rule for model-local functions (fa, gn, geglu)
+        model = model.copy()
+        inline_functions(model)
     with tempfile.TemporaryDirectory(prefix="sdgraph-ov-") as tmp:
         path = model.save_to_dir_unchecked(Path(tmp))
         core = ov.Core()

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from sdgraph.errors import PassError, SdgraphError, VerificationError
+from sdgraph.errors import InputError, PassError, SdgraphError, VerificationError
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import Pass
 from sdgraph.passes.instruments import DumpDir, Instrument, PrintAfter, RoleGate, Timing
 from sdgraph.passes.pipeline import build_pipeline, format_pipeline
-from sdgraph.passes.verifier import judge, run_after, verify_structure
+from sdgraph.passes.verifier import first_line, judge, run_after, verify_structure
 
 __all__ = [
     "PassManager",
@@ -113,7 +113,11 @@ class PassManager:
         feeds = reference = previous = None
         if self.verify:
             feeds = runtime.seeded_inputs(model, self.seed, self.shapes)
-            reference = previous = runtime.run(model, feeds)
+            try:
+                reference = previous = runtime.run(model, feeds)
+            except Exception as exc:
+                raise InputError(f"--verify: {model.name} does not run in ONNX Runtime before any pass: "
+                                 f"{first_line(exc)}") from None
         done: list[str] = []
         instruments = [RoleGate(), *self.instruments, Timing()]
         for index, p in enumerate(self.passes, start=1):
@@ -158,9 +162,9 @@ class PassManager:
             if self.verify and result.modified:
                 try:
                     outputs = run_after(p, model, feeds)
-                except SdgraphError as exc:
+                except PassError as exc:
                     _restore(model, snapshot)
-                    raise VerificationError(_failed(index, p, done, f"graph no longer runs: {exc}")) from None
+                    raise VerificationError(_failed(index, p, done, f"the graph no longer runs: {exc}")) from None
                 rec.numbers = runtime.worst(runtime.compare(previous, outputs))
                 problem = judge(p, rec.numbers)
                 if problem:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from sdgraph.errors import PassError, UnsupportedError
+from sdgraph.ir.axes import AxisPlan
 from sdgraph.ir.canonical_tome import MIN_OPSET, TOME_MERGE, TOME_UNMERGE, make_tome_functions
 from sdgraph.ir.model import CANONICAL_DOMAIN
 from sdgraph.ir.shapes import infer_shapes, static_shape
@@ -124,8 +125,9 @@ def find_blocks(model) -> tuple[list[TomeBlock], list[tuple[str, str]], int]:
             continue
         candidates += 1
         hidden = reg.norm.inputs[0]
-        shape = static_shape(hidden)
-        if shape is None or len(shape) != 3:
+        shape = hidden.shape
+        # the batch may be symbolic (SDXL's legacy export before fold); tokens and channels may not
+        if shape is None or len(shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:]):
             raise UnsupportedError(
                 f"tome needs static token shapes [batch, tokens, channels]; {hidden.name} has {hidden.shape} "
                 "(export or fix the UNet at a static latent size: tome does not compute sizes in-graph)"
@@ -180,43 +182,6 @@ def _merge_count(tokens: int, ratio: float, n_src: int) -> int:
     return min(int(tokens * ratio), n_src)  # tomesd: r = int(N * ratio), at most |src|
 
 
-def _const_value(t: gs.Tensor) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        shape = tuple(t.shape or ())
-        if len(shape) != 1 or shape[0] > 8:  # never read weights (they may live on disk)
-            return None
-        return np.asarray(t.values)
-    if t.inputs and t.inputs[0].op == "Constant" and isinstance(t.inputs[0].attrs.get("value"), gs.Constant):
-        return np.asarray(t.inputs[0].attrs["value"].values)
-    return None
-
-
-def _fix_shape_constants(region: Region, n: int, n_new: int, batch: int) -> str | None:
-    """Rewrite Reshape targets inside a merged region from n tokens to n_new; reason if impossible."""
-    plans = []
-    for node in region.nodes:
-        for i, inp in enumerate(node.inputs):
-            vals = _const_value(inp)
-            if vals is None or vals.dtype not in (np.int64, np.int32):
-                continue
-            if vals.ndim != 1 or vals.size > 8:
-                continue
-            hits = [k for k, v in enumerate(vals) if v in (n, batch * n)]
-            if not hits:
-                continue
-            if node.op != "Reshape" or i != 1:
-                return f"{node.op} {node.name} has a constant {vals.tolist()} holding the token count"
-            if len(hits) > 1:
-                return f"Reshape {node.name} target {vals.tolist()} names the token count twice"
-            new = vals.copy()
-            k = hits[0]
-            new[k] = n_new if vals[k] == n else batch * n_new
-            plans.append((node, i, new))
-    for node, i, new in plans:
-        node.inputs[i] = gs.Constant(f"{node.name}_tome_shape", new)
-    return None
-
-
 @register
 class Tome(Pass):
     """Token merging around the transformer blocks' attention (ToMe for SD, tomesd's algorithm).
@@ -228,8 +193,9 @@ class Tome(Pass):
     2. Picks blocks by resolution: ``tome:N`` the first N blocks, highest resolution first (the
        Ascend seed's TOME_num); ``tome`` alone all blocks with downsample <= ``max_downsample``.
     3. Inserts TomeMerge after the LayerNorm (metric = block input, as tomesd) and TomeUnmerge in
-       front of the residual Add, for self-attention and optionally cross-attention / MLP, and
-       rewrites Reshape targets holding the token count inside the merged sub-layer.
+       front of the residual Add, for self-attention and optionally cross-attention / MLP. Inside
+       the merged sub-layer the token axis is followed op by op (never guessed from sizes) and
+       every Reshape on it gets an explicit target with the merged token count.
     4. Destinations are constants: the first token of each sx*sy cell (tomesd, use_rand=False)
        or, with ``random=true``, one per cell from ``numpy.random.default_rng(seed)`` (one draw per
        block, graph order). The canonical ops are in :mod:`sdgraph.ir.canonical_tome`.
@@ -263,8 +229,10 @@ class Tome(Pass):
             raise PassError("tome: nothing to merge (attn, crossattn and mlp are all false)")
         if model.opset < MIN_OPSET:
             raise UnsupportedError(f"tome needs opset >= {MIN_OPSET} (ScatterElements with reduction); model has {model.opset}")
+        model.graph.toposort()
         infer_shapes(model)
         blocks, misses, candidates = find_blocks(model)
+        position = {id(n): i for i, n in enumerate(model.graph.nodes)}
         result = PassResult(False, {"blocks_found": len(blocks), "blocks_merged": 0, "tokens_removed": 0})
         result.expected = candidates
         if self.debug:
@@ -282,6 +250,12 @@ class Tome(Pass):
         chosen.sort(key=lambda b: b.downsample)  # stable: graph order within a resolution
         if self.opts.blocks:
             chosen = chosen[: self.opts.blocks]
+        if not chosen:
+            lowest = min(b.downsample for b in blocks)
+            result.notes.append(
+                f"no transformer block at downsample <= {max_ds} (this UNet's attention starts at downsample "
+                f"{lowest}, as SDXL's); tomesd with the same max_downsample merges none either: "
+                f"use tome{{max_downsample={lowest}}} or tome:N")
         result.expected = len(chosen)
         merge_fn, unmerge_fn = make_tome_functions(model.opset)
         rng = np.random.default_rng(self.opts.seed) if self.opts.random else None
@@ -296,8 +270,7 @@ class Tome(Pass):
             if r <= 0 or len(dst) == 0:
                 misses.append((b.name, f"ratio {self.opts.ratio} merges no token of {b.tokens}"))
                 continue
-            batch = int(b.hidden.shape[0])
-            done = self._merge_block(model, b, kinds, src, dst, r, batch, misses)
+            done = self._merge_block(model, b, kinds, src, dst, r, position, misses)
             if done:
                 merged += 1
                 result.stats["tokens_removed"] += r * done
@@ -315,7 +288,7 @@ class Tome(Pass):
         return result
 
     def _merge_block(self, model, b: TomeBlock, kinds: list[str], src: np.ndarray, dst: np.ndarray, r: int,
-                     batch: int, misses: list) -> int:
+                     position: dict[int, int], misses: list) -> int:
         graph = model.graph
         base = b.name.replace("/", "_").strip("_") + "_tome"
         src_c = gs.Constant(f"{base}_src_idx", src)
@@ -325,11 +298,14 @@ class Tome(Pass):
             reg = b.regions.get(kind)
             if reg is None:
                 continue
-            why = _fix_shape_constants(reg, b.tokens, b.tokens - r, batch)
+            y = reg.norm.outputs[0]
+            plan = AxisPlan(b.tokens, b.tokens - r)  # the token axis, followed op by op
+            plan.start(y, 1)
+            why = plan.build(sorted(reg.nodes, key=lambda nd: position.get(id(nd), 0)))
             if why:
                 misses.append((b.name, f"{kind}: {why}"))
                 continue
-            y = reg.norm.outputs[0]
+            plan.apply("tome_shape")
             dtype = y.dtype
             bsz, chans = b.hidden.shape[0], b.hidden.shape[2]
             merged = gs.Variable(f"{base}_{kind}_merged", dtype=dtype, shape=[bsz, b.tokens - r, chans])

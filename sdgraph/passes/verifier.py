@@ -6,7 +6,7 @@ import collections
 
 import onnx_graphsurgeon as gs
 
-from sdgraph.errors import InputError, PassError
+from sdgraph.errors import PassError
 from sdgraph.ir.model import Model
 from sdgraph.ir.topology import describe_nodes, find_cycle
 from sdgraph.passes.base import Pass
@@ -47,17 +47,41 @@ def verify_structure(model: Model, expected_outputs: list[str] | None = None) ->
 
 
 def run_after(p: Pass, model: Model, feeds) -> dict:
-    """ONNX Runtime; for an approximate pass whose graph ORT's CPU provider cannot load (bf16), OpenVINO."""
+    """Outputs of the graph after ``p`` in ONNX Runtime; OpenVINO only for bfloat16 graphs (no ORT CPU kernels).
+
+    Any failure to load or run (ORT's own exceptions included) is a PassError naming the runtime's
+    message, so the manager rolls the pass back instead of crashing.
+    """
     from sdgraph.ir import runtime
 
     try:
         return runtime.run(model, feeds)
-    except InputError:
-        if p.exact:
-            raise
-        from sdgraph.passes._precision import run_any
+    except Exception as exc:
+        why = first_line(exc)
+        if not _has_bf16(model):
+            raise PassError(why if why.startswith("ONNX Runtime") else f"ONNX Runtime cannot run it: {why}") from None
+    from sdgraph.passes._precision import run_any
 
+    try:
         return run_any(model, feeds, runtime="openvino")[0]
+    except Exception as exc:
+        raise PassError(f"neither ONNX Runtime ({why}) nor OpenVINO ({first_line(exc)}) runs it") from None
+
+
+def first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _has_bf16(model: Model) -> bool:
+    import numpy as np
+
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover
+        return False
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    return any(t.dtype is not None and np.dtype(t.dtype) == bf16 for t in model.graph.tensors().values())
 
 
 def judge(p: Pass, numbers: dict[str, float]) -> str | None:
