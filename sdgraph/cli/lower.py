@@ -26,23 +26,31 @@ def _parse_options(items: list[str] | None) -> dict[str, str]:
 
 @command("lower")
 def lower_cmd(
-    src: Path = typer.Argument(..., help="A .onnx file, a folder with model.onnx, or a model directory"),
+    src: Optional[Path] = typer.Argument(None, help="A .onnx file, a folder with model.onnx, or a model directory "
+                                          "(default: the model directory this is run in)"),
     target: str = typer.Option(..., "--target", "-t", help="Target name (see `sdgraph targets`)"),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact folder to write (default: <src>-<target>/ beside SRC)"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 | int8 (what the target takes)"),
-    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Shape bucket input NAME=DIMS (2x4x64x64); a repeated name starts a new bucket"),
+    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Shape bucket input [SUBMODEL:]NAME=DIMS (unet:sample=2x4x64x64); "
+                                              "a repeated name starts a new bucket"),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height the shapes of a model dir are derived from"),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width the shapes of a model dir are derived from"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Images per prompt (the UNet gets 2x for guidance)"),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Target option KEY=VALUE (repeatable)"),
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Build even when the cache has this artifact"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder"),
 ) -> None:
     """Lower a model (or every submodel of a model directory) to a target's artifact folder."""
+    from sdgraph.cli._paths import default_output, default_source
     from sdgraph.targets.driver import lower, parse_shape_args
 
     buckets = parse_shape_args(shape or [])
+    src = default_source() if src is None else src
+    out = default_output(src, target, force) if out is None and src.exists() else out
     res = lower(src, target, out, precision=precision, shapes=buckets or None, options=_parse_options(option),
                 submodels=submodels.split(",") if submodels else None, cache=not no_cache, force=force,
-                progress=lambda m: err_console.print(m, markup=False, style="dim"))
+                progress=lambda m: err_console.print(m, markup=False, style="dim"), height=height, width=width, batch=batch)
     table = Table(title=f"{src} -> {target} ({precision})", title_justify="left")
     for col in ("submodel", "cache", "s", "files"):
         table.add_column(col)

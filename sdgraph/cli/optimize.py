@@ -17,10 +17,10 @@ __all__ = ["optimize", "inspect", "passes", "doctor"]
 
 
 def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
-    """``--shape NAME=DIMS`` (repeatable) for the --verify inputs; the same syntax as `sdgraph lower`."""
+    """``--shape [SUBMODEL:]NAME=DIMS`` (repeatable) for the --verify inputs; the same syntax as `sdgraph lower`."""
     if not items:
         return None
-    from sdgraph.targets.driver import parse_shape_spec
+    from sdgraph.shape_spec import parse_shape_spec
 
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items:
@@ -32,7 +32,8 @@ def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
 def optimize(
     src: Path = typer.Argument(..., help="A .onnx file, a folder with model.onnx, or a model directory"),
     passes_: str = typer.Option(..., "--passes", "-p", help="Pipeline text, e.g. 'fold,tome:5,fa' or a preset"),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (or .onnx file)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (or .onnx file); default beside SRC: "
+                                       "unet.opt.onnx, or <dir>-opt/"),
     verify: bool = typer.Option(False, "--verify", help="Run before/after each pass in ONNX Runtime and compare"),
     strict: bool = typer.Option(False, "--strict", help="Fail when a pattern pass leaves expected regions unmatched"),
     debug: bool = typer.Option(False, "--debug", help="Pattern passes list near misses with reasons"),
@@ -40,7 +41,7 @@ def optimize(
     dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="Write the graph after each pass (003_fa.onnx)"),
     print_after: Optional[List[str]] = typer.Option(None, "--print-after", help="Print the graph after this pass (repeatable; 'all')"),
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
-    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Input shape for --verify, NAME=D1,D2,..."),
+    shape: Optional[List[str]] = typer.Option(None, "--shape", help="Input shape for --verify, [SUBMODEL:]NAME=2x4x64x64"),
     seed: int = typer.Option(0, "--seed", help="Seed of the --verify inputs"),
     force: bool = typer.Option(False, "--force", help="Replace existing non-empty outputs (-o, --report, --dump-dir)"),
 ) -> None:
@@ -50,6 +51,10 @@ def optimize(
 
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
+    if out is None:
+        from sdgraph.cli._paths import default_output
+
+        out = default_output(src, "opt", force)
     inputs = model_inputs(src)
     guard_output(out, inputs, force=force)
     if report_path is not None:
@@ -69,7 +74,8 @@ def optimize(
         )
     for name, rep in reports.items():
         _print_report(name, rep, debug)
-    console.print(f"wrote {out}")
+    data = out.with_name(out.name + "_data")
+    console.print(f"wrote {out}" + (f" (+ {data.name})" if out.is_file() and data.is_file() else ""))
     if report_path is not None:
         from sdgraph.ir.io import atomic_file
 

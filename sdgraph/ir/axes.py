@@ -92,8 +92,11 @@ class AxisPlan:
     axis ended up (e.g. a graph output).
     """
 
-    def __init__(self, n: int, n_new: int):
+    def __init__(self, n: int, n_new: int, leading_expand: bool = False):
         self.n, self.n_new = int(n), int(n_new)
+        # the batch axis may also enter through an Expand that broadcasts a size-1 leading axis to n
+        # (a UNet's ``timesteps.expand(batch)``, folded to a constant shape)
+        self.leading_expand = leading_expand
         self._axes: dict[int, Axes] = {}
         self.rewrites: list[tuple[gs.Node, int, np.ndarray]] = []
 
@@ -119,6 +122,8 @@ class AxisPlan:
         for node in nodes:
             ins = [self.axes_of(t) for t in node.inputs]
             if not any(ins):
+                if self.leading_expand and node.op == "Expand":
+                    self._leading_expand(node)
                 continue
             try:
                 self._node(node, ins)
@@ -283,6 +288,15 @@ class AxisPlan:
                     raise _Refuse("needs static shapes (run fold first)")
                 self.rewrites.append((node, index, self._resized(shape, axes)))
         self._set(out, axes)
+
+    def _leading_expand(self, node: gs.Node) -> None:
+        x, out = node.inputs[0], node.outputs[0]
+        shape = static_shape(out)
+        r = _rank(x)
+        if shape is None or r is None or not shape or shape[0] != self.n or (r == len(shape) and _dim(x, 0) != 1):
+            return
+        self.rewrites.append((node, 1, self._resized(shape, {0: (1, 1)})))
+        self._set(out, {0: (1, 1)})
 
     def _indexing(self, node: gs.Node, ins: list[Axes], ro: int) -> None:
         op, x = node.op, node.inputs[0]

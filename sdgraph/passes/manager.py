@@ -208,18 +208,25 @@ def optimize_path(
     """
     from sdgraph.ir import io, outputs
     from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
+    from sdgraph.shape_spec import check_shape_names, input_dims, shapes_for
 
     src, out = Path(src), Path(out)
     outputs.guard_output(out, outputs.model_inputs(src), force=force)
+    shapes = manager_kwargs.pop("shapes", None) or {}
     pm = PassManager(passes, **manager_kwargs)
     model_dir = src.is_dir() and not (src / "model.onnx").is_file() and any((src / s / "model.onnx").is_file() for s in SUBMODELS)
     if not model_dir:
         model = Model.load(src)
+        check_shape_names([shapes], {model.role: input_dims(model)})
+        pm.shapes = shapes_for(shapes, model.role, input_dims(model)) or None
         report = pm.run(model)
         model.save(out, force=force)
         return {model.name: report}
     wanted = set(submodels) if submodels else None
     reports: dict[str, Report] = {}
+    if shapes:
+        check_shape_names([shapes], {name: input_dims(Model.load(src / name / "model.onnx")) for name in SUBMODELS
+                                     if (src / name / "model.onnx").is_file() and (wanted is None or name in wanted)})
     with io.atomic_dir(out, force=force) as tmp:
         for item in sorted(src.iterdir()):
             if item.name in SUBMODELS and (item / "model.onnx").is_file():
@@ -235,8 +242,9 @@ def optimize_path(
             model = Model.load(f)
             if wanted is None or name in wanted:
                 model.metadata.setdefault("sdgraph.role", name)
-                reports[name] = PassManager(pm.passes, verify=pm.verify, strict=pm.strict, debug=pm.debug,
-                                            seed=pm.seed, shapes=pm.shapes, instruments=pm.instruments).run(model)
+                reports[name] = PassManager(pm.passes, verify=pm.verify, strict=pm.strict, debug=pm.debug, seed=pm.seed,
+                                            shapes=shapes_for(shapes, name, input_dims(model)) or None,
+                                            instruments=pm.instruments).run(model)
             (tmp / name).mkdir()
             model.save_to_dir_unchecked(tmp / name)
         manifest = read_manifest(src)

@@ -32,6 +32,8 @@ __all__ = [
     "prepare",
     "rewrite_vendor_ops",
     "atc_command",
+    "ATC_PRECISION_MODE",
+    "batch1_variant",
     "apply_static_shapes",
     "resolve_castlike",
 ]
@@ -192,6 +194,60 @@ def prepare(model: Model, ctx: LowerContext) -> dict[str, Any]:
         t.name.lower() in _TIMESTEP_NAMES for t in model.graph.inputs) else None
     model.graph.cleanup().toposort()
     return {"timestep_int32": ts}
+
+
+def batch1_variant(model: Model, ctx: LowerContext) -> tuple[Model | None, dict[str, Any]]:
+    """``model`` (changed in place) at half its batch, still standard ONNX, and what was done or why not.
+
+    The graph is prepared at its declared (CFG) batch, then the batch axis is followed from every
+    input that leads with it through the whole graph (``sdgraph.ir.axes.AxisPlan``): each Reshape
+    on its path gets an explicit target and each Expand/Resize its shape at the half batch, so
+    no constant folded at the full batch survives. The result is run in ONNX Runtime against the
+    first half of the full-batch graph's outputs; a variant that does not match is not returned.
+    """
+    from sdgraph.ir import runtime as rt
+    from sdgraph.ir.axes import AxisPlan
+
+    prepare(model, ctx)
+    sample = next((t for t in model.graph.inputs if t.shape is not None and len(t.shape) == 4), model.graph.inputs[0])
+    full = static_shape(sample)[0] if sample is not None and static_shape(sample) else None
+    if full is None or full % 2:
+        return None, {"reason": f"the latent input's batch is {full if full is not None else 'unknown'}, not even"}
+    half = full // 2
+    batched = [t for t in model.graph.inputs if t.shape and t.shape[0] == full]
+    reference = model.copy()
+    plan = AxisPlan(full, half, leading_expand=True)
+    for t in batched:
+        plan.start(t, 0)
+    why = plan.build(model.graph.toposort().nodes)
+    if why is None and any(plan.axes_of(o) != {0: (1, 1)} for o in model.graph.outputs):
+        why = "an output does not lead with the batch"
+    if why:
+        return None, {"reason": f"cannot halve the batch: {why}"}
+    rewritten = plan.apply("bs1")
+    for t in model.graph.tensors().values():
+        if isinstance(t, gs.Variable) and t not in model.graph.inputs:
+            t.shape = None
+    for t in batched:
+        t.shape = [half] + list(t.shape[1:])
+    infer_shapes(model)
+    info: dict[str, Any] = {"batch": [full, half], "inputs": [t.name for t in batched], "shape_inputs_rewritten": rewritten}
+    try:
+        feeds = rt.seeded_inputs(reference, 0)
+        want = rt.run(reference, feeds)
+    except Exception as exc:  # the check needs the full-batch graph to run here; say so instead
+        info["check"] = f"skipped: the batch-{full} graph does not run in ONNX Runtime ({str(exc).splitlines()[0]})"
+        return model, info
+    names = {t.name for t in batched}
+    try:
+        got = rt.run(model, {k: v[:half] if k in names else v for k, v in feeds.items()})
+    except Exception as exc:
+        return None, {**info, "reason": f"the batch-{half} graph does not run in ONNX Runtime: {str(exc).splitlines()[0]}"}
+    worst = max(float(np.abs(got[k] - want[k][:half]).max() / max(1.0, float(np.abs(want[k]).max()))) for k in want)
+    info["check"] = f"onnxruntime: batch-{half} outputs = first half of batch {full}, max rel {worst:.1e}"
+    if not worst <= 1e-3:
+        return None, {**info, "reason": f"the batch-{half} graph differs from the first half of batch {full} (max rel {worst:.2g})"}
+    return model, info
 
 
 # -- vendor ops ---------------------------------------------------------------------------------
@@ -384,12 +440,21 @@ def customize_dtypes_text(model: Model) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+# sdgraph --precision -> atc --precision_mode (CANN's atc parameter reference): force_fp16 runs every op that
+# has a float16 kernel in float16 (atc's default for inference); force_fp32 (= cube_fp16in_fp32out) keeps
+# vector ops in float32 and gives matrix ops float32 outputs. must_keep_origin_dtype is not used: it fails
+# on ops whose AI Core kernel lacks float32.
+ATC_PRECISION_MODE = {"fp16": "force_fp16", "fp32": "force_fp32"}
+
+
 def atc_command(atc: str, model_file: str, output: str, role: str, input_shape: str, soc: str,
-                customize_dtypes: str | None = None) -> list[str]:
-    """The vendor-documented atc invocation for one submodel."""
+                customize_dtypes: str | None = None, precision: str | None = None) -> list[str]:
+    """The vendor-documented atc invocation for one submodel (``precision`` adds ``--precision_mode``)."""
     cmd = [atc, "--framework=5", f"--model={model_file}", f"--output={output}",
            f"--input_format={'ND' if role.startswith('text_encoder') else 'NCHW'}",
            f"--input_shape={input_shape}", "--log=error", f"--soc_version={soc}"]
+    if precision is not None:
+        cmd.append(f"--precision_mode={ATC_PRECISION_MODE[precision]}")
     if role == "unet":
         cmd += ["--optypelist_for_implmode=Gelu,Sigmoid", "--op_select_implmode=high_performance"]
     if customize_dtypes:
@@ -489,19 +554,15 @@ class AscendTarget(Target):
         log.info("ascend %s: %s", soc, {k: v for k, v in self.stats.items() if k != "kept_standard"})
 
     def _batch1(self, model: Model, ctx: LowerContext, soc: str) -> Model | None:
-        """The UNet with every batch-2 (CFG) input at batch 1: each of two devices runs half the guidance batch."""
-        bucket = dict(ctx.shapes[0]) if ctx.shapes else {}
-        shapes = {t.name: list(bucket.get(t.name, t.shape)) for t in model.graph.inputs}
-        batched = {k: v for k, v in shapes.items() if len(v) >= 2 and v[0] == 2}
-        if not batched:
-            self.stats["parallel_cfg"] = "not written: no input has batch 2"
+        """The UNet at half the CFG batch: each of two devices runs one half of the guidance batch."""
+        variant, info = batch1_variant(model, ctx)
+        self.stats["parallel_cfg"] = "unet_bs1" if variant is not None else f"not written: {info['reason']}"
+        self.stats["parallel_cfg_check"] = info
+        if variant is None:
+            log.warning("%s: batch-1 variant for parallel CFG not written: %s", ctx.submodel, info["reason"])
             return None
-        one = LowerContext(precision=ctx.precision, options=ctx.options, role=ctx.role, submodel=ctx.submodel,
-                           shapes=[{k: tuple([1] + v[1:]) if k in batched else tuple(v) for k, v in shapes.items()}])
-        prepare(model, one)
-        rewrite_vendor_ops(model, soc, fa=ctx.options.get("fa", True), tome=ctx.options.get("tome", True))
-        self.stats["parallel_cfg"] = "unet_bs1"
-        return model
+        rewrite_vendor_ops(variant, soc, fa=ctx.options.get("fa", True), tome=ctx.options.get("tome", True))
+        return variant
 
     def build(self, model: Model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:
         soc = self._soc(ctx)
@@ -514,12 +575,12 @@ class AscendTarget(Target):
         for stem, m in jobs:
             m.save_to_dir_unchecked(out_dir, f"{stem}.onnx")
             cdt = None
-            if ctx.role.startswith("vae"):
+            if ctx.role.startswith("vae") and ctx.precision == "fp16":  # GroupNorm stays fp32 under force_fp16
                 text = customize_dtypes_text(m)
                 if text:
                     cdt = f"{stem}.customize_dtypes.cfg"
                     (out_dir / cdt).write_text(text)
-            cmd = atc_command(atc, f"{stem}.onnx", stem, ctx.role, _input_shape_arg(m), soc, cdt)
+            cmd = atc_command(atc, f"{stem}.onnx", stem, ctx.role, _input_shape_arg(m), soc, cdt, ctx.precision)
             commands.append(cmd)
             entries[stem] = {"onnx": f"{stem}.onnx", "om": f"{stem}.om", "atc": _shell(cmd),
                              "input_shape": _input_shape_arg(m)}
@@ -540,6 +601,7 @@ class AscendTarget(Target):
         return {
             "format": "om" if ran else "onnx+convert.sh",
             "soc_version": soc,
+            "precision_mode": ATC_PRECISION_MODE[ctx.precision],
             "converted": bool(ran),
             "atc_ran": ran,
             "models": entries,

