@@ -40,11 +40,14 @@ def lower_cmd(
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Build even when the cache has this artifact"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder"),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file of passes to load first (repeatable; runs its code)"),
 ) -> None:
     """Lower a model (or every submodel of a model directory) to a target's artifact folder."""
     from sdgraph.cli._paths import default_output, default_source
+    from sdgraph.passes.plugins import load_plugins
     from sdgraph.targets.driver import lower, parse_shape_args
 
+    load_plugins(plugin)  # passes a target runs while legalizing (e.g. ort-contrib) may come from a plugin
     buckets = parse_shape_args(shape or [])
     src = default_source() if src is None else src
     out = default_output(src, target, force) if out is None and src.exists() else out

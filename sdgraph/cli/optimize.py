@@ -44,10 +44,14 @@ def optimize(
     shape: Optional[List[str]] = typer.Option(None, "--shape", help="Input shape for --verify, [SUBMODEL:]NAME=2x4x64x64"),
     seed: int = typer.Option(0, "--seed", help="Seed of the --verify inputs"),
     force: bool = typer.Option(False, "--force", help="Replace existing non-empty outputs (-o, --report, --dump-dir)"),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file of passes to load first (repeatable; runs its code)"),
 ) -> None:
     """Run a pass pipeline on a model (or every submodel of a model directory)."""
     from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.passes.manager import DumpDir, PrintAfter, optimize_path
+    from sdgraph.passes.plugins import load_plugins
+
+    load_plugins(plugin)
 
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
@@ -153,13 +157,19 @@ def inspect(
 
 
 @command("passes")
-def passes(as_json: bool = typer.Option(False, "--json", help="Print the passes, their options and the presets as JSON")) -> None:
+def passes(
+    as_json: bool = typer.Option(False, "--json", help="Print the passes, their options and the presets as JSON"),
+    plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file of passes to load first (repeatable; runs its code)"),
+) -> None:
     """Every registered pass with its summary and options, and the presets."""
     from rich.padding import Padding
     from rich.text import Text
 
     from sdgraph.passes.base import format_value, registry
     from sdgraph.passes.pipeline import PRESETS
+    from sdgraph.passes.plugins import load_plugins
+
+    load_plugins(plugin)
 
     if as_json:
         type_name = {list: "list", bool: "bool", int: "int", float: "float", str: "str"}

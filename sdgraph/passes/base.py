@@ -295,9 +295,12 @@ def _discover() -> None:
     _DISCOVERED = True
     # This module's own folder: importing the package here would make base depend on its API.
     for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
-        if info.name.startswith("_") or info.name in ("base", "pipeline", "manager", "verifier", "instruments"):
+        if info.name.startswith("_") or info.name in ("base", "pipeline", "manager", "verifier", "instruments", "plugins"):
             continue
         importlib.import_module(f"sdgraph.passes.{info.name}")
+    from sdgraph.passes.plugins import load_entry_points
+
+    load_entry_points()  # installed packages' passes (entry-point group sdgraph.passes)
 
 
 def registry() -> dict[str, type[Pass]]:
