@@ -17,8 +17,8 @@ def _unet_folder(tiny_sd15_onnx, tmp_path):
     """A folder holding just unet.onnx and its weights, as the Ascend card starts."""
     d = tmp_path / "work"
     d.mkdir()
-    shutil.copy(tiny_sd15_onnx / "unet" / "model.onnx", d / "unet.onnx")
-    shutil.copy(tiny_sd15_onnx / "unet" / "model.onnx_data", d / "model.onnx_data")
+    for f in (tiny_sd15_onnx / "unet").iterdir():  # the graph as unet.onnx, its weights file as it is named
+        shutil.copy(f, d / ("unet.onnx" if f.name == "model.onnx" else f.name))
     return d
 
 
@@ -27,7 +27,7 @@ def test_card_commands_from_a_folder_with_unet_onnx(tiny_sd15_onnx, tmp_path):
     before = _digest(d)
     res = sdgraph("optimize", "unet.onnx", "--passes", "tome:5,fa", cwd=d)
     assert res.returncode == 0, res.stderr
-    assert "wrote unet.opt.onnx (+ unet.opt.onnx_data)" in res.stdout
+    assert "wrote unet.opt.onnx" in res.stdout
     assert {k: v for k, v in _digest(d).items() if k in before} == before  # the input is untouched
     ops = runtime.session(d / "unet.opt.onnx").get_inputs()  # loads in ORT
     assert [i.name for i in ops] == ["sample", "timestep", "encoder_hidden_states"]
@@ -36,7 +36,7 @@ def test_card_commands_from_a_folder_with_unet_onnx(tiny_sd15_onnx, tmp_path):
     res = sdgraph("lower", "--target", "ascend310p", "--option", "run_atc=false", cwd=d)
     assert res.returncode == 0, res.stderr
     out = d / "unet.opt-ascend310p"
-    assert f"wrote {out}" in res.stdout.replace("\n", "")
+    assert "wrote unet.opt-ascend310p in" in res.stdout
     man = read_manifest(out)
     assert man["source"]["path"] == str((d / "unet.opt.onnx").resolve()) and list(man["submodels"]) == ["unet"]
     assert man["submodels"]["unet"]["legalize"]["tome_plugin"] == 4  # the ToMe blocks reached the plugin ops

@@ -14,7 +14,7 @@ __all__ = ["default_output", "default_source"]
 def default_output(src: Path, kind: str, force: bool = False) -> Path:
     """The output beside ``src`` when ``-o`` is omitted; never one that exists already.
 
-    A model file ``unet.onnx`` -> ``unet.<kind>.onnx`` (its weights in ``unet.<kind>.onnx_data``)
+    A model file ``unet.onnx`` -> ``unet.<kind>.onnx`` (its weights beside it)
     when the output is a model (``kind`` "opt"), else the folder ``unet-<kind>/``; a folder or model
     directory ``sd15/`` -> ``sd15-<kind>/`` beside it. With ``force`` an existing one is replaced.
     """

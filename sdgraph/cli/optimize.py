@@ -78,8 +78,7 @@ def optimize(
         )
     for name, rep in reports.items():
         _print_report(name, rep, debug)
-    data = out.with_name(out.name + "_data")
-    console.print(f"wrote {out}" + (f" (+ {data.name})" if out.is_file() and data.is_file() else ""))
+    console.print(f"wrote {out}")
     if report_path is not None:
         from sdgraph.ir.io import atomic_file
 
