@@ -236,7 +236,7 @@ def size_hint(buckets: list[Bucket], submodels: Mapping[str, Mapping[str, list |
     for bucket in buckets[:1]:
         for sub, inputs in submodels.items():
             given = shapes_for(bucket, sub, inputs)
-            for name, dims in given.items():
+            for dims in given.values():
                 if len(dims) != 4:
                     continue
                 if sub == "vae_encoder":

@@ -224,7 +224,7 @@ class AxisPlan:
         if not groups:
             raise _Refuse(f"cannot pair the axes of {list(a)} -> {list(b)}")
         axes_out: Axes = {}
-        for k, (outer, inner) in axes_in.items():
+        for k, (outer, _inner) in axes_in.items():
             gi, gj = next(g for g in groups if k in g[0])
             before = int(np.prod([a[i] for i in gi if i < k], dtype=np.int64)) * outer  # major to the axis
             span = before * self.n
@@ -305,7 +305,7 @@ class AxisPlan:
         if op == "Concat":
             axis = int(node.attrs.get("axis", 0)) % ro
             merged: Axes = {}
-            for t, ax in zip(node.inputs, ins):
+            for ax in ins:
                 if not ax or axis in ax or any(merged.get(k, f) != f for k, f in ax.items()):
                     raise _Refuse("concatenates along or with the axis")
                 merged.update(ax)

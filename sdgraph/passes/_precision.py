@@ -101,11 +101,12 @@ def run_any(model, feeds: Mapping[str, np.ndarray], runtime: str = "auto") -> tu
 def _run_openvino(model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     import openvino as ov
 
-    from sdgraph.targets._legal import inline_functions
+    import onnx.inliner
+
+    from sdgraph.ir.model import Model
 
     if model.functions:  # OpenVINO's ONNX frontend has no rule for model-local functions (fa, gn, geglu)
-        model = model.copy()
-        inline_functions(model)
+        model = Model.from_proto(onnx.inliner.inline_local_functions(model.to_proto()), base_dir=model.base_dir)
     with tempfile.TemporaryDirectory(prefix="sdgraph-ov-") as tmp:
         path = model.save_to_dir_unchecked(Path(tmp))
         core = ov.Core()

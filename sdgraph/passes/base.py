@@ -7,6 +7,7 @@ manager only adds what spans passes (structural checks, numeric verification, ro
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import importlib
 import logging
 import os
@@ -298,8 +299,6 @@ def _discover() -> None:
         if info.name.startswith("_") or info.name in ("base", "pipeline", "manager", "verifier", "instruments", "plugins"):
             continue
         importlib.import_module(f"sdgraph.passes.{info.name}")
-    from sdgraph.passes.plugins import load_entry_points
-
     load_entry_points()  # installed packages' passes (entry-point group sdgraph.passes)
 
 
@@ -333,3 +332,31 @@ def create_pass(name: str, positional: Any = None, named: dict[str, Any] | None 
 
 
 Check = Callable[..., "str | None"]  # pattern checks return a reason string instead of False
+
+
+# -- installed pass plugins (sdgraph/passes/plugins.py loads --plugin files) ------------------------
+ENTRY_POINT_GROUP = "sdgraph.passes"
+
+
+def plugin_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def load_entry_points() -> list[str]:
+    """Load every installed ``sdgraph.passes`` entry point: a module that registers passes, or a Pass class."""
+    from importlib.metadata import entry_points
+
+    names: list[str] = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        before = set(_REGISTRY)
+        try:
+            obj = ep.load()
+            if inspect.isclass(obj) and issubclass(obj, Pass) and _REGISTRY.get(obj.name) is not obj:
+                register(obj)
+        except Exception as exc:
+            dist = getattr(getattr(ep, "dist", None), "name", None)
+            raise UsageError(f"entry point {ep.name!r} ({ep.value}{', from ' + dist if dist else ''}) in group "
+                             f"{ENTRY_POINT_GROUP!r} cannot be loaded: {plugin_error(exc)}") from None
+        names += sorted(set(_REGISTRY) - before)
+    return names

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import sys
 from pathlib import Path
 from typing import Iterable
 
 from sdgraph.errors import UsageError
+from sdgraph.passes.base import ENTRY_POINT_GROUP, load_entry_points
 
 __all__ = ["ENTRY_POINT_GROUP", "load_plugin_file", "load_plugins", "load_entry_points"]
 
-ENTRY_POINT_GROUP = "sdgraph.passes"
 _LOADED: dict[str, list[str]] = {}
 
 
 def _why(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}".rstrip(": ")
+    from sdgraph.passes.base import plugin_error
+
+    return plugin_error(exc)
 
 
 def _registered_since(before: set[str]) -> list[str]:
@@ -65,25 +65,4 @@ def load_plugins(paths: Iterable[str | Path] | None) -> list[str]:
     names: list[str] = []
     for path in paths or ():
         names += load_plugin_file(path)
-    return names
-
-
-def load_entry_points() -> list[str]:
-    """Load every installed ``sdgraph.passes`` entry point: a module that registers passes, or a Pass class."""
-    from importlib.metadata import entry_points
-
-    from sdgraph.passes.base import Pass, _REGISTRY, register
-
-    names: list[str] = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        before = set(_REGISTRY)
-        try:
-            obj = ep.load()
-            if inspect.isclass(obj) and issubclass(obj, Pass) and _REGISTRY.get(obj.name) is not obj:
-                register(obj)
-        except Exception as exc:
-            dist = getattr(getattr(ep, "dist", None), "name", None)
-            raise UsageError(f"entry point {ep.name!r} ({ep.value}{', from ' + dist if dist else ''}) in group "
-                             f"{ENTRY_POINT_GROUP!r} cannot be loaded: {_why(exc)}") from None
-        names += sorted(set(_REGISTRY) - before)
     return names
