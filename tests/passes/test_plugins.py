@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 from tests.graphs import mlp_model, save_external
 from tests.test_cli import _assert_one_line_error, _digest, sdgraph
