@@ -89,7 +89,7 @@ def export_cmd(
 @command("demo-model")
 def demo_model_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the pipeline to"),
-    arch: str = typer.Option("sd15", "--arch", help="sd15 | sd21 | sdxl | pix2pix | taesd (a VAE for --vae)"),
+    arch: str = typer.Option("sd15", "--arch", help="sd15 | sd21 | sdxl | pix2pix | turbo (SDXL-Turbo: 1 step, trailing) | taesd (a VAE for --vae)"),
     size: str = typer.Option("tiny", "--size", help="tiny (tests, seconds) | full (real architecture sizes)"),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),

@@ -15,6 +15,16 @@ from sdgraph.errors import InputError, PassError, UsageError
 __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
 
 
+_SPACING_HELP = "leading | trailing | linspace (default: the scheduler config's; trailing starts 1 step at t=999)"
+
+
+def _init_image(image: Optional[Path]) -> Optional[Path]:
+    """``--image`` checked to exist (one line and exit 2 otherwise)."""
+    if image is not None and not image.is_file():
+        raise InputError(f"{image}: no such image file")
+    return image
+
+
 @command("run")
 def run_cmd(
     model_dir: Path = typer.Argument(..., help="Lowered artifact dir, or an exported model dir (runs on ONNX Runtime)"),
@@ -36,6 +46,7 @@ def run_cmd(
     devices: int = typer.Option(1, "--devices", help="Split the guidance batch over this many UNet instances, run concurrently"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .png (one image) or folder"),
     force: bool = typer.Option(False, "--force", help="Replace an existing image or non-empty output folder"),
+    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
 ) -> None:
     """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, on any target's artifacts."""
     from sdgraph.ir.outputs import guard_output, model_inputs
@@ -45,8 +56,7 @@ def run_cmd(
     prompts = read_prompts(prompt, prompt_file)
     if num_images < 1:
         raise UsageError(f"--num-images {num_images}: must be >= 1")
-    if image is not None and not image.is_file():
-        raise InputError(f"{image}: no such image file")
+    _init_image(image)
     pipe = open_pipeline(model_dir, devices=devices)
     h, w = height or pipe.default_size()[0], width or pipe.default_size()[1]
     pipe.check_size(h, w)
@@ -56,19 +66,21 @@ def run_cmd(
         init = load_image(image, w, h, notes)
         for n in notes:
             err_console.print(f"note: {n}", markup=False)
-    images, total = [], 0.0
+    images, total, first_t = [], 0.0, None
     for p in prompts:
         for i in range(num_images):
             g = pipe.generate(p, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
                               height=h, width=w, scheduler=scheduler, eta=eta, image=init, strength=strength,
-                              image_guidance=image_guidance)
+                              image_guidance=image_guidance, timestep_spacing=timestep_spacing)
             images += g.images
             total += g.seconds
+            first_t = g.timesteps[0] if g.timesteps else None
             for n in g.notes:
                 err_console.print(f"note: {n}", markup=False)
     written = save_images(images, out, grid=grid, force=force)
     console.print(f"{len(images)} image(s) {w}x{h} on {pipe.target} in {total:.2f} s "
-                  f"({total / len(images):.2f} s/image) -> {', '.join(map(str, written[:4]))}"
+                  f"({total / len(images):.2f} s/image, first timestep {first_t:g}) -> "
+                  f"{', '.join(map(str, written[:4]))}"
                   + (" ..." if len(written) > 4 else ""))
 
 
@@ -113,6 +125,11 @@ def bench_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
     force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale (0: no guidance, one UNet batch: Turbo)"),
+    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
+    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
+    strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
+    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
 ) -> None:
     """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
     from sdgraph.ir.outputs import guard_output
@@ -124,8 +141,11 @@ def bench_cmd(
     for o, what in ((json_out, "--json file"), (plot, "--plot file")):
         if o is not None:
             guard_output(o, list(dirs), force=force, what=what)
+    _init_image(image)
     report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
-                   scheduler=scheduler, progress=lambda m: err_console.print(m, markup=False))
+                   scheduler=scheduler, guidance=guidance, timestep_spacing=timestep_spacing, image=image,
+                   strength=strength, image_guidance=image_guidance,
+                   progress=lambda m: err_console.print(m, markup=False))
     for t in bench_table(report):
         console.print(t)
     if json_out:
@@ -175,6 +195,11 @@ def verify_cmd(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail below this output cosine"),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Fail above this max abs output difference"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale of the end-to-end images"),
+    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
+    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
+    strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
+    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
     from sdgraph.pipeline.runner import read_prompts
@@ -188,6 +213,7 @@ def verify_cmd(
     if out is not None:
         guard_output(out, model_inputs(ref) + model_inputs(cand) + [p for p in (prompt_file, clip_model, fid_model) if p],
                      force=force)
+    _init_image(image)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -209,7 +235,9 @@ def verify_cmd(
     else:
         prompts = list(prompt) if prompt else (read_prompts(None, prompt_file) if prompt_file else list(DEFAULT_PROMPTS))
         report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
-                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force)
+                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force,
+                             guidance=guidance, timestep_spacing=timestep_spacing, image=image, strength=strength,
+                             image_guidance=image_guidance)
         console.print(verify_table(report, f"verify {cand} against {ref}"))
         for n in report["notes"]:
             console.print(f"note: {n}", markup=False)

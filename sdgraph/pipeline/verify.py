@@ -222,8 +222,9 @@ def compare_onnx_files(ref: str | os.PathLike, cand: str | os.PathLike, seed: in
 def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = (0,), steps: int = 10,
                 height: int | None = None, width: int | None = None, guidance: float = 7.5,
-                scheduler: str | None = None, image=None, strength: float = 0.8,
-                clip_model: str | os.PathLike | None = None, fid_model: str | os.PathLike | None = None,
+                scheduler: str | None = None, image=None, strength: float = 0.8, image_guidance: float = 1.5,
+                timestep_spacing: str | None = None, clip_model: str | os.PathLike | None = None,
+                fid_model: str | os.PathLike | None = None,
                 force: bool = False) -> dict[str, Any]:
     """Compare a candidate model/artifact dir with a reference dir: submodels, then images end to end.
 
@@ -267,9 +268,10 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     rows, ref_imgs, cand_imgs, caps = [], [], [], []
     for prompt in prompts:
         for seed in seeds:
-            kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler)
+            kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler,
+                      timestep_spacing=timestep_spacing)
             if image is not None:
-                kw.update(image=image, strength=strength)
+                kw.update(image=image, strength=strength, image_guidance=image_guidance)
             a = pr.generate(prompt, **kw).images[0]
             b = pc.generate(prompt, **kw).images[0]
             m = {"prompt": prompt, "seed": seed, "psnr": psnr(a, b), "ssim": ssim(a, b), "max_pixel_diff": max_pixel_diff(a, b)}

@@ -197,6 +197,44 @@ def _pipeline_text(manifest: Mapping[str, Any]) -> str:
     return " | ".join(str(p.get("pipeline", "")) for p in manifest.get("passes", []) if isinstance(p, Mapping))
 
 
+_QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                        "ConvInteger", "DynamicQuantizeLinear"})
+
+
+def graph_precision(model: Model) -> str:
+    """The precision a graph carries: ``int8`` (quantize/dequantize nodes), ``fp16``/``bf16`` (most of its
+    float weights), else ``fp32``."""
+    if any(n.op in _QUANT_OPS for n in model.graph.nodes):
+        return "int8"
+    sizes: dict[str, int] = {}
+    for t in model.graph.tensors().values():
+        if isinstance(t, gs.Constant) and t.dtype is not None:
+            name = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}.get(np.dtype(t.dtype))
+            if name is None and "bfloat16" in str(t.dtype):
+                name = "bf16"
+            if name:
+                sizes[name] = sizes.get(name, 0) + int(np.prod(t.shape or [1]))
+    return max(sizes, key=sizes.get) if sizes else "fp32"
+
+
+def submodel_precision(requested: str | None, own: str, takes: tuple[str, ...], any_int8: bool) -> str:
+    """The precision one submodel lowers at, each in its own where the request allows (the OpenVINO
+    SDXL-Turbo seed: an INT8 UNet beside fp16/fp32 text encoders and VAE).
+
+    A quantized graph stays ``int8`` (when the target takes it); ``int8`` or no request keeps each
+    other submodel at its own precision (fp32 where the target does not take that one); any other
+    request applies to every non-quantized submodel. ``int8`` asked of a directory with no quantized
+    graph stays ``int8`` for the target to refuse with its reason.
+    """
+    if own == "int8" and "int8" in takes:
+        return "int8"
+    if requested == "int8" and not any_int8:
+        return "int8"
+    if requested is None or requested == "int8":
+        return own if own in takes and own != "int8" else "fp32"
+    return requested
+
+
 def _say(progress: Callable[[str], None] | None, msg: str) -> None:
     log.info(msg)
     if progress is not None:
@@ -208,7 +246,7 @@ def lower(
     src,
     target: str,
     out,
-    precision: str = "fp32",
+    precision: str | None = None,
     shapes=None,
     options: Mapping[str, Any] | None = None,
     submodels: Iterable[str] | None = None,
@@ -222,6 +260,8 @@ def lower(
     Every submodel is checked before any work; all problems are reported together
     (``UnsupportedError.problems``). ``out`` is written atomically, inputs are never touched; an
     existing non-empty ``out`` is replaced only with ``force``.
+    ``precision`` None lowers each submodel at its own precision; see :func:`submodel_precision`
+    (the manifest records each submodel's, and ``mixed`` at the top when they differ).
     """
     from sdgraph.ir import outputs
 
@@ -229,7 +269,7 @@ def lower(
     tgt = get_target(target)
     tgt.require()
     opts = tgt.parse_options(dict(options or {}))
-    if precision not in tgt.capability.precisions:
+    if precision is not None and precision not in tgt.capability.precisions:
         raise UsageError(f"target {target!r} does not take precision {precision!r} (takes {', '.join(tgt.capability.precisions)})")
     buckets = normalize_shapes(shapes)
     src, out = Path(src), Path(out)
@@ -262,8 +302,11 @@ def lower(
         if missing:
             raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known_inputs))})")
     problems: list[str] = []
+    own = {name: graph_precision(m) for name, m, _ in jobs}
+    any_int8 = "int8" in own.values()
     for i, (name, m, _) in enumerate(jobs):
-        ctx = LowerContext(precision=precision, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
+        prec = submodel_precision(precision, own[name], tgt.capability.precisions, any_int8)
+        ctx = LowerContext(precision=prec, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
         jobs[i] = (name, m, ctx)
         found = generic_problems(m, tgt, ctx) + list(tgt.check(m, ctx))
         problems += [f"{name}: {p}" if len(jobs) > 1 or model_dir else str(p) for p in found]
@@ -297,7 +340,7 @@ def lower(
                 "pipeline": pipeline,
                 "target": target,
                 "options": {k: v for k, v in sorted(opts.items())},
-                "precision": precision,
+                "precision": ctx.precision,
                 "shapes": [{k: list(v) for k, v in b.items()} for b in ctx.shapes],
                 "tools": tools,
                 "source": str(m.path.resolve()) if m.path else "",
@@ -310,9 +353,13 @@ def lower(
             entry["files"] = {str(p.relative_to(sub)): p.stat().st_size for p in sorted(sub.rglob("*")) if p.is_file()}
             entry["shapes"] = components["shapes"]
             entry["graph_hash"] = components["graph"]
+            entry["precision"] = ctx.precision
+            entry["graph_precision"] = own[name]
             entry.setdefault("dynamic", True)
             entries[name] = entry
             results[name] = {"cache": state, "reason": reason, "seconds": round(time.perf_counter() - t1, 3)}
+        precs = sorted({e["precision"] for e in entries.values()})
+        precision = precs[0] if len(precs) == 1 else "mixed"
         manifest = {
             "kind": ARTIFACT_KIND,
             "sdgraph_version": _version(),
@@ -413,7 +460,7 @@ class Artifact:
             raise UsageError(f"{self.path} has no submodel {submodel!r} (has {', '.join(self.submodels)})")
         if submodel not in self._runners:
             entry = self.manifest["submodels"][submodel]
-            ctx = LowerContext(precision=self.precision, shapes=[{k: tuple(v) for k, v in b.items()} for b in entry.get("shapes", [])],
+            ctx = LowerContext(precision=entry.get("precision", self.precision), shapes=[{k: tuple(v) for k, v in b.items()} for b in entry.get("shapes", [])],
                                options=dict(self.manifest.get("options", {})), role=submodel, submodel=submodel)
             inner = self.target_impl.load(self.path / submodel, entry, ctx)
             dynamic = bool(entry.get("dynamic", True)) if self._strict is None else not self._strict
