@@ -91,10 +91,13 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     ran, failed = split_results(report, labels)
     names, res = [n for n, _ in ran], [r for _, r in ran]
     t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
-    for col in ("dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"):
+    for col in ("dir", "s/image", "speedup", "UNet it/s", "UNet MB", "warm-up compile s", "warm-up cache s",
+                "peak RSS MB"):
         t.add_column(col, justify="left" if col == "dir" else "right")
     for n, r in zip(names, res):
+        unet_mb = r.get("submodel_mb", {}).get("unet")
         t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
+                  "-" if unet_mb is None else f"{unet_mb:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
     subs = [s for s in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
             if any(s in r["submodel_ms"] for r in res)]
@@ -108,7 +111,7 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
         t2.add_row(n, r["target"], f"{r['load_s']:.2f}",
                    *[f"{r['submodel_ms'][s]:.1f}" if s in r["submodel_ms"] else "-" for s in subs])
     for n, r in failed:
-        t.add_row(n, "failed", "-", "-", "-", "-", "-")
+        t.add_row(n, "failed", "-", "-", "-", "-", "-", "-")
         t2.add_row(n, "-", "-", *[r["error"][:60] if i == 0 else "-" for i in range(len(subs))])
     return [t, t2]
 

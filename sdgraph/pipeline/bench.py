@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Every per-dir metric the JSON carries (tests check them all).
 METRICS = ("load_s", "warmup_compile_s", "warmup_cache_s", "e2e_s", "e2e_s_runs", "unet_its", "unet_call_ms",
-           "submodel_ms", "peak_rss_mb", "peak_rss_delta_mb", "steps", "height", "width", "target")
+           "submodel_ms", "submodel_mb", "peak_rss_mb", "peak_rss_delta_mb", "steps", "height", "width", "target",
+           "timesteps")
 
 
 def _rss_bytes() -> int:
@@ -115,7 +116,16 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
         "unet_its": statistics.median(unet_its), "unet_call_ms": statistics.median(unet_ms),
         "submodel_ms": {k: statistics.median(v) for k, v in sub_ms.items()},
         "peak_rss_mb": mem.peak / 2**20, "peak_rss_delta_mb": (mem.peak - mem.start) / 2**20,
+        "submodel_mb": _submodel_mb(path),
     }
+
+
+def _submodel_mb(path: Path) -> dict[str, float]:
+    """Bytes on disk per submodel folder (weights and graph), in MB: the size half of a size/latency table."""
+    from sdgraph.manifest import SUBMODELS
+
+    return {s: sum(f.stat().st_size for f in (path / s).rglob("*") if f.is_file()) / 1e6
+            for s in SUBMODELS if (path / s).is_dir()}
 
 
 def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | None = None, width: int | None = None,
