@@ -120,11 +120,17 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
     }
 
 
+# Not weights: compiled-kernel caches (OpenVINO's model.blob) and text descriptions of graphs and configs.
+_NOT_WEIGHTS = (".blob", ".xml", ".json", ".yaml", ".yml", ".sh", ".txt", ".log")
+
+
 def _submodel_mb(path: Path) -> dict[str, float]:
-    """Bytes on disk per submodel folder (weights and graph), in MB: the size half of a size/latency table."""
+    """Weights on disk per submodel folder, in MB (OpenVINO's .bin, the engine's model.bin, ONNX's
+    model.onnx + data): the size half of a size/latency table, as the OpenVINO seed compares .bin files."""
     from sdgraph.manifest import SUBMODELS
 
-    return {s: sum(f.stat().st_size for f in (path / s).rglob("*") if f.is_file()) / 1e6
+    return {s: sum(f.stat().st_size for f in (path / s).rglob("*")
+                   if f.is_file() and f.suffix.lower() not in _NOT_WEIGHTS) / 1e6
             for s in SUBMODELS if (path / s).is_dir()}
 
 
