@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
