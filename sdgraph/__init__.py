@@ -1,9 +1,9 @@
 """sdgraph: one compiler for Stable Diffusion graphs (ONNX in, target artifacts out)."""
 
-__version__ = "0.1.0"
+from sdgraph._version import __version__
 
-from sdgraph.errors import SdgraphError  # noqa: E402
-from sdgraph.ir.model import Model  # noqa: E402
+from sdgraph.errors import SdgraphError
+from sdgraph.ir.model import Model
 
 
 def load(path) -> Model:

@@ -751,7 +751,7 @@ def _jsonable(cfg: dict) -> dict:
 
 def _manifest(src: _Source, vae_override, family, prediction, exporter, opset, batch, geo, dynamic, attention,
               tolerance, seed, vae_cfg, results, tokenizers) -> dict:
-    from sdgraph import __version__
+    from sdgraph._version import __version__
     from sdgraph.ir.io import MAX_IR_VERSION
     from sdgraph.manifest import package_versions
 

@@ -35,7 +35,7 @@ def model_file(tmp_path):
 
 def _assert_one_line_error(res, code, match):
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: ") and match in lines[0], lines[0]
     assert "Traceback" not in res.stderr + res.stdout

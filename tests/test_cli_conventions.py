@@ -51,12 +51,14 @@ def test_readable_at_80_columns(command):
         assert sum(line.strip().startswith("summary:") for line in lines) == len(targets())
 
 
+@pytest.mark.slow  # three CLI runs that import every optional runtime: ~10 s of CPU
 def test_wide_terminal_gets_a_table():
     r = sdgraph("doctor", columns=200)
     assert r.returncode == 0
     assert "┃ part" in r.stdout
 
 
+@pytest.mark.slow  # three CLI runs that import every optional runtime: ~17 s of CPU
 def test_json_of_targets_doctor_passes():
     from sdgraph.doctor import checks
     from sdgraph.passes.base import registry

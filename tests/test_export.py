@@ -19,7 +19,7 @@ from sdgraph.export import export_pipeline
 TOL = 1e-4  # the issue's bar: every submodel within max_rel 1e-4 of torch
 
 # Submodels per arch; the dynamo run skips those whose architecture another arch already covers
-# with that exporter (SDGRAPH_SLOW=1 runs the whole matrix).
+# with that exporter (the slow test_dynamo_export_whole_pipelines runs the whole matrix).
 ALL = {
     "sd15": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
     "sd21": ["text_encoder", "unet", "vae_encoder", "vae_decoder"],
@@ -85,6 +85,7 @@ def test_generated_clip_tokenizer_is_a_working_bpe():
     assert max(tok("ünïcødé ✓ 123").input_ids) < 2048
 
 
+@pytest.mark.slow  # builds all four tiny pipelines
 def test_demo_pipelines_have_each_family_features(tiny_pipeline):
     cfg = {a: json.loads((tiny_pipeline(a) / "unet" / "config.json").read_text()) for a in ALL}
     assert cfg["sd15"]["down_block_types"][0] == "CrossAttnDownBlock2D"  # attention at the top level
@@ -120,7 +121,8 @@ def test_full_size_sd15_unet_has_860m_parameters():
 
 
 # --------------------------------------------------------------------------- export matrix
-@pytest.mark.parametrize("arch", list(ALL))
+# sd15 is the session fixture every fast test shares; each other arch is its own ~10 s export.
+@pytest.mark.parametrize("arch", [a if a == "sd15" else pytest.param(a, marks=pytest.mark.slow) for a in ALL])
 def test_legacy_export_matches_torch(tiny_onnx, arch):
     out = tiny_onnx(arch, "legacy")
     man = _check_dir(out, arch, "legacy", ALL[arch])
@@ -137,6 +139,7 @@ def test_legacy_export_matches_torch(tiny_onnx, arch):
         assert (out / "tokenizer_2" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow  # dynamo exports: 9-26 s of CPU per arch
 @pytest.mark.parametrize("arch", list(ALL))
 def test_dynamo_export_matches_torch(tiny_onnx, arch):
     subs = DYNAMO_DISTINCT[arch]
@@ -145,13 +148,12 @@ def test_dynamo_export_matches_torch(tiny_onnx, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("SDGRAPH_SLOW"), reason="the whole dynamo matrix: set SDGRAPH_SLOW=1")
 @pytest.mark.parametrize("arch", ["sd21", "sdxl", "pix2pix"])
 def test_dynamo_export_whole_pipelines(tiny_onnx, arch):
     _check_dir(tiny_onnx(arch, "dynamo"), arch, "dynamo", ALL[arch])
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd15_onnx", "tiny_sd15_onnx_dynamo"])
+@pytest.mark.parametrize("fixture", ["tiny_sd15_onnx", pytest.param("tiny_sd15_onnx_dynamo", marks=pytest.mark.slow)])
 def test_exported_graphs_match_torch_on_fresh_inputs(request, fixture, tiny_sd15_pipeline):
     """An independent check of the manifest's numbers: other inputs, torch modules loaded anew."""
     import torch
@@ -183,6 +185,7 @@ def test_exported_graphs_match_torch_on_fresh_inputs(request, fixture, tiny_sd15
         assert all(v["max_rel"] <= TOL for v in rep.values()), (name, rep)
 
 
+@pytest.mark.slow  # a dynamic-shape export
 def test_dynamic_axes_run_at_other_shapes(tiny_onnx):
     from sdgraph.ir.runtime import run
 
@@ -211,6 +214,7 @@ def test_taesd_as_vae(tiny_sd15_pipeline, tiny_taesd, tmp_path):
     assert man["submodels"]["vae_decoder"]["outputs"][0]["shape"] == [1, 3, 128, 128]
 
 
+@pytest.mark.slow  # one more export of the pipeline
 def test_classic_attention_exports_at_opset_13(tiny_sd15_pipeline, tmp_path):
     man = export_pipeline(tiny_sd15_pipeline, tmp_path / "o13", opset=13, attention="classic",
                           submodels="text_encoder,unet")
@@ -219,6 +223,7 @@ def test_classic_attention_exports_at_opset_13(tiny_sd15_pipeline, tmp_path):
 
 
 # --------------------------------------------------------------------------- OpenVINO cross-check
+@pytest.mark.slow  # an OpenVINO compile per export, plus the dynamo and SDXL exports
 @pytest.mark.parametrize("fixture", ["tiny_sd15_onnx", "tiny_sd15_onnx_dynamo", "tiny_sdxl_onnx"])
 def test_openvino_reads_the_exports(request, fixture):
     ov = pytest.importorskip("openvino")
@@ -240,6 +245,7 @@ def test_openvino_runs_the_unet_like_ort(tiny_unet_onnx):
 
 
 # --------------------------------------------------------------------------- CLI
+@pytest.mark.slow  # a whole export in a child process: ~20 s of CPU
 def test_cli_export_prints_a_summary_and_writes_the_manifest(tiny_sd15_pipeline, tmp_path):
     out = tmp_path / "cli-out"
     res = sdgraph("export", tiny_sd15_pipeline, "-o", out, "--submodels", "text_encoder")
@@ -255,6 +261,7 @@ def test_cli_export_prints_a_summary_and_writes_the_manifest(tiny_sd15_pipeline,
     assert not (out / "text_encoder").exists()
 
 
+@pytest.mark.slow  # builds a demo model in a child process: ~14 s of CPU
 def test_cli_demo_model(tmp_path):
     res = sdgraph("demo-model", "-o", tmp_path / "p", "--arch", "pix2pix")
     assert res.returncode == 0, res.stderr

@@ -225,7 +225,7 @@ def main() -> int:
                 if size not in ref:
                     ref[size] = out
                 err = float(np.abs(out - ref[size]).max() / (np.abs(ref[size]).max() + 1e-12))
-                med, ts = timed(lambda: run(f), args.calls)
+                med, ts = timed(lambda: run(f), args.calls)  # noqa: F821 (run is bound above; deleted after the row)
                 entry[str(size)] = {"median_s": round(med, 3), "calls_s": [round(x, 3) for x in ts], "max_rel_vs_first_row": err}
             except Exception as exc:
                 entry[str(size)] = {"error": str(exc).splitlines()[0][:200]}
@@ -238,7 +238,7 @@ def main() -> int:
     for size in map(str, sizes):
         base = results["rows"].get("OpenVINO fp32, exported graph", {}).get(size, {}).get("median_s")
         ort0 = results["rows"].get("ORT, exported graph", {}).get(size, {}).get("median_s")
-        for name, e in results["rows"].items():
+        for e in results["rows"].values():
             s = e.get(size, {}).get("median_s")
             if s:
                 e[size]["vs_ort_exported"] = round(s / ort0, 3) if ort0 else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def _dir_bytes(path: Path) -> int:

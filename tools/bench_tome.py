@@ -1,7 +1,8 @@
 """Benchmark the tome pass on a full-size SD1.5-architecture UNet (random weights), one process.
 
 Exports the UNet (torch.onnx.export, legacy exporter, opset 17, static shapes) at the requested
-latent size once, applies ``tome{ratio=R}`` for each ratio, and times one UNet call side by side, alternating calls without and with ToMe so that load drift on a shared machine hits both:
+latent size once, applies ``tome{ratio=R}`` for each ratio, and times one UNet call side by side,
+alternating calls without and with ToMe so that load drift on a shared machine hits both:
 ONNX Runtime and OpenVINO (fp32) without and with ToMe, plus PyTorch eager with and without
 tomesd at ratio 0.5. Graph variants are written beside the exported weights (graph file only,
 weights shared). Run under ``flock /tmp/sdgraph-heavy.lock``.

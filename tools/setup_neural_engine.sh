@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the optional Neural Engine runtime environment (.venv-ne) beside sdgraph's own venv.
-# intel-extension-for-transformers 1.4.2 installs only with the pins below (DESIGN.md §11), which
+# intel-extension-for-transformers 1.4.2 installs only with the pins below (see docs/targets/neural-engine.md), which
 # clash with sdgraph's environment, so sdgraph talks to it through a subprocess worker
 # (sdgraph/targets/ne_worker.py). Usage: tools/setup_neural_engine.sh [ENV_DIR]  (default .venv-ne)
 set -euo pipefail

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from sdgraph.errors import InputError
+from sdgraph.ir.proto import external_info, is_external, iter_tensors  # noqa: F401 (re-exported for io.* callers)
 from sdgraph.ir.outputs import atomic_dir, atomic_file, check_output_path  # noqa: F401 (one place: outputs.py)
 
 __all__ = [
@@ -52,28 +52,6 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
             return onnx_files[0]
         raise InputError(f"{p}: directory holds no model.onnx (pass the submodel file, e.g. {p}/unet/model.onnx)")
     return p
-
-
-def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto in a graph: initializers, Constant/attribute tensors, and subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from iter_tensors(attr.g)
-            for g in attr.graphs:
-                yield from iter_tensors(g)
-
-
-def is_external(t: onnx.TensorProto) -> bool:
-    return t.data_location == onnx.TensorProto.EXTERNAL
-
-
-def external_info(t: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
 
 
 def _safe_location(base: Path, location: str, tensor_name: str, model_path: Path) -> Path:

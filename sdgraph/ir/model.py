@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from sdgraph._version import __version__
 from sdgraph.errors import InputError
 from sdgraph.ir import io
 
@@ -235,8 +236,6 @@ class Model:
         proto.functions.extend(fns)
         proto.ir_version = min(max(self.ir_version, 8), io.MAX_IR_VERSION)
         proto.producer_name = "sdgraph"
-        from sdgraph import __version__
-
         proto.producer_version = __version__
         for k, v in self.metadata.items():
             proto.metadata_props.add(key=k, value=v)

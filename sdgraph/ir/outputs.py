@@ -71,19 +71,19 @@ def model_inputs(src: str | os.PathLike) -> list[Path]:
     try:
         import onnx
 
-        from sdgraph.ir import io
+        from sdgraph.ir.proto import external_info, is_external, iter_tensors
 
         proto = onnx.load(str(p), load_external_data=False)
     except Exception:  # not ONNX (or unreadable): loading will say so; the file itself is protected
         return files
-    tensors = list(io.iter_tensors(proto.graph))
+    tensors = list(iter_tensors(proto.graph))
     for fn in proto.functions:
         fn_graph = onnx.GraphProto()
         fn_graph.node.extend(fn.node)
-        tensors += list(io.iter_tensors(fn_graph))
+        tensors += list(iter_tensors(fn_graph))
     for t in tensors:
-        if io.is_external(t):
-            loc = io.external_info(t).get("location")
+        if is_external(t):
+            loc = external_info(t).get("location")
             if loc:
                 files.append(Path(os.path.realpath(p.parent / loc)))
     return list(dict.fromkeys(files))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import pkgutil
 from collections import Counter
 from typing import Any, Callable, ClassVar
@@ -68,6 +69,19 @@ def format_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(v).rstrip("0").rstrip(".") if "e" not in repr(v) else repr(v)
     return str(v)
+
+
+def format_element(name: str, changed: dict[str, Any], cls: type[Pass]) -> str:
+    """One pass in pipeline text: ``name[:positional][{key=value ...}]`` with the options in ``changed``."""
+    pos = next((o for o in cls.options if o.positional), None)
+    text = name
+    rest = dict(changed)
+    if pos is not None and pos.name in rest:
+        text += f":{format_value(rest.pop(pos.name))}"
+    if rest:
+        order = [o.name for o in cls.options if o.name in rest]
+        text += "{" + " ".join(f"{k}={format_value(rest[k])}" for k in order) + "}"
+    return text
 
 
 def parse_value(opt: Option, raw: Any, pass_name: str) -> Any:
@@ -249,8 +263,6 @@ class Pass:
 
     def spec(self) -> str:
         """This pass in canonical pipeline text (only non-default options)."""
-        from sdgraph.passes.pipeline import format_element
-
         changed = {o.name: getattr(self.opts, o.name) for o in self.options
                    if getattr(self.opts, o.name) != _freeze(o, o.default)}
         return format_element(self.name, changed, type(self))
@@ -281,9 +293,8 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import sdgraph.passes as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    # This module's own folder: importing the package here would make base depend on its API.
+    for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
         if info.name.startswith("_") or info.name in ("base", "pipeline", "manager", "verifier", "instruments"):
             continue
         importlib.import_module(f"sdgraph.passes.{info.name}")

@@ -110,7 +110,7 @@ def match_group_norm(inorm: gs.Node) -> GroupNormMatch:
         if len(padded) != len(xs) or any(d != 1 for j, d in enumerate(padded) if j != 1) or padded[1] not in (1, c):
             raise Mismatch(f"GroupNorm {name} of shape {v.shape} is not per-channel")
     affine = add.outputs[0]
-    for kind, (epilogue, _) in EPILOGUES.items():
+    for kind, (epilogue, _) in EPILOGUES.items():  # noqa: B007 (kind is read after the loop)
         out = epilogue(affine)
         if out is not None:
             break

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from sdgraph.errors import UsageError
-from sdgraph.passes.base import Pass, create_pass, format_value
+from sdgraph.passes.base import Pass, create_pass, format_element
 
 __all__ = ["PRESETS", "parse_pipeline", "format_pipeline", "format_element", "split_elements", "build_pipeline"]
 
@@ -102,18 +101,6 @@ def build_pipeline(spec: "str | list") -> list[Pass]:
     for item in spec:
         out.extend(parse_pipeline(item) if isinstance(item, str) else [item])
     return out
-
-
-def format_element(name: str, changed: dict[str, Any], cls: type[Pass]) -> str:
-    pos = next((o for o in cls.options if o.positional), None)
-    text = name
-    rest = dict(changed)
-    if pos is not None and pos.name in rest:
-        text += f":{format_value(rest.pop(pos.name))}"
-    if rest:
-        order = [o.name for o in cls.options if o.name in rest]
-        text += "{" + " ".join(f"{k}={format_value(rest[k])}" for k in order) + "}"
-    return text
 
 
 def format_pipeline(passes: list[Pass]) -> str:

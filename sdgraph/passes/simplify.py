@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import onnx
 
 from sdgraph.errors import TargetUnavailable
 from sdgraph.passes.base import Option, Pass, PassResult, graph_signature, register

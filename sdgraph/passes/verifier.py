@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError, PassError
 from sdgraph.ir.model import Model
+from sdgraph.ir.topology import describe_nodes, find_cycle
 from sdgraph.passes.base import Pass
 
 __all__ = ["verify_structure", "run_after", "judge"]
@@ -16,10 +17,10 @@ __all__ = ["verify_structure", "run_after", "judge"]
 def verify_structure(model: Model, expected_outputs: list[str] | None = None) -> None:
     """Cheap checks: acyclic, unique node names, no dangling tensors, graph outputs intact."""
     graph = model.graph
-    try:
-        graph.toposort()
-    except Exception as exc:
-        raise PassError(f"graph is not a DAG after the pass: {exc}".splitlines()[0]) from None
+    cycle = find_cycle(graph)
+    if cycle:
+        raise PassError(f"graph is not a DAG after the pass: cycle {describe_nodes(cycle)}")
+    graph.toposort()
     names = collections.Counter(n.name for n in graph.nodes if n.name)
     dup = [n for n, c in names.items() if c > 1]
     if dup:

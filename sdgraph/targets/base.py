@@ -147,9 +147,8 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import sdgraph.targets as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    # This module's own folder: importing the package here would make base depend on its API.
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if not info.name.startswith("_") and info.name not in ("base", "driver", "cache"):
             importlib.import_module(f"sdgraph.targets.{info.name}")
 

@@ -405,7 +405,7 @@ def _restore_or_build(store: ArtifactCache, tgt: Target, m: Model, ctx: LowerCon
 
 
 def _version() -> str:
-    from sdgraph import __version__
+    from sdgraph._version import __version__
 
     return __version__
 

@@ -62,6 +62,7 @@ def test_fp16_keeps_vae_decoder_unless_forced(sd):
     assert res.modified and m.op_histogram()["Cast"] > before["Cast"]
 
 
+@pytest.mark.slow  # an OpenVINO bf16 compile: ~17 s of CPU
 def test_bf16_unet_runs_in_openvino_not_ort(sd):
     pytest.importorskip("openvino")
     m = Model.load(sd / "unet" / "model.onnx")
@@ -141,6 +142,7 @@ def _name(m):
             n.name = f"node_{n.outputs[0].name}"
 
 
+@pytest.mark.slow  # an OpenVINO bf16 compile: ~18 s of CPU
 def test_verify_bf16_through_openvino(sd):
     """--verify runs ORT; ORT cannot load bf16 graphs, so the manager compares in OpenVINO instead."""
     pytest.importorskip("openvino")

@@ -21,6 +21,7 @@ def fused_sd15():
     return m, ref
 
 
+@pytest.mark.slow  # builds and runs a UNet before and after the lowering: ~19 s of CPU
 def test_mha_lowering_removes_head_transposes(fused_sd15):
     fused, ref = fused_sd15
     m = fused.copy()

@@ -234,6 +234,7 @@ def test_batch1_unet_gets_both_cfg_halves_as_samples(sd, tmp_path):
     assert len({float(f["timestep"][0]) for f in feeds}) == 4
 
 
+@pytest.mark.slow  # the tiny SDXL export and two text encoders: ~20 s of CPU
 def test_sdxl_unet_calibration_uses_both_text_encoders(tiny_sdxl_onnx, tmp_path, monkeypatch):
     monkeypatch.setenv("SDGRAPH_CACHE_DIR", str(tmp_path / "cache"))
     unet = Model.load(tiny_sdxl_onnx / "unet" / "model.onnx")

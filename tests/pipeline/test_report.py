@@ -124,6 +124,7 @@ def made(tiny_onnx, tmp_path_factory):
     return {"root": root, "src": src, "opt": opt}
 
 
+@pytest.mark.slow  # the `made` fixture runs optimize, verify and bench: ~45 s of CPU
 def test_report_holds_the_numbers_of_its_inputs(made):
     root = made["root"]
     out = root / "report.html"
@@ -168,6 +169,7 @@ def test_report_holds_the_numbers_of_its_inputs(made):
     assert len(page.find("table", **{"class": "ops", "data-submodel": "unet"})) == 1
 
 
+@pytest.mark.slow
 def test_report_bad_inputs_are_one_line_and_leave_files_alone(made, tmp_path):
     root = made["root"]
     bench = root / "bench.json"
@@ -219,6 +221,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver_bin), options=opts), ""
 
 
+@pytest.mark.slow
 def test_report_in_chromium(made, tmp_path):
     drv, why = _browser()
     if drv is None:

@@ -68,6 +68,8 @@ def test_txt2img_size_and_same_seed_same_bytes(sd15):
     assert a.stats["unet"]["calls"] == 2 * a.steps_run  # static batch 1: uncond + cond per step
 
 
+# Tests on the lowered artifacts (ORT and an OpenVINO compile, ~15 s) and on a ToMe dir are slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["ort", "openvino"])
 def test_artifacts_txt2img_and_img2img(artifacts, sd15, target):
     if target not in artifacts:
@@ -101,6 +103,7 @@ def test_schedulers_and_devices(sd15):
     assert np.abs(np.asarray(one, float) - np.asarray(two.images[0], float)).max() <= 2
 
 
+@pytest.mark.slow
 def test_pix2pix_and_turbo_paths(tiny_onnx):
     p2p = open_pipeline(tiny_onnx("pix2pix"))
     assert p2p.is_pix2pix
@@ -116,6 +119,7 @@ def test_pix2pix_and_turbo_paths(tiny_onnx):
     assert t.stats["unet"]["calls"] == 1 and t.stats["text_encoder_2"]["calls"] == 1
 
 
+@pytest.mark.slow
 def test_bad_inputs(sd15, tmp_path, artifacts):
     pipe = open_pipeline(sd15)
     with pytest.raises(UsageError, match="steps x strength must be >= 1"):
@@ -172,6 +176,7 @@ def test_cli_run_and_errors(sd15, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bench
+@pytest.mark.slow
 def test_bench_json_has_every_metric(sd15, artifacts, tmp_path):
     rep = bench([sd15, artifacts["ort"]], steps=2, repeats=1)
     assert len(rep["results"]) == 2
@@ -189,6 +194,7 @@ def test_bench_json_has_every_metric(sd15, artifacts, tmp_path):
     assert Image.open(png).size[0] > 500
 
 
+@pytest.mark.slow
 def test_openvino_artifact_does_not_need_its_source_dir(sd15, tmp_path):
     """Input shapes come from the artifact: a static batch-1 UNet gets the CFG halves one by one."""
     pytest.importorskip("openvino")
@@ -204,6 +210,7 @@ def test_openvino_artifact_does_not_need_its_source_dir(sd15, tmp_path):
     assert g.images[0].size == (128, 128) and g.stats["unet"]["calls"] == 2
 
 
+@pytest.mark.slow
 def test_bench_keeps_the_other_dirs_when_one_fails(sd15, artifacts, tmp_path, monkeypatch):
     """A dir that fails mid-image (an OpenVINO infer error, say) is reported; the others keep their numbers."""
     from sdgraph.pipeline import bench as bench_mod
@@ -244,6 +251,7 @@ def test_psnr_ssim_numbers():
         psnr(a, a[:10])
 
 
+@pytest.mark.slow
 def test_verify_self_inf_and_tome_finite(sd15, tome_dir, tmp_path):
     same = verify_dirs(sd15, sd15, tmp_path / "v", prompts=("a cat",), seeds=(0,), steps=STEPS)
     assert same["images"][0]["psnr"] == math.inf and same["images"][0]["max_pixel_diff"] == 0
@@ -257,6 +265,7 @@ def test_verify_self_inf_and_tome_finite(sd15, tome_dir, tmp_path):
     assert check_thresholds(tome, min_psnr=1000.0) and not check_thresholds(tome, min_psnr=1.0)
 
 
+@pytest.mark.slow
 def test_cli_verify_files_and_threshold(sd15, tome_dir, tmp_path):
     r = CliRunner()
     res = r.invoke(app, ["verify", str(sd15 / "unet" / "model.onnx"), str(tome_dir / "unet" / "model.onnx")])

@@ -60,5 +60,7 @@ def test_two_processes_lowering_one_cache_key(tmp_path):
     tally("two lowers of one cache key", stale_cache_hit=states != ["hit", "miss"])
     assert states == ["hit", "miss"], [r[2] for r in res]  # the second waited for the first's entry
     assert len(list(cache.glob("ort/*/entry.json"))) == 1
-    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "sdgraph.json"}
+    def files(d):
+        return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "sdgraph.json"}
+
     assert files(tmp_path / "a1") == files(tmp_path / "a2")

@@ -51,7 +51,7 @@ def run(ir_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "location" not in spec:
             env[name] = feeds[name].astype(_DT[spec["dtype"]])
     outputs = []
-    for name, op in conf["model"]["operator"].items():
+    for op in conf["model"]["operator"].values():
         typ, attr = op["type"], op.get("attr", {}) or {}
         if typ == "Input":
             continue

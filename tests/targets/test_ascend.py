@@ -158,7 +158,7 @@ def test_310p_does_not_fire_on_head_dim_outside_list():
 # -- ToMe plugin mapping (310P) ----------------------------------------------------------------
 def tome_model(n=64, c=40, r=24, fn_bodies=False) -> Model:
     """x -> TomeMerge(x, metric=x, src_idx, dst_idx; r) -> Relu -> TomeUnmerge(., src_idx, dst_idx, order, node_idx) -> y."""
-    na, nb = 3 * n // 4, n // 4
+    na = 3 * n // 4
     graph = gs.Graph(opset=17)
     x = gs.Variable("x", np.float32, [2, n, c])
     ia = gs.Constant("idx_a", np.arange(na, dtype=np.int64))

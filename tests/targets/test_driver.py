@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from sdgraph.cli import app
@@ -225,6 +225,7 @@ def test_corrupted_or_foreign_artifacts_fail_in_one_line(tmp_path):
         load_artifact(tmp_path / "nope")
 
 
+@pytest.mark.slow  # an inductor compile: about 20 s of CPU
 def test_torch_compile_default_mode_runs(tmp_path):
     """torch.compile (inductor) on a small graph, warmed at lowering for the declared bucket."""
     src = _write(tmp_path)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test runs the tool in child processes that build and export a UNet: 20-35 s of CPU each.
+pytestmark = pytest.mark.slow
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_tome.py"
 
 
