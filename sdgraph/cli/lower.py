@@ -29,7 +29,9 @@ def lower_cmd(
     src: Path = typer.Argument(..., help="A .onnx file, a folder with model.onnx, or a model directory"),
     target: str = typer.Option(..., "--target", "-t", help="Target name (see `sdgraph targets`)"),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 | int8 (what the target takes; default: each submodel's own, a QDQ graph int8)"),
+    precision: Optional[str] = typer.Option(
+        None, "--precision",
+        help="fp32 | bf16 | fp16 | int8 (what the target takes; default: each submodel's own, a QDQ graph int8)"),
     shape: Optional[List[str]] = typer.Option(None, "--shape", help="Shape bucket input NAME=DIMS (2x4x64x64); a repeated name starts a new bucket"),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Target option KEY=VALUE (repeatable)"),
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Model directory: only these submodels (comma-separated)"),
@@ -49,7 +51,8 @@ def lower_cmd(
     for name, info in res.submodels.items():
         entry = res.manifest["submodels"][name]
         size = sum(entry.get("files", {}).values())
-        table.add_row(name, entry.get("precision", res.precision), res.cache_line(name), f"{info['seconds']:.2f}", f"{len(entry.get('files', {}))} ({size / 1e6:.1f} MB)")
+        table.add_row(name, entry.get("precision", res.precision), res.cache_line(name), f"{info['seconds']:.2f}",
+                      f"{len(entry.get('files', {}))} ({size / 1e6:.1f} MB)")
     console.print(table)
     console.print(f"wrote {out} in {res.seconds:.1f} s")
 

@@ -126,7 +126,7 @@ def test_dynamic_int8_ir_form_and_error(lowered, tiny_sd15_onnx):
         assert int8_ops and len(quants) == len(int8_ops)
         assert t.get("InnerProduct", 0) + t.get("Convolution", 0) >= len(int8_ops)
         producers = {o: n for n, op in ops.items() for o in op.get("output", {})}
-        for name, op in int8_ops:
+        for _name, op in int8_ops:
             ins = list(op["input"])
             q = quants[producers[ins[0]]]
             assert list(q["output"]) == [ins[0], ins[-4], ins[-3]]  # data, min, scale of the activation
