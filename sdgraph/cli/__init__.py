@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from sdgraph.cli import _conventions  # noqa: F401  (--version, -v/-q on the app)
-from sdgraph.cli._app import app
+from sdgraph.cli._app import app, run_app
 
 __all__ = ["app", "main"]
 
@@ -25,7 +25,7 @@ def main() -> None:
 
     logging.basicConfig(level=os.environ.get("SDGRAPH_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     _load_commands()
-    app(prog_name="sdgraph")
+    sys.exit(run_app(prog_name="sdgraph"))
 
 
 _load_commands()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -15,12 +14,12 @@ import numpy as np
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
-from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
+from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
 from sdgraph.targets.cache import ArtifactCache, cache_max_bytes, graph_hash
 
 __all__ = ["lower", "load_artifact", "LowerResult", "Artifact", "parse_shape_spec", "parse_shape_args", "generic_problems",
-           "normalize_shapes", "bucket_for"]
+           "normalize_shapes", "bucket_for", "check_shape_names"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,14 @@ def parse_shape_args(items: Iterable[str]) -> list[dict[str, tuple[int, ...]]]:
     if cur:
         buckets.append(cur)
     return buckets
+
+
+def check_shape_names(buckets: Iterable[Mapping[str, Any]], models: Iterable[Model]) -> None:
+    """Refuse a ``--shape`` name that is not an input of any of ``models`` (naming the inputs)."""
+    known = {t.name for m in models for t in m.graph.inputs}
+    missing = sorted({k for b in buckets for k in b if k not in known})
+    if missing:
+        raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known))})")
 
 
 def normalize_shapes(shapes) -> list[dict[str, tuple[int, ...]]]:
@@ -243,24 +250,17 @@ def lower(
     # 1. load every submodel and check it: all problems, before any work
     jobs: list[tuple[str, Model, LowerContext]] = []
     if model_dir:
-        names = [s for s in SUBMODELS if (src / s / "model.onnx").is_file()]
-        wanted = list(submodels) if submodels else names
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise UsageError(f"{src} has no submodel {', '.join(unknown)} (has {', '.join(names)})")
-        for name in wanted:
+        for name in select_submodels(src, list(submodels) if submodels else None):
             m = Model.load(src / name / "model.onnx")
             m.metadata.setdefault("sdgraph.role", name)
             jobs.append((name, m, None))
     else:
+        if submodels:
+            raise UsageError("--submodels applies to a model directory, not to a single model file")
         m = Model.load(src)
         role = m.role
         jobs.append((role if role in ROLES else "model", m, None))
-    known_inputs = {t.name for _, m, _ in jobs for t in m.graph.inputs}
-    for b in buckets:
-        missing = [k for k in b if k not in known_inputs]
-        if missing:
-            raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known_inputs))})")
+    check_shape_names(buckets, [m for _, m, _ in jobs])
     problems: list[str] = []
     for i, (name, m, _) in enumerate(jobs):
         ctx = LowerContext(precision=precision, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
@@ -284,10 +284,7 @@ def lower(
             for item in sorted(src.iterdir()):
                 if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
                     continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
+                io.copy_inside(item, tmp / item.name, src)
         for name, m, ctx in jobs:
             t1 = time.perf_counter()
             sub = tmp / name
