@@ -37,7 +37,7 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
                 errno.EEXIST, errno.EMFILE, errno.ENFILE, errno.ENXIO}
 
 
-def run_app(prog_name: str = "sdgraph") -> int:
+def run_app(prog_name: str = "sdgraph", args: list[str] | None = None) -> int:
     """Run the app; usage errors (unknown option, missing or bad argument) as one ``error:`` line.
 
     click prints usage errors as a box with the usage text; running it with
@@ -52,7 +52,7 @@ def run_app(prog_name: str = "sdgraph") -> int:
 
     cmd = typer.main.get_command(app)
     try:
-        rv = cmd.main(prog_name=prog_name, standalone_mode=False)
+        rv = cmd.main(args=args, prog_name=prog_name, standalone_mode=False)
     except ce.NoArgsIsHelpError as exc:
         echo(exc.ctx.get_help() if exc.ctx else "")
         return 2  # as click does: no command is a usage error, answered with the help
