@@ -173,7 +173,7 @@ class Model:
         except Exception as exc:
             raise InputError(f"cannot import the graph: {exc}".splitlines()[0]) from None
         if base_dir is not None:
-            for t in (t for g in _graphs(graph) for t in g.tensors().values()):
+            for t in _constants(graph):
                 if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and io.is_external(t._values.tensor):
                     t._values = ExternalValues(t._values.tensor, base_dir)
                     # Once a pass reads .values, gs swaps in the numpy array; the tensor must then
@@ -336,6 +336,15 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, role={self.role}, nodes={self.num_nodes()}, opset={self.opset})"
+
+
+def _constants(graph: gs.Graph):
+    """Every constant of the graph and its subgraphs, node attributes (Constant values) included."""
+    for g in _graphs(graph):
+        yield from g.tensors().values()
+        for node in g.nodes:
+            for v in node.attrs.values():
+                yield from (x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, gs.Constant))
 
 
 def _graphs(graph: gs.Graph):

@@ -138,14 +138,14 @@ def externalize(t: onnx.TensorProto, folder: Path, file: str, **override: str) -
 
 
 def weights_model(folder: Path, *, where: str = "initializer", **override: str) -> Path:
-    """x[1,16] @ W[16,16] -> y with W (1 KiB) in external data ``w.bin``, placed at ``where``:
+    """x[1,16] @ W[16,32] -> y[1,32] with W (2 KiB) in external data ``w.bin``, placed at ``where``:
 
     initializer | constant (a Constant node) | function (a local function's body) | subgraph (an
     If branch) | sparse (a sparse initializer). ``override`` breaks the reference (offset=-1 ...).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    w = numpy_helper.from_array(np.arange(256, dtype=np.float32).reshape(16, 16) / 256, "w")
-    shape = (1, 16)
+    w = numpy_helper.from_array(np.arange(512, dtype=np.float32).reshape(16, 32) / 512, "w")
+    shape = (1, 32)
     functions = []
     inits: list = []
     sparse: list = []
@@ -164,7 +164,7 @@ def weights_model(folder: Path, *, where: str = "initializer", **override: str) 
         then_g = helper.make_graph([helper.make_node("Constant", [], ["w"], value=w),
                                     helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [],
                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, list(shape))])
-        else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+        else_g = helper.make_graph([helper.make_node("Concat", ["x", "x"], ["e"], axis=1)], "else", [],
                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, list(shape))])
         inits = [numpy_helper.from_array(np.array(True), "cond")]
         nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
@@ -172,10 +172,10 @@ def weights_model(folder: Path, *, where: str = "initializer", **override: str) 
         values = numpy_helper.from_array(np.arange(1, 301, dtype=np.float32), "sw")
         indices = numpy_helper.from_array(np.arange(300, dtype=np.int64), "sw_idx")
         sparse = [helper.make_sparse_tensor(values, indices, [300])]
-        nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+        nodes = [helper.make_node("Concat", ["x", "x"], ["y"], name="cat", axis=1)]
     else:  # pragma: no cover
         raise ValueError(where)
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))], inits,
                           sparse_initializer=sparse)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],

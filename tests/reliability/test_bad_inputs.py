@@ -78,10 +78,10 @@ case("ext-negative-length-in-function", 2, "not a non-negative integer")(
     lambda c: ["optimize", weights_model(c.tmp / "m", where="function", length="-1"), "-p", "fold", "-o", c.tmp / "o"])
 case("ext-fractional-offset", 2, "not a non-negative integer")(
     lambda c: ["inspect", weights_model(c.tmp / "m", offset="1.5")])
-case("ext-length-vs-dims", 2, "need 1024")(
+case("ext-length-vs-dims", 2, "need 2048")(
     lambda c: ["inspect", weights_model(c.tmp / "m", length="512")])
-case("ext-length-vs-dims-subgraph", 2, "need 1024")(
-    lambda c: ["optimize", weights_model(c.tmp / "m", where="subgraph", length="2048"), "-p", "fold", "-o", c.tmp / "o"])
+case("ext-length-vs-dims-subgraph", 2, "need 2048")(
+    lambda c: ["optimize", weights_model(c.tmp / "m", where="subgraph", length="4096"), "-p", "fold", "-o", c.tmp / "o"])
 case("ext-missing-file", 2, "is missing")(
     lambda c: ["inspect", weights_model(c.tmp / "m", location="nothere.bin")])
 
