@@ -25,7 +25,7 @@ class Bound:
 
     def describe(self) -> str:
         lo = f"({self.lo:g}" if self.lo_open else f"[{self.lo:g}"
-        text = f"{lo}, {self.hi:g}]" if not self.integer else f"{self.lo:g}..{self.hi:g}"
+        text = f"{int(self.lo)}..{int(self.hi)}" if self.integer else f"{lo}, {self.hi:g}]"
         if self.multiple > 1:
             text += f", multiple of {self.multiple}"
         return text

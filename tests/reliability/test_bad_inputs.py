@@ -400,3 +400,40 @@ def test_generate_refuses_out_of_bounds(tiny_sd15_onnx):
                    {"eta": float("inf")}):
         with pytest.raises(UsageError):
             pipe.generate("a cat", **kwargs)
+
+
+def test_disk_full_while_writing_is_bad_input_not_a_crash(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a save: exit 2 with one line, no partial output, no temp left."""
+    import errno
+
+    from sdgraph.ir import io as sio
+    from tests.graphs import mlp_model, save_external
+
+    src = save_external(mlp_model(hidden=32), tmp_path / "in" / "model.onnx")
+    real = sio.write_proto
+
+    def full(proto, out_file, *a, **kw):
+        Path(out_file).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_file))
+
+    monkeypatch.setattr(sio, "write_proto", full)
+    before = tree_state(tmp_path)
+    res = invoke(["optimize", src, "-p", "fold", "-o", tmp_path / "out"])
+    assert res.code == 2 and len(res.error_lines) == 1 and "No space left" in res.error_lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert tree_state(tmp_path) == before
+    monkeypatch.setattr(sio, "write_proto", real)
+
+
+def test_docs_state_the_bounds_and_the_readme_exit_codes():
+    """docs/reliability.md carries every bound of sdgraph.limits and the README's exit-code table."""
+    from sdgraph.limits import BOUNDS
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "reliability.md").read_text()
+    for name, b in BOUNDS.items():
+        assert f"| `{name}` | {b.describe()} |" in doc, name
+    readme = (root / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and line[2:4].strip().isdigit()]
+    assert rows and all(row in doc for row in rows)
+    assert "runs" in doc and "--fid-model" in doc  # the TorchScript warning
