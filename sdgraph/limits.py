@@ -36,8 +36,11 @@ _SEED_MAX = 2**32 - 1  # numpy's and diffusers' seed range
 BOUNDS: dict[str, Bound] = {
     "--steps": Bound(1, 1000, "denoising steps (run, bench, verify, demo)", integer=True),
     "--seed": Bound(0, _SEED_MAX, "seed (run, optimize --verify, demo-model; verify --seeds each)", integer=True),
-    "--height": Bound(8, 8192, "image height in pixels (run, bench, verify, export)", integer=True, multiple=8),
-    "--width": Bound(8, 8192, "image width in pixels (run, bench, verify, export)", integer=True, multiple=8),
+    # the multiple a size must be depends on the model's VAE: the pipeline checks that itself
+    "--height": Bound(1, 16384, "image height in pixels (run, bench, verify, export; a multiple of the VAE factor)",
+                      integer=True),
+    "--width": Bound(1, 16384, "image width in pixels (run, bench, verify, export; a multiple of the VAE factor)",
+                     integer=True),
     "--size": Bound(8, 8192, "demo image size in pixels", integer=True, multiple=8),
     "--guidance": Bound(0, 100, "classifier-free guidance scale (run)"),
     "--image-guidance": Bound(0, 100, "InstructPix2Pix image guidance (run)"),

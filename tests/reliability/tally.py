@@ -30,12 +30,14 @@ class _Request:
 
 
 def main(argv: list[str]) -> int:
-    """``--subprocess``: every case through ``python -m sdgraph`` (works on trees older than run_app)."""
+    """``--subprocess``: every case through ``python -m sdgraph`` (works on trees older than run_app);
+    ``--skip N``: start at case N."""
     from tests.reliability.bad_input_support import invoke, tree_state
     from tests.reliability.test_bad_inputs import CASES, Ctx
 
     cols = {"kinds": 0, "tracebacks": 0, "wrong exit code": 0, "not one error line": 0, "inputs modified or stray output": 0}
-    for cid, code, _match, build in CASES:
+    skip = int(argv[argv.index("--skip") + 1]) if "--skip" in argv else 0  # resume a long --subprocess run
+    for cid, code, _match, build in CASES[skip:]:
         tmp = Path(tempfile.mkdtemp(prefix=f"case-{cid}-"))
         ctx = Ctx(tmp, _Request())
         built = build(ctx)
