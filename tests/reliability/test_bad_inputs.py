@@ -455,3 +455,31 @@ def test_help_still_works_and_warns_about_torchscript():
     assert "TorchScript runs code" in " ".join(res.stdout.split())
     top = invoke(["--help"])
     assert top.code == 0 and "optimize" in top.stdout and not top.stderr.strip()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_optimize_verify_fails_on_nan_outputs(exact, tmp_path):
+    """A pass whose outputs turn NaN fails --verify (exact or approximate, even with no min_cosine)."""
+    import onnx_graphsurgeon as gs
+
+    import sdgraph
+    from sdgraph.errors import VerificationError
+    from sdgraph.passes.base import Pass, PassResult
+
+    class Poison(Pass):
+        name = "poison"
+
+        def run(self, model):
+            for t in model.graph.tensors().values():
+                if isinstance(t, gs.Constant):
+                    t.values = np.full(t.shape, np.nan, np.float32)
+            return PassResult(modified=True)
+
+    Poison.exact = exact
+    src = save(tiny_graph([helper.make_node("Add", ["x", "c"], ["a"], name="add"),
+                           helper.make_node("Relu", ["a"], ["y"], name="relu")],
+                          initializers=[numpy_helper.from_array(np.ones((1, 4), np.float32), "c")]), tmp_path / "m.onnx")
+    model = sdgraph.load(src)
+    with pytest.raises(VerificationError, match="NaN"):
+        sdgraph.optimize(model, [Poison()], verify=True)
+    assert not np.isnan(next(t for t in model.graph.tensors().values() if t.name == "c").values).any()  # rolled back
