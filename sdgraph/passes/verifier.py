@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
-
 from sdgraph.errors import InputError, PassError
 from sdgraph.ir.model import Model, structure_problem
 from sdgraph.passes.base import Pass
 
-__all__ = ["verify_structure", "run_after", "judge"]
+__all__ = ["verify_structure", "check_input", "run_after", "judge"]
 
 
 def verify_structure(model: Model, expected_outputs: list[str] | None = None) -> None:
