@@ -97,9 +97,6 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     """
     out = Path(out)
     out_r = real_output(out)
-    cwd = real_output(".")
-    if out_r == cwd or out_r in cwd.parents or out_r == Path(out_r.anchor):
-        raise InputError(f"{out}: {what} would replace the current folder (or one above it); name a new path")
     for inp in inputs:
         if inp is None:
             continue
@@ -112,6 +109,9 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
                      "contains": f"would overwrite the input {inp} (it lies inside the {what})",
                      "lies inside": f"lies inside the input folder {inp}"}[rel]
             raise InputError(f"{out}: {what} {shown}; choose another {what} path")
+    cwd = real_output(".")
+    if out_r == cwd or out_r in cwd.parents or out_r == Path(out_r.anchor):
+        raise InputError(f"{out}: {what} would replace the current folder (or one above it); name a new path")
     if out_r.exists() and _non_empty(out_r) and not force:
         raise _exists(out, out_r, what)
     parent = out_r.parent
