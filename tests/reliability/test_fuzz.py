@@ -68,7 +68,7 @@ def test_pass_option_values_parse_or_are_usage_errors(data):
     except UsageError as exc:
         assert "\n" not in str(exc)
         return
-    got = p.config[opt.name] if hasattr(p, "config") else getattr(p, opt.name)
+    got = getattr(p.opts, opt.name) if hasattr(p, "opts") else p.config[opt.name]
     if isinstance(got, float):
         assert math.isfinite(got), f"{name}{{{opt.name}={value!r}}} accepted a non-finite value"
 

@@ -311,4 +311,4 @@ def test_cache_command_lists_prunes_and_clears(tmp_path):
     assert r.exit_code == 0 and "removed 1 entries" in r.output
     assert not (cache / "hashes").exists()
     r = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune", "-1"])
-    assert r.exit_code != 0 and "--prune needs" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "--prune -1.0: must be in" in r.output and "Traceback" not in r.output
