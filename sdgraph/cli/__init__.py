@@ -22,6 +22,7 @@ def _load_commands() -> None:
 def main() -> None:
     import logging
     import os
+    import sys
 
     logging.basicConfig(level=os.environ.get("SDGRAPH_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     _load_commands()

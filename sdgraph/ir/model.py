@@ -71,7 +71,7 @@ def detect_role(graph: gs.Graph) -> str:
     return "unknown"
 
 
-def structure_problem(graph: gs.Graph, expected_outputs: list[str] | None = None) -> str | None:
+def structure_problem(graph: gs.Graph, expected_outputs: list[str] | None = None, when: str = "") -> str | None:
     """What makes ``graph`` invalid, in one line (None: valid).
 
     Checks: acyclic, unique node names, one producer per tensor, every node input produced (or a
@@ -98,7 +98,7 @@ def structure_problem(graph: gs.Graph, expected_outputs: list[str] | None = None
 
     cycle = find_cycle(graph)
     if cycle:
-        return f"graph is not a DAG: cycle {describe_nodes(cycle)}"
+        return f"graph is not a DAG{when}: cycle {describe_nodes(cycle)}"
     graph.toposort()
     outs = [t.name for t in graph.outputs]
     if expected_outputs is not None and outs != expected_outputs:

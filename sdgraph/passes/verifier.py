@@ -11,7 +11,7 @@ __all__ = ["verify_structure", "check_input", "run_after", "judge"]
 
 def verify_structure(model: Model, expected_outputs: list[str] | None = None) -> None:
     """Cheap checks after a pass: acyclic, unique node names, no dangling tensors, outputs intact."""
-    problem = structure_problem(model.graph, expected_outputs)
+    problem = structure_problem(model.graph, expected_outputs, when=" after the pass")
     if problem:
         raise PassError(problem)
 
