@@ -204,7 +204,7 @@ def optimize_path(
     """
     from sdgraph.ir import io, outputs
     from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
-    from sdgraph.targets.driver import check_shape_names
+    from sdgraph.ir.shapes import check_shape_names
 
     src, out = Path(src), Path(out)
     outputs.guard_output(out, outputs.model_inputs(src), force=force)

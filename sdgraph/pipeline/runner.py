@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import inspect
-import json
 import logging
 import math
 import os

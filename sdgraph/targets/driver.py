@@ -14,12 +14,13 @@ import numpy as np
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
+from sdgraph.ir.shapes import check_shape_names
 from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
 from sdgraph.targets.cache import ArtifactCache, cache_max_bytes, graph_hash
 
 __all__ = ["lower", "load_artifact", "LowerResult", "Artifact", "parse_shape_spec", "parse_shape_args", "generic_problems",
-           "normalize_shapes", "bucket_for", "check_shape_names"]
+           "normalize_shapes", "bucket_for"]
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,6 @@ def parse_shape_args(items: Iterable[str]) -> list[dict[str, tuple[int, ...]]]:
     if cur:
         buckets.append(cur)
     return buckets
-
-
-def check_shape_names(buckets: Iterable[Mapping[str, Any]], models: Iterable[Model]) -> None:
-    """Refuse a ``--shape`` name that is not an input of any of ``models`` (naming the inputs)."""
-    known = {t.name for m in models for t in m.graph.inputs}
-    missing = sorted({k for b in buckets for k in b if k not in known})
-    if missing:
-        raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known))})")
 
 
 def normalize_shapes(shapes) -> list[dict[str, tuple[int, ...]]]:

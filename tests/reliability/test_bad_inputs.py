@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from tests.reliability.bad_input_support import (
     invoke, png_bomb, save, tiny_graph, tree_state, weights_model,
