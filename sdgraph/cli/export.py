@@ -12,6 +12,7 @@ from rich import box
 from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
+from sdgraph.limits import check_all
 
 __all__ = ["export_cmd", "demo_model_cmd"]
 
@@ -65,6 +66,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Export a diffusers pipeline to ONNX submodels, each checked against torch in ONNX Runtime."""
+    check_all(batch=batch, opset=opset, height=height, width=width, tolerance=tolerance)
     _quiet_libraries()
     from sdgraph.export import export_pipeline
 
@@ -95,6 +97,7 @@ def demo_model_cmd(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Write a random-weight diffusers pipeline built from configs (nothing is downloaded)."""
+    check_all(seed=seed)
     _quiet_libraries()
     from sdgraph.demo import build_demo_pipeline, build_demo_vae, check_demo_name
 

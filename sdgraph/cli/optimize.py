@@ -12,6 +12,7 @@ from rich.table import Table
 
 from sdgraph.cli._app import command, console
 from sdgraph.errors import InputError
+from sdgraph.limits import check_all
 
 __all__ = ["optimize", "inspect", "passes", "doctor"]
 
@@ -48,6 +49,7 @@ def optimize(
     from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.passes.manager import DumpDir, PrintAfter, optimize_path
 
+    check_all(seed=seed)
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
     inputs = model_inputs(src)

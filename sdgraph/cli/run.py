@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
 from sdgraph.errors import InputError, PassError, UsageError
+from sdgraph.limits import check, check_all
 
 __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
 
@@ -50,12 +51,13 @@ def run_cmd(
 ) -> None:
     """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, on any target's artifacts."""
     from sdgraph.ir.outputs import guard_output, model_inputs
-    from sdgraph.pipeline.runner import load_image, open_pipeline, read_prompts, save_images
+    from sdgraph.pipeline.runner import check_text, load_image, open_pipeline, read_prompts, save_images
 
+    check_all(steps=steps, seed=seed, height=height, width=width, guidance=guidance, image_guidance=image_guidance,
+              strength=strength, eta=eta, devices=devices, num_images=num_images)
     guard_output(out, model_inputs(model_dir) + [p for p in (image, prompt_file) if p is not None], force=force)
     prompts = read_prompts(prompt, prompt_file)
-    if num_images < 1:
-        raise UsageError(f"--num-images {num_images}: must be >= 1")
+    check_text(negative_prompt, "--negative-prompt")
     _init_image(image)
     pipe = open_pipeline(model_dir, devices=devices)
     h, w = height or pipe.default_size()[0], width or pipe.default_size()[1]
@@ -138,6 +140,8 @@ def bench_cmd(
     from sdgraph.ir.outputs import guard_output
     from sdgraph.pipeline.bench import bench, split_results, write_json, write_plot
 
+    check_all(steps=steps, height=height, width=width, repeats=repeats, devices=devices, guidance=guidance,
+              strength=strength, image_guidance=image_guidance)
     for d in dirs:
         if not d.is_dir():
             raise InputError(f"{d}: not a directory")
@@ -191,7 +195,8 @@ def verify_cmd(
     scheduler: Optional[str] = typer.Option(None, "--scheduler"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the side-by-side sheet, images and verify.json"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local CLIP model dir for CLIP score"),
-    fid_model: Optional[Path] = typer.Option(None, "--fid-model", help="Local TorchScript Inception file for FID"),
+    fid_model: Optional[Path] = typer.Option(None, "--fid-model", help="Local TorchScript Inception file for FID. "
+                                             "Loading TorchScript runs code from the file: use trusted files only"),
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="Fail below this PSNR (dB)"),
     min_ssim: Optional[float] = typer.Option(None, "--min-ssim", help="Fail below this SSIM"),
     max_pixel_diff: Optional[int] = typer.Option(None, "--max-pixel-diff", help="Fail above this max pixel difference"),
@@ -205,11 +210,14 @@ def verify_cmd(
     image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
-    from sdgraph.pipeline.runner import read_prompts
+    from sdgraph.pipeline.runner import check_text, read_prompts
     from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.pipeline.verify import (DEFAULT_PROMPTS, check_thresholds, compare_onnx_files, raise_on, verify_dirs,
                                          write_verify_dir)
 
+    check_all(steps=steps, height=height, width=width, min_psnr=min_psnr, min_ssim=min_ssim,
+              max_pixel_diff=max_pixel_diff, min_cosine=min_cosine, max_abs=max_abs, guidance=guidance,
+              strength=strength, image_guidance=image_guidance)
     for p in (ref, cand):
         if not p.exists():
             raise InputError(f"{p}: no such file or directory")
@@ -221,6 +229,12 @@ def verify_cmd(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    if not seed_list:
+        raise UsageError(f"--seeds {seeds!r}: give at least one seed")
+    for s in seed_list:
+        check("--seed", s)
+    for text in prompt or []:
+        check_text(text, "--prompt")
     if ref.is_file() != cand.is_file():
         raise UsageError("compare two .onnx files or two directories, not one of each")
     if ref.is_file():
@@ -270,6 +284,7 @@ def demo_cmd(
     """The main job: random-weight demo pipeline -> export -> optimize -> lower -> run -> bench -> verify."""
     from sdgraph.pipeline.main_job import run_demo
 
+    check_all(steps=steps, repeats=repeats, size=size)
     if source is not None and not source.is_dir():
         raise InputError(f"{source}: not a diffusers pipeline directory")
     rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino, source=source,

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from sdgraph.errors import UsageError
 from sdgraph.ir import io
 
-__all__ = ["infer_shapes", "static_shape"]
+__all__ = ["infer_shapes", "static_shape", "check_shape_names"]
 
 log = logging.getLogger(__name__)
 _PROTO_LIMIT = 1_900_000_000
@@ -64,3 +66,11 @@ def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
     if all(isinstance(d, (int, np.integer)) and d >= 0 for d in t.shape):
         return tuple(int(d) for d in t.shape)
     return None
+
+
+def check_shape_names(buckets: Iterable[Mapping[str, Any]], models: Iterable) -> None:
+    """Refuse a ``--shape`` name that is not an input of any of ``models`` (naming the inputs)."""
+    known = {t.name for m in models for t in m.graph.inputs}
+    missing = sorted({k for b in buckets for k in b if k not in known})
+    if missing:
+        raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known))})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import inspect
-import json
 import logging
 import math
 import os
@@ -15,9 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sdgraph.errors import InputError, TargetUnavailable, UsageError
+from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UsageError
 from sdgraph.ir.runtime import penultimate_hidden_state as _penultimate, pick_output as _pick
-from sdgraph.manifest import read_manifest
+from sdgraph.manifest import read_json_object, read_manifest
 
 __all__ = [
     "SCHEDULERS",
@@ -116,7 +115,16 @@ def read_prompts(prompt: str | None, prompt_file: str | os.PathLike | None) -> l
         return prompts
     if prompt is None:
         raise UsageError("give a prompt: --prompt TEXT or --prompt-file FILE")
-    return [prompt]
+    return [check_text(prompt, "--prompt")]
+
+
+def check_text(text: str, option: str) -> str:
+    """Refuse text that is not valid Unicode (undecodable bytes on the command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option}: not valid UTF-8 text") from None
+    return text
 
 
 def load_image(path: str | os.PathLike, width: int | None = None, height: int | None = None,
@@ -129,7 +137,9 @@ def load_image(path: str | os.PathLike, width: int | None = None, height: int | 
     try:
         img = Image.open(p)
         img.load()
-    except (OSError, UnidentifiedImageError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{p}: image refused as a decompression bomb ({exc})".splitlines()[0]) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise InputError(f"{p}: not a readable image ({exc})".splitlines()[0]) from None
     img = img.convert("RGB")
     if width is not None and height is not None and img.size != (width, height):
@@ -236,7 +246,14 @@ def make_scheduler(name: str | None, config: Mapping[str, Any] | None, timestep_
     dlog.setLevel(logging.ERROR)  # other classes' config keys are expected and ignored
     try:
         extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
-        return cls.from_config(cfg, **extra)
+        sched = cls.from_config(cfg, **extra)
+        sched.set_timesteps(2)  # a config with nonsense values fails here, not in the denoising loop
+        return sched
+    except SdgraphError:
+        raise
+    except Exception as exc:  # diffusers raises anything on a corrupt config
+        raise InputError(f"scheduler config ({cls_name}) is not usable: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         dlog.setLevel(level)
 
@@ -304,7 +321,7 @@ class Pipeline:
         self.scaling_factor = float(sf) if sf else (0.13025 if self.is_xl else 0.18215)
         self.shift_factor = float(_find_key(manifest, "shift_factor") or 0.0)
         sched_cfg = path / "scheduler" / "scheduler_config.json"
-        self.scheduler_config = json.loads(sched_cfg.read_text()) if sched_cfg.is_file() else {}
+        self.scheduler_config = read_json_object(sched_cfg, "scheduler config") if sched_cfg.is_file() else {}
         self.vae_scale = _vae_scale_factor(path, manifest)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -478,6 +495,11 @@ class Pipeline:
         """One image for ``prompt``; ``image`` (PIL or path) selects img2img or, on an 8-channel UNet, pix2pix."""
         import torch
 
+        from sdgraph.limits import check_all
+
+        check_all(steps=steps, seed=seed, guidance=guidance, eta=eta, strength=strength, image_guidance=image_guidance)
+        check_text(prompt, "--prompt")
+        check_text(negative_prompt, "--negative-prompt")
         notes: list[str] = []
         dh, dw = self.default_size()
         height, width = height or dh, width or dw
@@ -608,7 +630,7 @@ def _vae_scale_factor(path: Path, manifest: Mapping[str, Any]) -> int:
             if cfg.is_file():
                 try:
                     blocks = json.loads(cfg.read_text()).get("block_out_channels")
-                except (OSError, ValueError):
+                except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object
                     continue
                 if blocks:
                     return 2 ** (len(blocks) - 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -16,7 +15,8 @@ import onnx_graphsurgeon as gs
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
-from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
+from sdgraph.ir.shapes import check_shape_names
+from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
 from sdgraph.targets.cache import ArtifactCache, cache_max_bytes, graph_hash
 
@@ -284,24 +284,17 @@ def lower(
     # 1. load every submodel and check it: all problems, before any work
     jobs: list[tuple[str, Model, LowerContext]] = []
     if model_dir:
-        names = [s for s in SUBMODELS if (src / s / "model.onnx").is_file()]
-        wanted = list(submodels) if submodels else names
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise UsageError(f"{src} has no submodel {', '.join(unknown)} (has {', '.join(names)})")
-        for name in wanted:
+        for name in select_submodels(src, list(submodels) if submodels else None):
             m = Model.load(src / name / "model.onnx")
             m.metadata.setdefault("sdgraph.role", name)
             jobs.append((name, m, None))
     else:
+        if submodels:
+            raise UsageError("--submodels applies to a model directory, not to a single model file")
         m = Model.load(src)
         role = m.role
         jobs.append((role if role in ROLES else "model", m, None))
-    known_inputs = {t.name for _, m, _ in jobs for t in m.graph.inputs}
-    for b in buckets:
-        missing = [k for k in b if k not in known_inputs]
-        if missing:
-            raise UsageError(f"--shape names unknown input(s) {', '.join(missing)} (inputs: {', '.join(sorted(known_inputs))})")
+    check_shape_names(buckets, [m for _, m, _ in jobs])
     problems: list[str] = []
     own = {name: graph_precision(m) for name, m, _ in jobs}
     any_int8 = "int8" in own.values()
@@ -328,10 +321,7 @@ def lower(
             for item in sorted(src.iterdir()):
                 if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
                     continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
+                io.copy_inside(item, tmp / item.name, src)
         for name, m, ctx in jobs:
             t1 = time.perf_counter()
             sub = tmp / name
