@@ -629,8 +629,8 @@ def _vae_scale_factor(path: Path, manifest: Mapping[str, Any]) -> int:
             cfg = root / sub / "config.json"
             if cfg.is_file():
                 try:
-                    blocks = json.loads(cfg.read_text()).get("block_out_channels")
-                except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object
+                    blocks = read_json_object(cfg, "VAE config").get("block_out_channels")
+                except InputError:  # unreadable, or not a JSON object: the graph's shapes decide below
                     continue
                 if blocks:
                     return 2 ** (len(blocks) - 1)
