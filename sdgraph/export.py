@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UnsupportedError, UsageError, VerificationError
+from sdgraph.manifest import read_json_object
 
 __all__ = [
     "EXPORTERS",
@@ -115,10 +116,7 @@ class _Source:
             if not path.is_dir() or not (path / "model_index.json").is_file():
                 raise InputError(f"{src}: not a diffusers pipeline directory (no model_index.json)")
             self.root: str = str(path.resolve())
-            try:
-                self.index = json.loads((path / "model_index.json").read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{src}/model_index.json: unreadable ({exc})") from None
+            self.index = read_json_object(path / "model_index.json", "pipeline index")
         elif re.fullmatch(r"[\w.-]+/[\w.-]+", self.spec) and not self.spec.startswith((".", "/")):
             self.root = self.spec
             self.index = self._hub_index()
@@ -530,12 +528,9 @@ def _read_config(src: _Source, folder: str, override: str | None = None) -> dict
         cfg = path / "config.json"
         if not cfg.is_file():
             raise InputError(f"{override}: not a diffusers VAE directory (no config.json)")
-        return json.loads(cfg.read_text())
+        return read_json_object(cfg, "VAE config")
     if src.local:
-        try:
-            return json.loads((Path(src.root) / folder / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{src.spec}/{folder}/config.json: unreadable ({exc})") from None
+        return read_json_object(Path(src.root) / folder / "config.json", f"{folder} config")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -636,10 +631,7 @@ def _geometry(src: _Source, unet_cfg: dict, vae_cfg: dict, height: int | None, w
 def _scheduler_config(src: _Source) -> dict:
     if src.local:
         p = Path(src.root) / "scheduler" / "scheduler_config.json"
-        try:
-            return json.loads(p.read_text()) if p.is_file() else {}
-        except (OSError, ValueError):
-            return {}
+        return read_json_object(p, "scheduler config") if p.is_file() else {}
     return {}
 
 
@@ -650,7 +642,9 @@ def _copy_assets(src: _Source, tmp: Path, vae_override: str | None, vae_cfg: dic
         if not src.component(folder):
             continue
         if src.local and (Path(src.root) / folder).is_dir():
-            shutil.copytree(Path(src.root) / folder, tmp / folder)
+            from sdgraph.ir.io import copy_inside
+
+            copy_inside(Path(src.root) / folder, tmp / folder, Path(src.root))
         if folder.startswith("tokenizer"):
             tok = _load_tokenizer(src, folder)
             if tok is not None:

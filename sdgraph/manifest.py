@@ -12,7 +12,7 @@ from typing import Any
 
 from sdgraph.errors import InputError
 
-__all__ = ["MANIFEST", "read_manifest", "write_manifest", "file_hash", "package_versions", "SUBMODELS"]
+__all__ = ["MANIFEST", "select_submodels", "read_json_object", "read_manifest", "write_manifest", "file_hash", "package_versions", "SUBMODELS"]
 
 MANIFEST = "sdgraph.json"
 # Submodel folders of a model directory (optimum's ONNX layout), in pipeline order.
@@ -21,16 +21,41 @@ _PACKAGES = ("sdgraph", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "to
              "transformers", "openvino", "onnxscript", "onnxsim")
 
 
+def select_submodels(src: str | os.PathLike, wanted: "list[str] | None", option: str = "--submodels") -> list[str]:
+    """The submodels of a model directory to work on: all present ones, or ``wanted`` (checked)."""
+    from sdgraph.errors import UsageError
+
+    src = Path(src)
+    names = [s for s in SUBMODELS if (src / s / "model.onnx").is_file()]
+    if not wanted:
+        return names
+    wanted = [w.strip() for w in wanted]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise UsageError(f"{option}: {src} has no submodel {', '.join(map(repr, unknown))} (has {', '.join(names)})")
+    return [n for n in names if n in wanted]
+
+
 def read_manifest(directory: str | os.PathLike, required: bool = False) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         if required:
             raise InputError(f"{directory}: no {MANIFEST} (not an sdgraph model or artifact directory)")
         return {}
+    return read_json_object(path, "manifest")
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON file that must hold an object (a manifest, a config); anything else is bad input."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc})") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path}: unreadable {what} ({why})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} must be a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def write_manifest(directory: str | os.PathLike, data: dict[str, Any]) -> Path:

@@ -2,7 +2,7 @@
 
 Pipelines (diffusers directories, ``sdgraph.demo``; UNet latents 16x16 = 128 px images):
 
-- ``tiny_pipeline(arch)``: factory, arch in sd15 | sd21 | sdxl | pix2pix -> Path
+- ``tiny_pipeline(arch)``: factory, arch in sd15 | sd21 | sdxl | pix2pix | turbo -> Path
 - ``tiny_sd15_pipeline``, ``tiny_sd21_pipeline``, ``tiny_sdxl_pipeline``, ``tiny_pix2pix_pipeline``
 - ``tiny_taesd``: a tiny AutoencoderTiny folder (for ``--vae``)
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-_ARCHS = ("sd15", "sd21", "sdxl", "pix2pix")
+_ARCHS = ("sd15", "sd21", "sdxl", "pix2pix", "turbo")
 
 
 @pytest.fixture(scope="session", autouse=True)

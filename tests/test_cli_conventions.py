@@ -73,7 +73,9 @@ def test_json_of_targets_doctor_passes():
     assert [x["part"] for x in d] == [c[0] for c in checks()]
     assert all(isinstance(x["usable"], bool) for x in d)
     p = json.loads(sdgraph("passes", "--json").stdout)
-    assert [x["name"] for x in p["passes"]] == list(registry())
+    names = [x["name"] for x in p["passes"]]  # a fresh process: the built-in passes (tests may register more here)
+    assert names == sorted(names) and set(names) <= set(registry())
+    assert {"fold", "cse", "fa", "gn", "geglu", "tome", "qdq", "bf16", "fp16"} <= set(names)
     assert p["presets"] == dict(PRESETS)
     tome = next(x for x in p["passes"] if x["name"] == "tome")
     assert any(o["positional"] for o in tome["options"]) and not tome["exact"]

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from sdgraph.cli import _conventions  # noqa: F401  (--version, -v/-q on the app)
-from sdgraph.cli._app import app
+from sdgraph.cli._app import app, run_app
 
 __all__ = ["app", "main"]
 
@@ -22,10 +22,11 @@ def _load_commands() -> None:
 def main() -> None:
     import logging
     import os
+    import sys
 
     logging.basicConfig(level=os.environ.get("SDGRAPH_LOG", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s")
     _load_commands()
-    app(prog_name="sdgraph")
+    sys.exit(run_app(prog_name="sdgraph"))
 
 
 _load_commands()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 from typing import Any, Callable
 
 import typer
@@ -11,7 +13,7 @@ from rich.console import Console
 
 from sdgraph.errors import SdgraphError
 
-__all__ = ["app", "command", "console", "err_console", "fail"]
+__all__ = ["app", "command", "console", "err_console", "fail", "run_app"]
 
 app = typer.Typer(
     name="sdgraph",
@@ -29,6 +31,46 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# OSErrors that describe the user's files or machine (exit 2), not a bug in sdgraph.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EIO, errno.EXDEV, errno.ENOTEMPTY,
+                errno.EEXIST, errno.EMFILE, errno.ENFILE, errno.ENXIO}
+
+
+def run_app(prog_name: str = "sdgraph", args: list[str] | None = None) -> int:
+    """Run the app; usage errors (unknown option, missing or bad argument) as one ``error:`` line.
+
+    click prints usage errors as a box with the usage text; running it with
+    ``standalone_mode=False`` hands them to us instead. ``--help`` and ``typer.Exit`` keep working.
+    """
+    try:  # typer >= 0.17 vendors its own click
+        from typer._click import exceptions as ce
+        from typer._click import echo
+    except ImportError:  # pragma: no cover - older typer over plain click
+        from click import echo
+        from click import exceptions as ce
+
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except ce.NoArgsIsHelpError as exc:
+        echo(exc.ctx.get_help() if exc.ctx else "")
+        return 2  # as click does: no command is a usage error, answered with the help
+    except ce.UsageError as exc:
+        hint = ""
+        if exc.ctx is not None and exc.ctx.command_path:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        err_console.print(f"error: {exc.format_message()}{hint}".replace("\n", " "), markup=False, soft_wrap=True)
+        return 2
+    except ce.Abort:
+        err_console.print("error: interrupted", markup=False)
+        return 130
+    except ce.ClickException as exc:  # e.g. a FileError from a click type
+        err_console.print(f"error: {exc.format_message()}".replace("\n", " "), markup=False, soft_wrap=True)
+        return 2
+    return rv if isinstance(rv, int) else 0
+
+
 def command(*args: Any, **kwargs: Any) -> Callable:
     """``@app.command`` that turns SdgraphError (and stray exceptions) into one line + exit code.
 
@@ -38,8 +80,6 @@ def command(*args: Any, **kwargs: Any) -> Callable:
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
-            import os
-
             try:
                 return fn(*a, **kw)
             except typer.Exit:
@@ -50,6 +90,12 @@ def command(*args: Any, **kwargs: Any) -> Callable:
                 fail(str(exc), exc.exit_code)
             except KeyboardInterrupt:
                 fail("interrupted", 130)
+            except OSError as exc:
+                if exc.errno not in _USER_ERRNOS or os.environ.get("SDGRAPH_DEBUG"):
+                    raise
+                # the machine or the user's files, not a bug: disk full, permissions, a read-only place
+                where = f"{exc.filename}: " if exc.filename else ""
+                fail(f"{where}{exc.strerror or exc}", 2)
             except Exception as exc:  # last resort: never a traceback for the user
                 if os.environ.get("SDGRAPH_DEBUG"):
                     raise

@@ -10,6 +10,7 @@ import typer
 
 from sdgraph.cli._app import command, console
 from sdgraph.errors import UsageError
+from sdgraph.limits import check_all
 
 __all__ = ["cache"]
 
@@ -27,9 +28,8 @@ def cache(
     store = ArtifactCache(cache_dir)
     if prune is not None and clear:
         raise UsageError("--prune and --clear exclude each other")
+    check_all(prune=prune)
     if prune is not None:
-        if prune < 0:
-            raise UsageError(f"--prune needs a size in GB >= 0, got {prune}")
         evicted = store.prune(int(prune * 1e9))
         console.print(f"evicted {len(evicted)} entr{'y' if len(evicted) == 1 else 'ies'}", markup=False)
     elif clear:

@@ -12,6 +12,7 @@ from rich import box
 from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
+from sdgraph.limits import check_all
 
 __all__ = ["export_cmd", "demo_model_cmd"]
 
@@ -65,6 +66,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Export a diffusers pipeline to ONNX submodels, each checked against torch in ONNX Runtime."""
+    check_all(batch=batch, opset=opset, height=height, width=width, tolerance=tolerance)
     _quiet_libraries()
     from sdgraph.export import export_pipeline
 
@@ -89,12 +91,13 @@ def export_cmd(
 @command("demo-model")
 def demo_model_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the pipeline to"),
-    arch: str = typer.Option("sd15", "--arch", help="sd15 | sd21 | sdxl | pix2pix | taesd (a VAE for --vae)"),
+    arch: str = typer.Option("sd15", "--arch", help="sd15 | sd21 | sdxl | pix2pix | turbo (SDXL-Turbo: 1 step, trailing) | taesd (a VAE for --vae)"),
     size: str = typer.Option("tiny", "--size", help="tiny (tests, seconds) | full (real architecture sizes)"),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Write a random-weight diffusers pipeline built from configs (nothing is downloaded)."""
+    check_all(seed=seed)
     _quiet_libraries()
     from sdgraph.demo import build_demo_pipeline, build_demo_vae, check_demo_name
 

@@ -30,7 +30,9 @@ def lower_cmd(
                                           "(default: the model directory this is run in)"),
     target: str = typer.Option(..., "--target", "-t", help="Target name (see `sdgraph targets`)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Artifact folder to write (default: <src>-<target>/ beside SRC)"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 | int8 (what the target takes)"),
+    precision: Optional[str] = typer.Option(
+        None, "--precision",
+        help="fp32 | bf16 | fp16 | int8 (what the target takes; default: each submodel's own, a QDQ graph int8)"),
     shape: Optional[List[str]] = typer.Option(None, "--shape", help="Shape bucket input [SUBMODEL:]NAME=DIMS (unet:sample=2x4x64x64); "
                                               "a repeated name starts a new bucket"),
     height: Optional[int] = typer.Option(None, "--height", help="Image height the shapes of a model dir are derived from"),
@@ -54,13 +56,14 @@ def lower_cmd(
     res = lower(src, target, out, precision=precision, shapes=buckets or None, options=_parse_options(option),
                 submodels=submodels.split(",") if submodels else None, cache=not no_cache, force=force,
                 progress=lambda m: err_console.print(m, markup=False, style="dim"), height=height, width=width, batch=batch)
-    table = Table(title=f"{src} -> {target} ({precision})", title_justify="left")
-    for col in ("submodel", "cache", "s", "files"):
+    table = Table(title=f"{src} -> {target} ({res.precision})", title_justify="left")
+    for col in ("submodel", "precision", "cache", "s", "files"):
         table.add_column(col)
     for name, info in res.submodels.items():
         entry = res.manifest["submodels"][name]
         size = sum(entry.get("files", {}).values())
-        table.add_row(name, res.cache_line(name), f"{info['seconds']:.2f}", f"{len(entry.get('files', {}))} ({size / 1e6:.1f} MB)")
+        table.add_row(name, entry.get("precision", res.precision), res.cache_line(name), f"{info['seconds']:.2f}",
+                      f"{len(entry.get('files', {}))} ({size / 1e6:.1f} MB)")
     console.print(table)
     console.print(f"wrote {out} in {res.seconds:.1f} s")
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from sdgraph.cli._app import command, console
 from sdgraph.errors import InputError
+from sdgraph.limits import check_all
 
 __all__ = ["optimize", "inspect", "passes", "doctor"]
 
@@ -53,6 +54,7 @@ def optimize(
 
     load_plugins(plugin)
 
+    check_all(seed=seed)
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
     if out is None:

@@ -11,8 +11,19 @@ from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
 from sdgraph.errors import InputError, PassError, UsageError
+from sdgraph.limits import check, check_all
 
 __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
+
+
+_SPACING_HELP = "leading | trailing | linspace (default: the scheduler config's; trailing starts 1 step at t=999)"
+
+
+def _init_image(image: Optional[Path]) -> Optional[Path]:
+    """``--image`` checked to exist (one line and exit 2 otherwise)."""
+    if image is not None and not image.is_file():
+        raise InputError(f"{image}: no such image file")
+    return image
 
 
 @command("run")
@@ -36,17 +47,18 @@ def run_cmd(
     devices: int = typer.Option(1, "--devices", help="Split the guidance batch over this many UNet instances, run concurrently"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .png (one image) or folder"),
     force: bool = typer.Option(False, "--force", help="Replace an existing image or non-empty output folder"),
+    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
 ) -> None:
     """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, on any target's artifacts."""
     from sdgraph.ir.outputs import guard_output, model_inputs
-    from sdgraph.pipeline.runner import load_image, open_pipeline, read_prompts, save_images
+    from sdgraph.pipeline.runner import check_text, load_image, open_pipeline, read_prompts, save_images
 
+    check_all(steps=steps, seed=seed, height=height, width=width, guidance=guidance, image_guidance=image_guidance,
+              strength=strength, eta=eta, devices=devices, num_images=num_images)
     guard_output(out, model_inputs(model_dir) + [p for p in (image, prompt_file) if p is not None], force=force)
     prompts = read_prompts(prompt, prompt_file)
-    if num_images < 1:
-        raise UsageError(f"--num-images {num_images}: must be >= 1")
-    if image is not None and not image.is_file():
-        raise InputError(f"{image}: no such image file")
+    check_text(negative_prompt, "--negative-prompt")
+    _init_image(image)
     pipe = open_pipeline(model_dir, devices=devices)
     h, w = height or pipe.default_size()[0], width or pipe.default_size()[1]
     pipe.check_size(h, w)
@@ -56,19 +68,21 @@ def run_cmd(
         init = load_image(image, w, h, notes)
         for n in notes:
             err_console.print(f"note: {n}", markup=False)
-    images, total = [], 0.0
+    images, total, first_t = [], 0.0, None
     for p in prompts:
         for i in range(num_images):
             g = pipe.generate(p, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
                               height=h, width=w, scheduler=scheduler, eta=eta, image=init, strength=strength,
-                              image_guidance=image_guidance)
+                              image_guidance=image_guidance, timestep_spacing=timestep_spacing)
             images += g.images
             total += g.seconds
+            first_t = g.timesteps[0] if g.timesteps else None
             for n in g.notes:
                 err_console.print(f"note: {n}", markup=False)
     written = save_images(images, out, grid=grid, force=force)
     console.print(f"{len(images)} image(s) {w}x{h} on {pipe.target} in {total:.2f} s "
-                  f"({total / len(images):.2f} s/image) -> {', '.join(map(str, written[:4]))}"
+                  f"({total / len(images):.2f} s/image, first timestep {first_t:g}) -> "
+                  f"{', '.join(map(str, written[:4]))}"
                   + (" ..." if len(written) > 4 else ""))
 
 
@@ -79,10 +93,13 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     ran, failed = split_results(report, labels)
     names, res = [n for n, _ in ran], [r for _, r in ran]
     t = Table(title=f"bench: {report['steps']} steps, {res[0]['height']}x{res[0]['width']}, median of {report['repeats']}")
-    for col in ("dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"):
+    for col in ("dir", "s/image", "speedup", "UNet it/s", "UNet MB", "warm-up compile s", "warm-up cache s",
+                "peak RSS MB"):
         t.add_column(col, justify="left" if col == "dir" else "right")
     for n, r in zip(names, res):
+        unet_mb = r.get("submodel_mb", {}).get("unet")
         t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
+                  "-" if unet_mb is None else f"{unet_mb:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
     subs = [s for s in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
             if any(s in r["submodel_ms"] for r in res)]
@@ -96,7 +113,7 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
         t2.add_row(n, r["target"], f"{r['load_s']:.2f}",
                    *[f"{r['submodel_ms'][s]:.1f}" if s in r["submodel_ms"] else "-" for s in subs])
     for n, r in failed:
-        t.add_row(n, "failed", "-", "-", "-", "-", "-")
+        t.add_row(n, "failed", "-", "-", "-", "-", "-", "-")
         t2.add_row(n, "-", "-", *[r["error"][:60] if i == 0 else "-" for i in range(len(subs))])
     return [t, t2]
 
@@ -113,19 +130,29 @@ def bench_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
     force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale (0: no guidance, one UNet batch: Turbo)"),
+    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
+    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
+    strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
+    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
 ) -> None:
     """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
     from sdgraph.ir.outputs import guard_output
     from sdgraph.pipeline.bench import bench, split_results, write_json, write_plot
 
+    check_all(steps=steps, height=height, width=width, repeats=repeats, devices=devices, guidance=guidance,
+              strength=strength, image_guidance=image_guidance)
     for d in dirs:
         if not d.is_dir():
             raise InputError(f"{d}: not a directory")
     for o, what in ((json_out, "--json file"), (plot, "--plot file")):
         if o is not None:
             guard_output(o, list(dirs), force=force, what=what)
+    _init_image(image)
     report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
-                   scheduler=scheduler, progress=lambda m: err_console.print(m, markup=False))
+                   scheduler=scheduler, guidance=guidance, timestep_spacing=timestep_spacing, image=image,
+                   strength=strength, image_guidance=image_guidance,
+                   progress=lambda m: err_console.print(m, markup=False))
     for t in bench_table(report):
         console.print(t)
     if json_out:
@@ -168,30 +195,46 @@ def verify_cmd(
     scheduler: Optional[str] = typer.Option(None, "--scheduler"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the side-by-side sheet, images and verify.json"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local CLIP model dir for CLIP score"),
-    fid_model: Optional[Path] = typer.Option(None, "--fid-model", help="Local TorchScript Inception file for FID"),
+    fid_model: Optional[Path] = typer.Option(None, "--fid-model", help="Local TorchScript Inception file for FID. "
+                                             "Loading TorchScript runs code from the file: use trusted files only"),
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="Fail below this PSNR (dB)"),
     min_ssim: Optional[float] = typer.Option(None, "--min-ssim", help="Fail below this SSIM"),
     max_pixel_diff: Optional[int] = typer.Option(None, "--max-pixel-diff", help="Fail above this max pixel difference"),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail below this output cosine"),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Fail above this max abs output difference"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder"),
+    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale of the end-to-end images"),
+    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
+    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
+    strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
+    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
-    from sdgraph.pipeline.runner import read_prompts
+    from sdgraph.pipeline.runner import check_text, read_prompts
     from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.pipeline.verify import (DEFAULT_PROMPTS, check_thresholds, compare_onnx_files, raise_on, verify_dirs,
                                          write_verify_dir)
 
+    check_all(steps=steps, height=height, width=width, min_psnr=min_psnr, min_ssim=min_ssim,
+              max_pixel_diff=max_pixel_diff, min_cosine=min_cosine, max_abs=max_abs, guidance=guidance,
+              strength=strength, image_guidance=image_guidance)
     for p in (ref, cand):
         if not p.exists():
             raise InputError(f"{p}: no such file or directory")
     if out is not None:
         guard_output(out, model_inputs(ref) + model_inputs(cand) + [p for p in (prompt_file, clip_model, fid_model) if p],
                      force=force)
+    _init_image(image)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    if not seed_list:
+        raise UsageError(f"--seeds {seeds!r}: give at least one seed")
+    for s in seed_list:
+        check("--seed", s)
+    for text in prompt or []:
+        check_text(text, "--prompt")
     if ref.is_file() != cand.is_file():
         raise UsageError("compare two .onnx files or two directories, not one of each")
     if ref.is_file():
@@ -209,7 +252,9 @@ def verify_cmd(
     else:
         prompts = list(prompt) if prompt else (read_prompts(None, prompt_file) if prompt_file else list(DEFAULT_PROMPTS))
         report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
-                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force)
+                             width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force,
+                             guidance=guidance, timestep_spacing=timestep_spacing, image=image, strength=strength,
+                             image_guidance=image_guidance)
         console.print(verify_table(report, f"verify {cand} against {ref}"))
         for n in report["notes"]:
             console.print(f"note: {n}", markup=False)
@@ -239,6 +284,7 @@ def demo_cmd(
     """The main job: random-weight demo pipeline -> export -> optimize -> lower -> run -> bench -> verify."""
     from sdgraph.pipeline.main_job import run_demo
 
+    check_all(steps=steps, repeats=repeats, size=size)
     if source is not None and not source.is_dir():
         raise InputError(f"{source}: not a diffusers pipeline directory")
     rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino, source=source,

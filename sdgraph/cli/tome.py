@@ -9,6 +9,7 @@ import typer
 
 from sdgraph.cli._app import command, console
 from sdgraph.errors import InputError
+from sdgraph.limits import check_all
 
 __all__ = ["tome_estimate"]
 
@@ -27,6 +28,7 @@ def tome_estimate(
     from sdgraph.ir.model import Model
     from sdgraph.passes.tome import estimate
 
+    check_all(ratio=ratio, blocks=blocks, max_downsample=max_downsample)
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
     model = Model.load(src)

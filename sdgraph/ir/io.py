@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,9 @@ import onnx
 from onnx import numpy_helper
 
 from sdgraph.errors import InputError
-from sdgraph.ir.proto import external_info, is_external, iter_tensors  # noqa: F401 (re-exported for io.* callers)
+from sdgraph.ir.proto import (  # noqa: F401 (re-exported for io.* callers)
+    _model_tensors, external_data_files, external_info, is_external, iter_model_tensors, iter_tensors,
+)
 from sdgraph.ir.outputs import atomic_dir, atomic_file, check_output_path  # noqa: F401 (one place: outputs.py)
 
 __all__ = [
@@ -20,9 +26,13 @@ __all__ = [
     "INLINE_LIMIT",
     "atomic_dir",
     "atomic_file",
+    "check_external",
     "check_output_path",
+    "copy_inside",
+    "external_data_files",
     "external_info",
     "is_external",
+    "iter_model_tensors",
     "iter_tensors",
     "load_proto",
     "read_external",
@@ -95,25 +105,66 @@ def load_proto(path: str | os.PathLike, inline_limit: int = INLINE_LIMIT) -> tup
     if not proto.graph.output:
         raise InputError(f"{path}: the graph has no outputs")
     base = path.parent
-    for t in iter_tensors(proto.graph):
+    for t in iter_model_tensors(proto):
         if not is_external(t):
             continue
-        info = external_info(t)
-        file = _safe_location(base, info.get("location", ""), t.name, path)
-        if not file.is_file():
-            raise InputError(f"{path}: external data file {info.get('location')!r} for tensor {t.name!r} is missing")
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else file.stat().st_size - offset
-        if offset + length > file.stat().st_size:
-            raise InputError(
-                f"{path}: external data file {info.get('location')!r} is truncated "
-                f"(tensor {t.name!r} needs bytes {offset}..{offset + length})"
-            )
+        _, offset, length = check_external(t, base, path)
         if length <= inline_limit:
             t.raw_data = read_external(t, base)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
     return proto, base
+
+
+_SUB_BYTE = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+def expected_nbytes(t: onnx.TensorProto) -> int | None:
+    """Bytes the raw data of ``t`` must hold (dims x element size); None when unknown (strings)."""
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            return -1
+        n *= d
+    if t.data_type in _SUB_BYTE:
+        return (n + 1) // 2
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # an unknown data type number
+        return None
+
+
+def check_external(t: onnx.TensorProto, base: Path, model_path: Path) -> tuple[Path, int, int]:
+    """Validate one external reference; return (file, offset, length).
+
+    The file must be a regular file inside the model's folder (after resolving links); offset and
+    length non-negative integers; length equal to dims x element size; the file long enough.
+    """
+    info = external_info(t)
+    where = f"{model_path}: tensor {t.name!r}"
+    location = info.get("location", "")
+    file = _safe_location(base, location, t.name, model_path)
+    if not file.exists():
+        raise InputError(f"{where}: external data file {location!r} is missing")
+    if not file.is_file():
+        raise InputError(f"{where}: external data {location!r} is not a regular file")
+    for key in ("offset", "length"):
+        if key in info and not _DIGITS.match(info[key].strip()):
+            raise InputError(f"{where}: external data {key} {info[key]!r} is not a non-negative integer")
+    size = file.stat().st_size
+    offset = int(info.get("offset", "0").strip())
+    length = int(info["length"].strip()) if "length" in info else size - offset
+    want = expected_nbytes(t)
+    if want is not None and length != want:
+        raise InputError(f"{where}: external data holds {length} bytes but dims {list(t.dims)} of "
+                         f"{onnx.TensorProto.DataType.Name(t.data_type)} need {want}")
+    if offset + length > size or length < 0:
+        raise InputError(f"{where}: external data file {location!r} is truncated "
+                         f"(needs bytes {offset}..{offset + length}, has {size})")
+    return file, offset, length
 
 
 def read_external(t: onnx.TensorProto, base: Path) -> bytes:
@@ -153,23 +204,20 @@ def write_proto(
     handles: dict[Path, object] = {}
     try:
         with open(data_path, "wb") as out:
-            for t in iter_tensors(proto.graph):
+            for t, movable in _model_tensors(proto):
                 if is_external(t):
                     if source_base is None:
                         raise InputError(f"tensor {t.name!r} refers to external data but the model has no source folder")
-                    info = external_info(t)
-                    src = source_base / info["location"]
+                    src, offset, length = check_external(t, source_base, source_base)
                     fh = handles.get(src)
                     if fh is None:
                         fh = handles[src] = open(src, "rb")
-                    offset = int(info.get("offset", 0))
-                    length = int(info["length"]) if "length" in info else src.stat().st_size - offset
                     pos = _align(out, written)
                     _copy_range(fh, offset, out, length, src, t.name)
                     written = pos + length
                     _set_external(t, data_name, pos, length)
-                else:
-                    nbytes = len(t.raw_data) if t.HasField("raw_data") else _typed_nbytes(t)
+                elif movable:
+                    nbytes = len(t.raw_data) if t.HasField("raw_data") else (expected_nbytes(t) or 0)
                     if nbytes <= inline_limit or t.data_type == onnx.TensorProto.STRING:
                         continue
                     data = _tensor_bytes(t)
@@ -214,17 +262,6 @@ def _copy_range(fh, offset: int, out, length: int, src: Path, name: str) -> None
         remaining -= len(chunk)
 
 
-def _typed_nbytes(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    try:
-        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:
-        item = 4
-    return n * item
-
-
 def _align(out, pos: int, alignment: int = 64) -> int:
     pad = (-pos) % alignment
     if pad:
@@ -243,3 +280,39 @@ def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) 
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
         e = t.external_data.add()
         e.key, e.value = k, v
+
+
+def copy_inside(src: str | os.PathLike, dst: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Copy the file or folder ``src`` to ``dst`` without ever leaving the folder ``root``.
+
+    Symbolic links are resolved and copied as what they point at, only when that lies inside
+    ``root``; FIFOs, sockets and devices are refused (reading a FIFO would block for ever), and so
+    are symlink loops and dangling links. Every refusal is an InputError naming the path.
+    """
+    _copy_inside(Path(src), Path(dst), Path(root).resolve(), ())
+
+
+def _copy_inside(src: Path, dst: Path, root: Path, ancestors: tuple[Path, ...]) -> None:
+    try:
+        real = src.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise InputError(f"{src}: symlink loop; refusing to copy it") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{src}: symlink loop; refusing to copy it") from None
+        raise InputError(f"{src}: cannot be read ({exc.strerror}; a dangling link?)") from None
+    if real != root and root not in real.parents:
+        raise InputError(f"{src}: links to {real}, outside the model folder {root}; refusing to copy it")
+    st = os.stat(real)
+    if stat.S_ISDIR(st.st_mode):
+        if real in ancestors:
+            raise InputError(f"{src}: symlink loop (links back to {real}); refusing to copy it")
+        dst.mkdir()
+        for name in sorted(os.listdir(real)):
+            _copy_inside(real / name, dst / name, root, ancestors + (real,))
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copyfile(real, dst)
+        shutil.copystat(real, dst)
+    else:
+        raise InputError(f"{src}: not a regular file or folder (a FIFO, socket or device); refusing to copy it")
+

@@ -17,7 +17,7 @@ from sdgraph._version import __version__
 from sdgraph.errors import InputError
 from sdgraph.ir import io
 
-__all__ = ["Model", "ExternalValues", "detect_role", "ROLES", "CANONICAL_DOMAIN"]
+__all__ = ["Model", "ExternalValues", "detect_role", "structure_problem", "ROLES", "CANONICAL_DOMAIN"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,44 @@ def detect_role(graph: gs.Graph) -> str:
     return "unknown"
 
 
+def structure_problem(graph: gs.Graph, expected_outputs: list[str] | None = None, when: str = "") -> str | None:
+    """What makes ``graph`` invalid, in one line (None: valid).
+
+    Checks: acyclic, unique node names, one producer per tensor, every node input produced (or a
+    graph input or constant), graph outputs produced, and the outputs equal ``expected_outputs``.
+    """
+    names = collections.Counter(n.name for n in graph.nodes if n.name)
+    dup = [n for n, c in names.items() if c > 1]
+    if dup:
+        return f"duplicate node names: {', '.join(sorted(dup)[:5])}"
+    graph_inputs = {t.name for t in graph.inputs}
+    producers: collections.Counter = collections.Counter()
+    for node in graph.nodes:
+        for out in node.outputs:
+            producers[out.name] += 1
+    multi = [n for n, c in producers.items() if c > 1]
+    if multi:
+        return f"tensors with more than one producer: {', '.join(sorted(multi)[:5])}"
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) or t.name == "" or t.name in graph_inputs or t.name in producers:
+                continue
+            return f"node {node.name!r} ({node.op}) reads {t.name!r}, which nothing produces"
+    from sdgraph.ir.topology import describe_nodes, find_cycle
+
+    cycle = find_cycle(graph)
+    if cycle:
+        return f"graph is not a DAG{when}: cycle {describe_nodes(cycle)}"
+    graph.toposort()
+    outs = [t.name for t in graph.outputs]
+    if expected_outputs is not None and outs != expected_outputs:
+        return f"graph outputs changed: {expected_outputs} -> {outs}"
+    for t in graph.outputs:
+        if t.name not in producers and t.name not in graph_inputs and not isinstance(t, gs.Constant):
+            return f"graph output {t.name!r} is not produced by any node"
+    return None
+
+
 class Model:
     """An ONNX model held as an onnx-graphsurgeon graph.
 
@@ -119,6 +157,9 @@ class Model:
         proto, base = io.load_proto(path)
         m = cls.from_proto(proto, base_dir=base)
         m.path = io.resolve_model_file(path)
+        problem = structure_problem(m.graph)
+        if problem:
+            raise InputError(f"{m.path}: invalid graph: {problem}")
         return m
 
     @classmethod
@@ -132,7 +173,7 @@ class Model:
         except Exception as exc:
             raise InputError(f"cannot import the graph: {exc}".splitlines()[0]) from None
         if base_dir is not None:
-            for t in graph.tensors().values():
+            for t in _constants(graph):
                 if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) and io.is_external(t._values.tensor):
                     t._values = ExternalValues(t._values.tensor, base_dir)
                     # Once a pass reads .values, gs swaps in the numpy array; the tensor must then
@@ -295,6 +336,25 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, role={self.role}, nodes={self.num_nodes()}, opset={self.opset})"
+
+
+def _constants(graph: gs.Graph):
+    """Every constant of the graph and its subgraphs, node attributes (Constant values) included."""
+    for g in _graphs(graph):
+        yield from g.tensors().values()
+        for node in g.nodes:
+            for v in node.attrs.values():
+                yield from (x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, gs.Constant))
+
+
+def _graphs(graph: gs.Graph):
+    """The graph and every subgraph (If/Loop/Scan bodies), recursively."""
+    yield graph
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            for g in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(g, gs.Graph):
+                    yield from _graphs(g)
 
 
 def _op_key(node: gs.Node) -> str:

@@ -71,21 +71,12 @@ def model_inputs(src: str | os.PathLike) -> list[Path]:
     try:
         import onnx
 
-        from sdgraph.ir.proto import external_info, is_external, iter_tensors
+        from sdgraph.ir.proto import external_data_files
 
         proto = onnx.load(str(p), load_external_data=False)
     except Exception:  # not ONNX (or unreadable): loading will say so; the file itself is protected
         return files
-    tensors = list(iter_tensors(proto.graph))
-    for fn in proto.functions:
-        fn_graph = onnx.GraphProto()
-        fn_graph.node.extend(fn.node)
-        tensors += list(iter_tensors(fn_graph))
-    for t in tensors:
-        if is_external(t):
-            loc = external_info(t).get("location")
-            if loc:
-                files.append(Path(os.path.realpath(p.parent / loc)))
+    files += external_data_files(proto, p.parent)
     return list(dict.fromkeys(files))
 
 
@@ -118,6 +109,9 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
                      "contains": f"would overwrite the input {inp} (it lies inside the {what})",
                      "lies inside": f"lies inside the input folder {inp}"}[rel]
             raise InputError(f"{out}: {what} {shown}; choose another {what} path")
+    cwd = real_output(".")
+    if out_r == cwd or out_r in cwd.parents or out_r == Path(out_r.anchor):
+        raise InputError(f"{out}: {what} would replace the current folder (or one above it); name a new path")
     if out_r.exists() and _non_empty(out_r) and not force:
         raise _exists(out, out_r, what)
     parent = out_r.parent

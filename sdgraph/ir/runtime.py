@@ -10,7 +10,7 @@ import numpy as np
 
 from sdgraph.errors import InputError
 
-__all__ = ["session", "run", "seeded_inputs", "compare", "worst", "input_specs", "pick_output",
+__all__ = ["session", "run", "seeded_inputs", "compare", "worst", "worst_of", "input_specs", "pick_output",
            "penultimate_hidden_state"]
 
 log = logging.getLogger(__name__)
@@ -135,21 +135,26 @@ def compare(ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray]) -> di
         b64 = np.asarray(cand[name], dtype=np.float64).ravel()
         if a64.shape != b64.shape:
             raise InputError(f"output {name!r}: shapes differ {np.shape(a)} vs {np.shape(cand[name])}")
-        finite = bool(np.isfinite(b64).all())
+        # NaN or Inf on either side makes every number NaN: no threshold can pass on it
+        finite = bool(np.isfinite(a64).all() and np.isfinite(b64).all())
+        if not finite:
+            nan = float("nan")
+            report[name] = {"max_abs": nan, "max_rel": nan, "mean_abs": nan, "cosine": nan, "finite": False}
+            continue
         diff = np.abs(a64 - b64)
         max_abs = float(diff.max()) if diff.size else 0.0
         scale = float(np.abs(a64).max()) if a64.size else 0.0
         na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
         if na == 0.0 and nb == 0.0:
             cos = 1.0
-        elif na == 0.0 or nb == 0.0 or not finite:
-            cos = 0.0 if finite else float("nan")
+        elif na == 0.0 or nb == 0.0:
+            cos = 0.0
         else:
             cos = float(np.dot(a64, b64) / (na * nb))
         report[name] = {
             "max_abs": max_abs,
             "max_rel": max_abs / scale if scale > 0 else max_abs,
-            "mean_abs": float(diff.mean()) if diff.size else 0.0,
+            "mean_abs": float(diff.mean()),
             "cosine": cos,
             "finite": finite,
         }
@@ -160,11 +165,17 @@ def worst(report: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The worst numbers over all outputs of a compare() report."""
     if not report:
         return {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0}
-    return {
-        "max_abs": max(r["max_abs"] for r in report.values()),
-        "max_rel": max(r["max_rel"] for r in report.values()),
-        "cosine": min(r["cosine"] for r in report.values()),
-    }
+    vals = list(report.values())
+    return {"max_abs": worst_of((r["max_abs"] for r in vals), max), "max_rel": worst_of((r["max_rel"] for r in vals), max),
+            "cosine": worst_of((r["cosine"] for r in vals), min)}
+
+
+def worst_of(values, fn=min, default: float = float("nan")) -> float:
+    """``fn`` (min or max) over ``values`` where NaN wins (Python's min/max drop it depending on order)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return default
+    return float("nan") if any(v != v for v in vals) else fn(vals)
 
 
 def pick_output(outs: Mapping[str, np.ndarray], names: Sequence[str], fallback: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import importlib
 import logging
 import os
@@ -113,6 +114,8 @@ def parse_value(opt: Option, raw: Any, pass_name: str) -> Any:
             val = float(raw)
         except (TypeError, ValueError):
             raise bad("expected a number") from None
+        if not math.isfinite(val):
+            raise bad("must be a finite number, not NaN or infinity")
     elif opt.type is list:
         if isinstance(raw, (list, tuple)):
             val = tuple(str(x) for x in raw)

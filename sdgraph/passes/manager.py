@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from sdgraph.errors import InputError, PassError, SdgraphError, VerificationError
+from sdgraph.errors import InputError, PassError, SdgraphError, UsageError, VerificationError
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import Pass
 from sdgraph.passes.instruments import DumpDir, Instrument, PrintAfter, RoleGate, Timing
 from sdgraph.passes.pipeline import build_pipeline, format_pipeline
-from sdgraph.passes.verifier import first_line, judge, run_after, verify_structure
+from sdgraph.passes.verifier import check_input, first_line, judge, run_after, verify_structure
 
 __all__ = [
     "PassManager",
@@ -109,6 +108,7 @@ class PassManager:
 
         report = Report(self.pipeline, model.name, model.role, ops_before=dict(model.op_histogram()))
         t_start = time.perf_counter()
+        check_input(model)
         expected_outputs = [t.name for t in model.graph.outputs]
         feeds = reference = previous = None
         if self.verify:
@@ -207,7 +207,7 @@ def optimize_path(
     atomically; an existing non-empty ``out`` is replaced only with ``force``.
     """
     from sdgraph.ir import io, outputs
-    from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
+    from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
     from sdgraph.shape_spec import check_shape_names, input_dims, shapes_for
 
     src, out = Path(src), Path(out)
@@ -215,32 +215,30 @@ def optimize_path(
     shapes = manager_kwargs.pop("shapes", None) or {}
     pm = PassManager(passes, **manager_kwargs)
     model_dir = src.is_dir() and not (src / "model.onnx").is_file() and any((src / s / "model.onnx").is_file() for s in SUBMODELS)
+    if shapes and not pm.verify:
+        raise UsageError("--shape sets the inputs of --verify; add --verify (or drop --shape)")
     if not model_dir:
+        if submodels:
+            raise UsageError("--submodels applies to a model directory, not to a single model file")
         model = Model.load(src)
         check_shape_names([shapes], {model.role: input_dims(model)})
         pm.shapes = shapes_for(shapes, model.role, input_dims(model)) or None
         report = pm.run(model)
         model.save(out, force=force)
         return {model.name: report}
-    wanted = set(submodels) if submodels else None
+    wanted = set(select_submodels(src, list(submodels) if submodels else None))
+    # load (and check) every submodel before any work: a bad one is refused before the first pass
+    models = {name: Model.load(src / name / "model.onnx") for name in select_submodels(src, None)}
+    check_shape_names([shapes], {name: input_dims(m) for name, m in models.items() if name in wanted})
     reports: dict[str, Report] = {}
-    if shapes:
-        check_shape_names([shapes], {name: input_dims(Model.load(src / name / "model.onnx")) for name in SUBMODELS
-                                     if (src / name / "model.onnx").is_file() and (wanted is None or name in wanted)})
     with io.atomic_dir(out, force=force) as tmp:
         for item in sorted(src.iterdir()):
-            if item.name in SUBMODELS and (item / "model.onnx").is_file():
+            if item.name in models:
                 continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            elif item.name != "sdgraph.json":
-                shutil.copy2(item, tmp / item.name)
-        for name in SUBMODELS:
-            f = src / name / "model.onnx"
-            if not f.is_file():
-                continue
-            model = Model.load(f)
-            if wanted is None or name in wanted:
+            if item.name != "sdgraph.json":
+                io.copy_inside(item, tmp / item.name, src)
+        for name, model in models.items():
+            if name in wanted:
                 model.metadata.setdefault("sdgraph.role", name)
                 reports[name] = PassManager(pm.passes, verify=pm.verify, strict=pm.strict, debug=pm.debug, seed=pm.seed,
                                             shapes=shapes_for(shapes, name, input_dims(model)) or None,

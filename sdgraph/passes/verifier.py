@@ -2,48 +2,25 @@
 
 from __future__ import annotations
 
-import collections
-
-import onnx_graphsurgeon as gs
-
-from sdgraph.errors import PassError
-from sdgraph.ir.model import Model
-from sdgraph.ir.topology import describe_nodes, find_cycle
+from sdgraph.errors import InputError, PassError
+from sdgraph.ir.model import Model, structure_problem
 from sdgraph.passes.base import Pass
 
-__all__ = ["verify_structure", "run_after", "judge"]
+__all__ = ["verify_structure", "check_input", "run_after", "judge"]
 
 
 def verify_structure(model: Model, expected_outputs: list[str] | None = None) -> None:
-    """Cheap checks: acyclic, unique node names, no dangling tensors, graph outputs intact."""
-    graph = model.graph
-    cycle = find_cycle(graph)
-    if cycle:
-        raise PassError(f"graph is not a DAG after the pass: cycle {describe_nodes(cycle)}")
-    graph.toposort()
-    names = collections.Counter(n.name for n in graph.nodes if n.name)
-    dup = [n for n, c in names.items() if c > 1]
-    if dup:
-        raise PassError(f"duplicate node names: {', '.join(sorted(dup)[:5])}")
-    graph_inputs = {t.name for t in graph.inputs}
-    producers: dict[str, int] = collections.Counter()
-    for node in graph.nodes:
-        for out in node.outputs:
-            producers[out.name] += 1
-    multi = [n for n, c in producers.items() if c > 1]
-    if multi:
-        raise PassError(f"tensors with more than one producer: {', '.join(sorted(multi)[:5])}")
-    for node in graph.nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Constant) or t.name == "" or t.name in graph_inputs or t.name in producers:
-                continue
-            raise PassError(f"node {node.name!r} ({node.op}) reads {t.name!r}, which nothing produces")
-    outs = [t.name for t in graph.outputs]
-    if expected_outputs is not None and outs != expected_outputs:
-        raise PassError(f"graph outputs changed: {expected_outputs} -> {outs}")
-    for t in graph.outputs:
-        if t.name not in producers and t.name not in graph_inputs:
-            raise PassError(f"graph output {t.name!r} is no longer produced")
+    """Cheap checks after a pass: acyclic, unique node names, no dangling tensors, outputs intact."""
+    problem = structure_problem(model.graph, expected_outputs, when=" after the pass")
+    if problem:
+        raise PassError(problem)
+
+
+def check_input(model: Model) -> None:
+    """The same checks before the first pass: an invalid graph is bad input, not a pass failure."""
+    problem = structure_problem(model.graph)
+    if problem:
+        raise InputError(f"{model.path or model.name}: invalid graph: {problem}")
 
 
 def run_after(p: Pass, model: Model, feeds) -> dict:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Every per-dir metric the JSON carries (tests check them all).
 METRICS = ("load_s", "warmup_compile_s", "warmup_cache_s", "e2e_s", "e2e_s_runs", "unet_its", "unet_call_ms",
-           "submodel_ms", "peak_rss_mb", "peak_rss_delta_mb", "steps", "height", "width", "target")
+           "submodel_ms", "submodel_mb", "peak_rss_mb", "peak_rss_delta_mb", "steps", "height", "width", "target",
+           "timesteps")
 
 
 def _rss_bytes() -> int:
@@ -70,12 +71,12 @@ def _release_memory() -> None:
 
 def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None, repeats: int, prompt: str,
                seed: int, scheduler: str | None, guidance: float, devices: int,
-               say: Callable[[str], None]) -> dict[str, Any]:
+               say: Callable[[str], None], extra: dict[str, Any]) -> dict[str, Any]:
     from sdgraph.pipeline.runner import open_pipeline
 
     _release_memory()
     with RssSampler() as mem:
-        kw = dict(steps=steps, height=height, width=width, seed=seed, scheduler=scheduler, guidance=guidance)
+        kw = dict(steps=steps, height=height, width=width, seed=seed, scheduler=scheduler, guidance=guidance, **extra)
         # 1. warm-up with compilation: load (compile) + first image, as a fresh process would see it.
         t0 = time.perf_counter()
         pipe = open_pipeline(path, devices=devices)
@@ -95,6 +96,7 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
         runs, unet_its, unet_ms, sub_ms = [], [], [], {}
         for _ in range(repeats):
             g = pipe.generate(prompt, **kw)
+            timesteps = g.timesteps
             runs.append(g.seconds)
             u = g.stats.get("unet", {"seconds": 0.0, "calls": 0})
             unet_its.append(g.steps_run / u["seconds"] if u["seconds"] else 0.0)
@@ -108,31 +110,58 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
     say(f"{path}: {statistics.median(runs):.3f} s/image")
     return {
         "path": str(path), "target": target, "steps": steps, "height": h, "width": w, "devices": devices,
+        "guidance": guidance, "timesteps": timesteps,
         "load_s": load_s, "warmup_compile_s": warm_compile, "warmup_cache_s": warm_cache,
         "e2e_s": statistics.median(runs), "e2e_s_runs": runs,
         "unet_its": statistics.median(unet_its), "unet_call_ms": statistics.median(unet_ms),
         "submodel_ms": {k: statistics.median(v) for k, v in sub_ms.items()},
         "peak_rss_mb": mem.peak / 2**20, "peak_rss_delta_mb": (mem.peak - mem.start) / 2**20,
+        "submodel_mb": _submodel_mb(path),
     }
+
+
+# Not weights: compiled-kernel caches (OpenVINO's model.blob) and text descriptions of graphs and configs.
+_NOT_WEIGHTS = (".blob", ".xml", ".json", ".yaml", ".yml", ".sh", ".txt", ".log")
+
+
+def _submodel_mb(path: Path) -> dict[str, float]:
+    """Weights on disk per submodel folder, in MB (OpenVINO's .bin, the engine's model.bin, ONNX's
+    model.onnx + data): the size half of a size/latency table, as the OpenVINO seed compares .bin files."""
+    from sdgraph.manifest import SUBMODELS
+
+    return {s: sum(f.stat().st_size for f in (path / s).rglob("*")
+                   if f.is_file() and f.suffix.lower() not in _NOT_WEIGHTS) / 1e6
+            for s in SUBMODELS if (path / s).is_dir()}
 
 
 def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | None = None, width: int | None = None,
           repeats: int = 3, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 0,
           scheduler: str | None = None, guidance: float = 7.5, devices: int = 1,
-          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Bench each dir in this one process, in order; ratios are against the first dir."""
+          timestep_spacing: str | None = None, image: str | os.PathLike | None = None, strength: float = 0.8,
+          image_guidance: float = 1.5, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Bench each dir in this one process, in order; ratios are against the first dir.
+
+    Timings exclude warm-up: ``warmup_compile_s`` (load + first image) and ``warmup_cache_s`` (a fresh
+    load + image) are reported apart from the ``repeats`` steady-state images behind ``e2e_s``.
+    ``image`` makes every image img2img (``strength``) or, on an InstructPix2Pix model, an edit.
+    """
     if not dirs:
         raise UsageError("give at least one model or artifact dir to bench")
     if steps < 1 or repeats < 1:
         raise UsageError("--steps and --repeats must be >= 1")
     say = progress or (lambda m: log.info(m))
+    extra: dict[str, Any] = {"timestep_spacing": timestep_spacing}
+    if image is not None:
+        from sdgraph.pipeline.runner import load_image
+
+        extra.update(image=load_image(image), strength=strength, image_guidance=image_guidance)
     results = []
     for d in dirs:
         # One dir that fails (a runtime error mid-image, say) must not lose the others' numbers.
         try:
             results.append(_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats,
                                       prompt=prompt, seed=seed, scheduler=scheduler, guidance=guidance,
-                                      devices=devices, say=say))
+                                      devices=devices, say=say, extra=extra))
         except Exception as exc:  # noqa: BLE001 - recorded per dir, reported at the end
             _release_memory()
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -152,6 +181,9 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
     from sdgraph.manifest import package_versions
 
     return {"steps": steps, "repeats": repeats, "prompt": prompt, "seed": seed, "devices": devices,
+            "guidance": guidance, "timestep_spacing": timestep_spacing,
+            "image": str(image) if image is not None else None,
+            "strength": strength if image is not None else None,
             "cpu_count": os.cpu_count(), "packages": package_versions(), "results": results,
             "failed": [r["path"] for r in results if "error" in r]}
 

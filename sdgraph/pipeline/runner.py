@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import inspect
-import json
 import logging
 import math
 import os
@@ -15,12 +14,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sdgraph.errors import InputError, TargetUnavailable, UsageError
+from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UsageError
 from sdgraph.ir.runtime import penultimate_hidden_state as _penultimate, pick_output as _pick
-from sdgraph.manifest import read_manifest
+from sdgraph.manifest import read_json_object, read_manifest
 
 __all__ = [
     "SCHEDULERS",
+    "TIMESTEP_SPACINGS",
     "OrtRunner",
     "Pipeline",
     "Generation",
@@ -115,21 +115,34 @@ def read_prompts(prompt: str | None, prompt_file: str | os.PathLike | None) -> l
         return prompts
     if prompt is None:
         raise UsageError("give a prompt: --prompt TEXT or --prompt-file FILE")
-    return [prompt]
+    return [check_text(prompt, "--prompt")]
 
 
-def load_image(path: str | os.PathLike, width: int, height: int, notes: list[str] | None = None):
-    """An RGB PIL image of exactly ``width`` x ``height``; a different size is resized and noted."""
+def check_text(text: str, option: str) -> str:
+    """Refuse text that is not valid Unicode (undecodable bytes on the command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option}: not valid UTF-8 text") from None
+    return text
+
+
+def load_image(path: str | os.PathLike, width: int | None = None, height: int | None = None,
+               notes: list[str] | None = None):
+    """An RGB PIL image of exactly ``width`` x ``height`` (a different size is resized and noted);
+    without a size, as it is."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     try:
         img = Image.open(p)
         img.load()
-    except (OSError, UnidentifiedImageError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{p}: image refused as a decompression bomb ({exc})".splitlines()[0]) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise InputError(f"{p}: not a readable image ({exc})".splitlines()[0]) from None
     img = img.convert("RGB")
-    if img.size != (width, height):
+    if width is not None and height is not None and img.size != (width, height):
         msg = f"{p.name}: image is {img.size[0]}x{img.size[1]}, resized to {width}x{height}"
         log.warning(msg)
         if notes is not None:
@@ -199,10 +212,19 @@ def readable(path: Path) -> Path:
     return path
 
 
-def make_scheduler(name: str | None, config: Mapping[str, Any] | None):
-    """A diffusers scheduler by ``--scheduler`` name (or the model dir's own class when None)."""
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_scheduler(name: str | None, config: Mapping[str, Any] | None, timestep_spacing: str | None = None):
+    """A diffusers scheduler by ``--scheduler`` name (or the model dir's own class when None).
+
+    ``timestep_spacing`` overrides the config's (``trailing`` starts 1-step sampling at t=999, as
+    SDXL-Turbo is run); None keeps the model dir's.
+    """
     import diffusers
 
+    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UsageError(f"--timestep-spacing {timestep_spacing!r}: choose one of {', '.join(TIMESTEP_SPACINGS)}")
     cfg = dict(config or {})
     if name is None:
         cls_name = cfg.get("_class_name") or "DDIMScheduler"
@@ -217,12 +239,21 @@ def make_scheduler(name: str | None, config: Mapping[str, Any] | None):
         cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    steps_offset=1)
     cfg.setdefault("clip_sample", False)  # what diffusers' SD pipelines force for latent diffusion
+    if timestep_spacing is not None:
+        cfg["timestep_spacing"] = timestep_spacing
     dlog = logging.getLogger("diffusers.configuration_utils")
     level = dlog.level
     dlog.setLevel(logging.ERROR)  # other classes' config keys are expected and ignored
     try:
         extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
-        return cls.from_config(cfg, **extra)
+        sched = cls.from_config(cfg, **extra)
+        sched.set_timesteps(2)  # a config with nonsense values fails here, not in the denoising loop
+        return sched
+    except SdgraphError:
+        raise
+    except Exception as exc:  # diffusers raises anything on a corrupt config
+        raise InputError(f"scheduler config ({cls_name}) is not usable: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         dlog.setLevel(level)
 
@@ -237,6 +268,7 @@ class Generation:
     notes: list[str]
     stats: dict[str, dict]  # per submodel: calls, seconds, first
     steps_run: int
+    timesteps: list[float] = dataclasses.field(default_factory=list)  # the UNet's timesteps, in order
 
 
 def _find_key(obj: Any, key: str):
@@ -289,7 +321,8 @@ class Pipeline:
         self.scaling_factor = float(sf) if sf else (0.13025 if self.is_xl else 0.18215)
         self.shift_factor = float(_find_key(manifest, "shift_factor") or 0.0)
         sched_cfg = path / "scheduler" / "scheduler_config.json"
-        self.scheduler_config = json.loads(sched_cfg.read_text()) if sched_cfg.is_file() else {}
+        self.scheduler_config = read_json_object(sched_cfg, "scheduler config") if sched_cfg.is_file() else {}
+        self.vae_scale = _vae_scale_factor(path, manifest)
 
     # -- helpers ---------------------------------------------------------------------------
     def _tokenizer(self, sub: str):
@@ -332,12 +365,12 @@ class Pipeline:
         h = self._static_dim(self.unet, self._unet_name("sample"), 2)
         w = self._static_dim(self.unet, self._unet_name("sample"), 3)
         if h and w:
-            out.append((h * 8, w * 8))
+            out.append((h * self.vae_scale, w * self.vae_scale))
         unet_entry = (self.manifest.get("submodels") or {}).get("unet") if isinstance(self.manifest.get("submodels"), dict) else None
         for b in (unet_entry or {}).get("shapes", []) or []:
             s = b.get(self._unet_name("sample")) if isinstance(b, dict) else None
             if s and len(s) == 4 and all(isinstance(x, int) for x in s[2:]):
-                out.append((s[2] * 8, s[3] * 8))
+                out.append((s[2] * self.vae_scale, s[3] * self.vae_scale))
         return sorted(set(out))
 
     def default_size(self) -> tuple[int, int]:
@@ -352,26 +385,54 @@ class Pipeline:
         return 512, 512
 
     def check_size(self, height: int, width: int) -> None:
-        if height <= 0 or width <= 0 or height % 8 or width % 8:
-            raise UsageError(f"height/width {height}x{width}: both must be positive multiples of 8")
+        f = self.vae_scale
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise UsageError(f"height/width {height}x{width}: both must be positive multiples of {f} "
+                             f"(the VAE's scale factor)")
         b = self.buckets()
         if b and (height, width) not in b:
             raise UsageError(f"height/width {height}x{width} is outside the declared shape buckets "
                              f"({', '.join(f'{h}x{w}' for h, w in b)}) of {self.path}")
 
+    def _batched(self, runner, feeds: dict[str, np.ndarray], batch_input: str) -> dict[str, np.ndarray]:
+        """Run ``runner`` on feeds of batch N when its graph has a static batch B != N.
+
+        The rows go through in pieces of B (the last one padded by repeating its last row, the
+        padding dropped from the outputs); inputs without that batch axis are passed whole.
+        """
+        n = feeds[batch_input].shape[0]
+        b = self._static_dim(runner, batch_input, 0)
+        if b is None or b == n:
+            return runner(feeds)
+        pieces = []
+        for start in range(0, n, b):
+            keep = min(b, n - start)
+            piece = {}
+            for k, v in feeds.items():
+                if v.ndim and v.shape[0] == n:
+                    v = v[start:start + b]
+                    if keep < b:
+                        v = np.concatenate([v, np.repeat(v[-1:], b - keep, axis=0)], axis=0)
+                piece[k] = v
+            pieces.append({k: np.asarray(o)[:keep] for k, o in runner(piece).items()})
+        return {k: np.concatenate([p[k] for p in pieces], axis=0) for k in pieces[0]}
+
     def _encode_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Prompt embeddings (and SDXL's pooled embeddings) for a batch of prompts."""
+        """Prompt embeddings (and SDXL's pooled embeddings) for a batch of prompts, in one call per
+        encoder when its batch allows (a batch-2 export encodes [uncond, cond] together)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="np").input_ids
         te = self.instances["text_encoder"][0]
-        out1 = te({te.input_names[0]: ids.astype(te.input_dtypes.get(te.input_names[0], np.int64))})
+        name = te.input_names[0]
+        out1 = self._batched(te, {name: ids.astype(te.input_dtypes.get(name, np.int64))}, name)
         if not self.is_xl:
             return _pick(out1, ("last_hidden_state",), 0), None
         h1 = _penultimate(out1)
         te2 = self.instances.get("text_encoder_2", [te])[0]
+        name2 = te2.input_names[0]
         ids2 = self.tokenizer_2(prompts, padding="max_length", max_length=self.tokenizer_2.model_max_length,
                                 truncation=True, return_tensors="np").input_ids
-        out2 = te2({te2.input_names[0]: ids2.astype(te2.input_dtypes.get(te2.input_names[0], np.int64))})
+        out2 = self._batched(te2, {name2: ids2.astype(te2.input_dtypes.get(name2, np.int64))}, name2)
         h2 = _penultimate(out2)
         pooled = _pick(out2, ("text_embeds", "pooler_output"), 0)
         return np.concatenate([h1, h2], axis=-1), pooled
@@ -384,18 +445,16 @@ class Pipeline:
             outs = runner(feeds)
             return _pick(outs, ("out_sample", "noise_pred", "sample"), 0)
 
-        static_batch = self._static_dim(insts[0], self._unet_name("sample"), 0)
+        sample = self._unet_name("sample")
         if len(insts) > 1 and len(chunks) > 1:
             with concurrent.futures.ThreadPoolExecutor(len(insts)) as ex:
-                futs = [ex.submit(call, insts[i % len(insts)], c) for i, c in enumerate(chunks)]
+                futs = [ex.submit(lambda r, c: call(_BatchedRunner(self, r, sample), c), insts[i % len(insts)], c)
+                        for i, c in enumerate(chunks)]
                 return [f.result() for f in futs]
-        total = sum(c[self._unet_name("sample")].shape[0] for c in chunks)
-        if static_batch is not None and static_batch != total:
-            return [call(insts[0], c) for c in chunks]
         merged = {k: np.concatenate([c[k] for c in chunks], axis=0) if chunks[0][k].ndim else chunks[0][k]
                   for k in chunks[0]}
-        res = call(insts[0], merged)
-        sizes = np.cumsum([c[self._unet_name("sample")].shape[0] for c in chunks])[:-1]
+        res = call(_BatchedRunner(self, insts[0], sample), merged)
+        sizes = np.cumsum([c[sample].shape[0] for c in chunks])[:-1]
         return np.split(res, sizes, axis=0)
 
     def _timestep(self, t, batch: int) -> np.ndarray:
@@ -417,7 +476,8 @@ class Pipeline:
             raise InputError(f"{self.path}: img2img and pix2pix need a vae_encoder/ submodel")
         x = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         x = x.transpose(2, 0, 1)[None]
-        out = _pick(enc[0]({enc[0].input_names[0]: x}), ("latent_parameters", "latent_sample", "latent_dist"), 0)
+        name = enc[0].input_names[0]
+        out = _pick(self._batched(enc[0], {name: x}, name), ("latent_parameters", "latent_sample", "latent_dist"), 0)
         if out.shape[1] == 8:  # mean and log-variance of the latent distribution
             mean, logvar = out[:, :4], np.clip(out[:, 4:], -30.0, 20.0)
             if sample:
@@ -430,10 +490,16 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  seed: int = 0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, eta: float = 0.0, image=None, strength: float = 0.8,
-                 image_guidance: float = 1.5, callback: Callable[[int], None] | None = None) -> Generation:
+                 image_guidance: float = 1.5, timestep_spacing: str | None = None,
+                 callback: Callable[[int], None] | None = None) -> Generation:
         """One image for ``prompt``; ``image`` (PIL or path) selects img2img or, on an 8-channel UNet, pix2pix."""
         import torch
 
+        from sdgraph.limits import check_all
+
+        check_all(steps=steps, seed=seed, guidance=guidance, eta=eta, strength=strength, image_guidance=image_guidance)
+        check_text(prompt, "--prompt")
+        check_text(negative_prompt, "--negative-prompt")
         notes: list[str] = []
         dh, dw = self.default_size()
         height, width = height or dh, width or dw
@@ -459,17 +525,21 @@ class Pipeline:
 
         self.stats.clear()
         t_start = time.perf_counter()
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(scheduler, self.scheduler_config, timestep_spacing)
         gen = torch.Generator().manual_seed(int(seed))
         cfg = guidance > 1.0
-        cond, pooled = self._encode_text([prompt])
-        if cfg or self.is_pix2pix:
-            if self.is_xl and not negative_prompt:
+        need_uncond = cfg or self.is_pix2pix
+        if need_uncond and not (self.is_xl and not negative_prompt):
+            # one text-encoder call for [uncond, cond] (what a batch-2 export takes)
+            emb, pool = self._encode_text([negative_prompt, prompt])
+            uncond, cond = emb[:1], emb[1:]
+            upooled, pooled = (pool[:1], pool[1:]) if pool is not None else (None, None)
+        else:
+            cond, pooled = self._encode_text([prompt])
+            if need_uncond:  # SDXL without a negative prompt: zeros, as diffusers does
                 uncond, upooled = np.zeros_like(cond), (np.zeros_like(pooled) if pooled is not None else None)
-            else:
-                uncond, upooled = self._encode_text([negative_prompt])
         # Latents.
-        lh, lw = height // 8, width // 8
+        lh, lw = height // self.vae_scale, width // self.vae_scale
         sched.set_timesteps(steps)
         timesteps = sched.timesteps
         image_latents = None
@@ -525,12 +595,59 @@ class Pipeline:
                 callback(i)
         dec = self.instances["vae_decoder"][0]
         z = (latents.numpy() / self.scaling_factor + self.shift_factor).astype(np.float32)
-        pix = _pick(dec({dec.input_names[0]: z}), ("sample",), 0)
+        pix = _pick(self._batched(dec, {dec.input_names[0]: z}, dec.input_names[0]), ("sample",), 0)
         images = _to_pil(pix)
         if not np.isfinite(pix).all():
             notes.append("the decoded image has NaN/Inf values")
         return Generation(images=images, seconds=time.perf_counter() - t_start, notes=notes,
-                          stats={k: dict(v) for k, v in self.stats.items()}, steps_run=len(timesteps))
+                          stats={k: dict(v) for k, v in self.stats.items()}, steps_run=len(timesteps),
+                          timesteps=[float(t) for t in timesteps])
+
+
+class _BatchedRunner:
+    """A runner called through :meth:`Pipeline._batched` (any batch on a static-batch graph)."""
+
+    def __init__(self, pipe: Pipeline, runner, batch_input: str):
+        self.pipe, self.runner, self.batch_input = pipe, runner, batch_input
+
+    def __call__(self, feeds):
+        return self.pipe._batched(self.runner, feeds, self.batch_input)
+
+
+def _vae_scale_factor(path: Path, manifest: Mapping[str, Any]) -> int:
+    """Pixels per latent pixel: the manifest's ``vae_scale_factor`` (export records it), else the VAE
+    config's ``2 ** (len(block_out_channels) - 1)`` as diffusers computes it, else the decoder graph's
+    output/input size ratio, else 8."""
+    for m in (manifest, manifest.get("source_manifest") or {}):
+        v = m.get("vae_scale_factor") if isinstance(m, Mapping) else None
+        if isinstance(v, int) and v > 0:
+            return v
+    src = Path(str((manifest.get("source") or {}).get("path", ""))) if isinstance(manifest.get("source"), Mapping) else None
+    roots = [path] + ([src] if src else [])
+    for root in roots:
+        for sub in ("vae_decoder", "vae_encoder", "vae"):
+            cfg = root / sub / "config.json"
+            if cfg.is_file():
+                try:
+                    blocks = read_json_object(cfg, "VAE config").get("block_out_channels")
+                except InputError:  # unreadable, or not a JSON object: the graph's shapes decide below
+                    continue
+                if blocks:
+                    return 2 ** (len(blocks) - 1)
+    import onnx
+
+    for root in roots:
+        f = root / "vae_decoder" / "model.onnx"
+        if not f.is_file():
+            continue
+        try:
+            g = onnx.load(str(f), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - unreadable: fall through to the default
+            continue
+        dims = [[d.dim_value for d in t.type.tensor_type.shape.dim] for t in (g.input[0], g.output[0])]
+        if len(dims[0]) == 4 and len(dims[1]) == 4 and dims[0][2] and dims[1][2]:
+            return max(1, dims[1][2] // dims[0][2])
+    return 8
 
 
 def _to_pil(pix: np.ndarray) -> list:

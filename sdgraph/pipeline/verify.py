@@ -222,8 +222,9 @@ def compare_onnx_files(ref: str | os.PathLike, cand: str | os.PathLike, seed: in
 def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = (0,), steps: int = 10,
                 height: int | None = None, width: int | None = None, guidance: float = 7.5,
-                scheduler: str | None = None, image=None, strength: float = 0.8,
-                clip_model: str | os.PathLike | None = None, fid_model: str | os.PathLike | None = None,
+                scheduler: str | None = None, image=None, strength: float = 0.8, image_guidance: float = 1.5,
+                timestep_spacing: str | None = None, clip_model: str | os.PathLike | None = None,
+                fid_model: str | os.PathLike | None = None,
                 force: bool = False) -> dict[str, Any]:
     """Compare a candidate model/artifact dir with a reference dir: submodels, then images end to end.
 
@@ -267,9 +268,10 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     rows, ref_imgs, cand_imgs, caps = [], [], [], []
     for prompt in prompts:
         for seed in seeds:
-            kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler)
+            kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler,
+                      timestep_spacing=timestep_spacing)
             if image is not None:
-                kw.update(image=image, strength=strength)
+                kw.update(image=image, strength=strength, image_guidance=image_guidance)
             a = pr.generate(prompt, **kw).images[0]
             b = pc.generate(prompt, **kw).images[0]
             m = {"prompt": prompt, "seed": seed, "psnr": psnr(a, b), "ssim": ssim(a, b), "max_pixel_diff": max_pixel_diff(a, b)}
@@ -278,12 +280,14 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
             ref_imgs.append(a)
             cand_imgs.append(b)
             caps.append(prompt)
+    from sdgraph.ir.runtime import worst_of
+
     report["summary"] = {
-        "psnr_min": min(m["psnr"] for m in report["images"]),
-        "ssim_min": min(m["ssim"] for m in report["images"]),
+        "psnr_min": worst_of((m["psnr"] for m in report["images"]), min),
+        "ssim_min": worst_of((m["ssim"] for m in report["images"]), min),
         "max_pixel_diff": max(m["max_pixel_diff"] for m in report["images"]),
-        "cosine_min": min((s["worst"]["cosine"] for s in report["submodels"].values()), default=1.0),
-        "max_abs": max((s["worst"]["max_abs"] for s in report["submodels"].values()), default=0.0),
+        "cosine_min": worst_of((s["worst"]["cosine"] for s in report["submodels"].values()), min, 1.0),
+        "max_abs": worst_of((s["worst"]["max_abs"] for s in report["submodels"].values()), max, 0.0),
     }
     if clip_model is not None:
         report["clip_score"] = {"reference": clip_score(ref_imgs, caps, clip_model),
@@ -323,15 +327,25 @@ def check_thresholds(report: Mapping[str, Any], *, min_psnr: float | None = None
     """The failed thresholds, one line each (empty: all passed)."""
     fails = []
     s = report.get("summary", {})
-    if min_psnr is not None and "psnr_min" in s and s["psnr_min"] < min_psnr:
+
+    def bad(key: str, limit: float | None, lower_is_bad: bool) -> bool:
+        """NaN (and an infinity on the wrong side) fails every threshold; a comparison would drop it."""
+        if limit is None or key not in s:
+            return False
+        x = float(s[key])
+        if x != x:
+            return True
+        return x < limit if lower_is_bad else x > limit
+
+    if bad("psnr_min", min_psnr, True):
         fails.append(f"PSNR {s['psnr_min']:.2f} dB < {min_psnr}")
-    if min_ssim is not None and "ssim_min" in s and s["ssim_min"] < min_ssim:
+    if bad("ssim_min", min_ssim, True):
         fails.append(f"SSIM {s['ssim_min']:.4f} < {min_ssim}")
-    if max_pixel is not None and "max_pixel_diff" in s and s["max_pixel_diff"] > max_pixel:
+    if bad("max_pixel_diff", max_pixel, False):
         fails.append(f"max pixel difference {s['max_pixel_diff']} > {max_pixel}")
-    if min_cosine is not None and s.get("cosine_min", 1.0) < min_cosine:
+    if bad("cosine_min", min_cosine, True):
         fails.append(f"cosine {s['cosine_min']:.6f} < {min_cosine}")
-    if max_abs is not None and s.get("max_abs", 0.0) > max_abs:
+    if bad("max_abs", max_abs, False):
         fails.append(f"max abs {s['max_abs']:.3g} > {max_abs}")
     return fails
 

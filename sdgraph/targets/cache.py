@@ -33,14 +33,12 @@ DEFAULT_MAX_GB = 40.0
 
 def cache_max_bytes() -> int | None:
     """``$SDGRAPH_CACHE_MAX_GB`` (default 40; 0 or ``none``: unbounded) as bytes."""
+    from sdgraph.limits import check
+
     env = os.environ.get("SDGRAPH_CACHE_MAX_GB", "").strip().lower()
     if env in ("0", "none", "unlimited"):
         return None
-    try:
-        gb = float(env) if env else DEFAULT_MAX_GB
-    except ValueError:
-        log.warning("SDGRAPH_CACHE_MAX_GB=%r is not a number; using %s", env, DEFAULT_MAX_GB)
-        gb = DEFAULT_MAX_GB
+    gb = float(check("SDGRAPH_CACHE_MAX_GB", env)) if env else DEFAULT_MAX_GB  # NaN, inf, junk: exit 2
     return int(gb * 1e9) if gb > 0 else None
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
-from sdgraph.manifest import SUBMODELS, read_manifest, write_manifest
+from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
 from sdgraph.shape_spec import (check_shape_names, derive_shapes, input_dims, normalize_shapes, parse_shape_args,
                                  parse_shape_spec, shapes_for, size_hint, with_defaults)
@@ -127,6 +127,44 @@ def _pipeline_text(manifest: Mapping[str, Any]) -> str:
     return " | ".join(str(p.get("pipeline", "")) for p in manifest.get("passes", []) if isinstance(p, Mapping))
 
 
+_QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                        "ConvInteger", "DynamicQuantizeLinear"})
+
+
+def graph_precision(model: Model) -> str:
+    """The precision a graph carries: ``int8`` (quantize/dequantize nodes), ``fp16``/``bf16`` (most of its
+    float weights), else ``fp32``."""
+    if any(n.op in _QUANT_OPS for n in model.graph.nodes):
+        return "int8"
+    sizes: dict[str, int] = {}
+    for t in model.graph.tensors().values():
+        if isinstance(t, gs.Constant) and t.dtype is not None:
+            name = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}.get(np.dtype(t.dtype))
+            if name is None and "bfloat16" in str(t.dtype):
+                name = "bf16"
+            if name:
+                sizes[name] = sizes.get(name, 0) + int(np.prod(t.shape or [1]))
+    return max(sizes, key=sizes.get) if sizes else "fp32"
+
+
+def submodel_precision(requested: str | None, own: str, takes: tuple[str, ...], any_int8: bool) -> str:
+    """The precision one submodel lowers at, each in its own where the request allows (the OpenVINO
+    SDXL-Turbo seed: an INT8 UNet beside fp16/fp32 text encoders and VAE).
+
+    A quantized graph stays ``int8`` (when the target takes it); ``int8`` or no request keeps each
+    other submodel at its own precision (fp32 where the target does not take that one); any other
+    request applies to every non-quantized submodel. ``int8`` asked of a directory with no quantized
+    graph stays ``int8`` for the target to refuse with its reason.
+    """
+    if own == "int8" and "int8" in takes:
+        return "int8"
+    if requested == "int8" and not any_int8:
+        return "int8"
+    if requested is None or requested == "int8":
+        return own if own in takes and own != "int8" else "fp32"
+    return requested
+
+
 def _say(progress: Callable[[str], None] | None, msg: str) -> None:
     log.info(msg)
     if progress is not None:
@@ -138,7 +176,7 @@ def lower(
     src,
     target: str,
     out,
-    precision: str = "fp32",
+    precision: str | None = None,
     shapes=None,
     options: Mapping[str, Any] | None = None,
     submodels: Iterable[str] | None = None,
@@ -157,6 +195,8 @@ def lower(
     existing non-empty ``out`` is replaced only with ``force``.
     ``shapes``: buckets of ``[submodel:]input -> dims`` (``sdgraph.shape_spec``); ``height``/``width``/
     ``batch`` derive the shapes of every symbolic dim the buckets leave open (UNet at the CFG batch).
+    ``precision`` None lowers each submodel at its own precision; see :func:`submodel_precision`
+    (the manifest records each submodel's, and ``mixed`` at the top when they differ).
     """
     from sdgraph.ir import outputs
 
@@ -164,7 +204,7 @@ def lower(
     tgt = get_target(target)
     tgt.require()
     opts = tgt.parse_options(dict(options or {}))
-    if precision not in tgt.capability.precisions:
+    if precision is not None and precision not in tgt.capability.precisions:
         raise UsageError(f"target {target!r} does not take precision {precision!r} (takes {', '.join(tgt.capability.precisions)})")
     buckets = normalize_shapes(shapes)
     src, out = Path(src), Path(out)
@@ -178,16 +218,13 @@ def lower(
     # 1. load every submodel and check it: all problems, before any work
     jobs: list[tuple[str, Model, LowerContext]] = []
     if model_dir:
-        names = [s for s in SUBMODELS if (src / s / "model.onnx").is_file()]
-        wanted = list(submodels) if submodels else names
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise UsageError(f"{src} has no submodel {', '.join(unknown)} (has {', '.join(names)})")
-        for name in wanted:
+        for name in select_submodels(src, list(submodels) if submodels else None):
             m = Model.load(src / name / "model.onnx")
             m.metadata.setdefault("sdgraph.role", name)
             jobs.append((name, m, None))
     else:
+        if submodels:
+            raise UsageError("--submodels applies to a model directory, not to a single model file")
         m = Model.load(src)
         role = m.role
         jobs.append((role if role in ROLES else "model", m, None))
@@ -199,8 +236,11 @@ def lower(
         derived = derive_shapes(signatures, h, w, b, vae_scale=int(src_manifest.get("vae_scale_factor") or 8))
         buckets = with_defaults(buckets, derived, signatures)
     problems: list[str] = []
+    own = {name: graph_precision(m) for name, m, _ in jobs}
+    any_int8 = "int8" in own.values()
     for i, (name, m, _) in enumerate(jobs):
-        ctx = LowerContext(precision=precision, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
+        prec = submodel_precision(precision, own[name], tgt.capability.precisions, any_int8)
+        ctx = LowerContext(precision=prec, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
         jobs[i] = (name, m, ctx)
         found = generic_problems(m, tgt, ctx) + list(tgt.check(m, ctx))
         problems += [f"{name}: {p}" if len(jobs) > 1 or model_dir else str(p) for p in found]
@@ -221,10 +261,7 @@ def lower(
             for item in sorted(src.iterdir()):
                 if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
                     continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
+                io.copy_inside(item, tmp / item.name, src)
         for name, m, ctx in jobs:
             t1 = time.perf_counter()
             sub = tmp / name
@@ -234,7 +271,7 @@ def lower(
                 "pipeline": pipeline,
                 "target": target,
                 "options": {k: v for k, v in sorted(opts.items())},
-                "precision": precision,
+                "precision": ctx.precision,
                 "shapes": [{k: list(v) for k, v in b.items()} for b in ctx.shapes],
                 "tools": tools,
                 "source": str(m.path.resolve()) if m.path else "",
@@ -247,9 +284,13 @@ def lower(
             entry["files"] = {str(p.relative_to(sub)): p.stat().st_size for p in sorted(sub.rglob("*")) if p.is_file()}
             entry["shapes"] = components["shapes"]
             entry["graph_hash"] = components["graph"]
+            entry["precision"] = ctx.precision
+            entry["graph_precision"] = own[name]
             entry.setdefault("dynamic", True)
             entries[name] = entry
             results[name] = {"cache": state, "reason": reason, "seconds": round(time.perf_counter() - t1, 3)}
+        precs = sorted({e["precision"] for e in entries.values()})
+        precision = precs[0] if len(precs) == 1 else "mixed"
         manifest = {
             "kind": ARTIFACT_KIND,
             "sdgraph_version": _version(),
@@ -350,7 +391,7 @@ class Artifact:
             raise UsageError(f"{self.path} has no submodel {submodel!r} (has {', '.join(self.submodels)})")
         if submodel not in self._runners:
             entry = self.manifest["submodels"][submodel]
-            ctx = LowerContext(precision=self.precision, shapes=[{k: tuple(v) for k, v in b.items()} for b in entry.get("shapes", [])],
+            ctx = LowerContext(precision=entry.get("precision", self.precision), shapes=[{k: tuple(v) for k, v in b.items()} for b in entry.get("shapes", [])],
                                options=dict(self.manifest.get("options", {})), role=submodel, submodel=submodel)
             inner = self.target_impl.load(self.path / submodel, entry, ctx)
             dynamic = bool(entry.get("dynamic", True)) if self._strict is None else not self._strict

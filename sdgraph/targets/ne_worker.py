@@ -1,6 +1,7 @@
 """Runs a Neural Engine IR inside the engine's own environment; sdgraph's NeuralEngineRunner drives it as a subprocess.
 
 One shot:  python -P ne_worker.py IR_DIR IN.npz OUT.npz [--warmup N] [--iters N] [--inputs JSON_LIST]
+Probe:     python -P ne_worker.py --probe   (imports the runtime, prints numpy's version: what doctor checks)
 Serving:   python -P ne_worker.py IR_DIR --serve   (loads the model once, then one JSON request per stdin line:
            {"in": IN.npz, "out": OUT.npz, "warmup": N, "iters": N, "inputs": [...]} -> one JSON reply line)
 Needs only numpy, pyyaml and intel-extension-for-transformers 1.4.2 (no sdgraph import: it runs in .venv-ne;
@@ -45,16 +46,22 @@ def infer(model, out_names: list[str], src: Path, dst: Path, names: list[str], w
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ir_dir", type=Path)
+    ap.add_argument("ir_dir", type=Path, nargs="?")
     ap.add_argument("inputs_npz", type=Path, nargs="?")
     ap.add_argument("outputs_npz", type=Path, nargs="?")
     ap.add_argument("--serve", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="import the runtime and print numpy's version")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--inputs", default="[]", help="input names in IR order (JSON list)")
     args = ap.parse_args(argv)
     from intel_extension_for_transformers import neural_engine_py as ne
 
+    if args.probe:
+        print(np.__version__)
+        return 0
+    if args.ir_dir is None:
+        ap.error("IR_DIR is required")
     conf, weights = args.ir_dir / "conf.yaml", args.ir_dir / "model.bin"
     t0 = time.perf_counter()
     model = ne.Model(str(conf), str(weights))

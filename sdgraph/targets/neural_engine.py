@@ -55,9 +55,6 @@ def ne_python() -> Path:
     return Path(__file__).resolve().parents[2] / ".venv-ne" / "bin" / "python"
 
 
-_PROBE = "import intel_extension_for_transformers.neural_engine_py as ne, numpy; print(numpy.__version__)"
-
-
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -68,22 +65,34 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _worker_cmd(python: str, *args: str) -> list[str]:
+    # -P: the script folder (sdgraph/targets: torch.py, openvino.py, ...) must not shadow packages
+    return [python, "-P", str(Path(__file__).with_name("ne_worker.py")), *args]
+
+
+def failure_reason(returncode: int | None, stderr: str) -> str:
+    """Why the engine's environment cannot run: the one wording ``doctor``, ``targets`` and ``run`` give."""
+    if returncode == -4:
+        avx = sorted(f for f in _cpu_flags() if f.startswith("avx"))
+        return (f"the engine runtime dies with SIGILL on import: libkernellibs.so runs an AVX-512 instruction "
+                f"(vpbroadcastq from a general register, in jd::jit_generator's constructor) and this CPU has "
+                f"{', '.join(avx) or 'no AVX'} only")
+    tail = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    return f"the engine runtime does not import (exit {returncode}): {tail[0]}"
+
+
 @functools.lru_cache(maxsize=4)
 def _status(python: str) -> tuple[bool, str]:
     if not Path(python).exists():
         return False, f"no engine environment at {python} (create it: tools/setup_neural_engine.sh)"
-    try:
-        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    try:  # started exactly as run starts the worker, so a probe that passes means run can load
+        proc = subprocess.run(_worker_cmd(python, "--probe"), capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         return False, "the engine runtime did not import within 120 s"
-    if proc.returncode == -4:
-        avx = sorted(f for f in _cpu_flags() if f.startswith("avx"))
-        return False, (f"the engine runtime dies with SIGILL on import: libkernellibs.so runs an AVX-512 instruction "
-                       f"(vpbroadcastq from a general register, in jd::jit_generator's constructor) and this CPU has "
-                       f"{', '.join(avx) or 'no AVX'} only")
+    except OSError as exc:
+        return False, f"the engine environment's python does not start ({exc.strerror or exc})"
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return False, f"the engine runtime does not import (exit {proc.returncode}): {tail[0]}"
+        return False, failure_reason(proc.returncode, proc.stderr or proc.stdout)
     return True, f"{python} (numpy {proc.stdout.strip()})"
 
 
@@ -248,6 +257,61 @@ class _Lowerer:
 
         return self.ir.lazy(t.name, load, "bf16" if self.precision == "bf16" else "fp32", shape)
 
+    def quantize_src(self, node_name: str, src: str, per_token: bool) -> tuple[str, str, str]:
+        """dynamic_int8: the engine's run-time ``Quantize`` of an activation -> (data, min, scale).
+
+        As ITREX 1.4.2's dynamic quantization emits it: s8 per token (row) in front of an
+        InnerProduct, u8 per tensor (asymmetric) in front of a Convolution.
+        """
+        q, mn, sc = (self.ir.tmp(src + suffix) for suffix in ("_quant", "_min", "_scale"))
+        self.emit(node_name + "_quant", "Quantize", [src], [q, mn, sc],
+                  {"output_dtype": "s8" if per_token else "u8", "per_token": per_token})
+        return q, mn, sc
+
+    def int8_weight(self, t, channel_axis: int) -> tuple[str, str, str]:
+        """dynamic_int8: a weight as s8, symmetric per output channel (``channel_axis``), with its min and
+        scale tensors (scale = max|w| / 127 over the other axes, 0 for an all-zero channel)."""
+        shape = [int(d) for d in t.shape]
+        axes = tuple(a for a in range(len(shape)) if a != channel_axis)
+        keep = len(shape) > 2  # Convolution: [O,1,1,1]; InnerProduct: [N]
+        stat_shape = [shape[channel_axis]] + ([1] * (len(shape) - 1) if keep else [])
+
+        def stats(t=t):
+            w = np.asarray(t.values, dtype=np.float32)
+            mn = w.min(axis=axes, keepdims=keep)
+            scale = np.maximum(np.abs(mn), np.abs(w.max(axis=axes, keepdims=keep))) / 127.0
+            return w, mn.astype(np.float32), scale.astype(np.float32)
+
+        def quant(t=t):
+            w, _, scale = stats()
+            safe = np.where(scale == 0, 1.0, scale)
+            return np.clip(np.round(w / (safe if keep else np.expand_dims(safe, axes))), -127, 127).astype(np.int8)
+
+        wq = self.ir.lazy(t.name + "_quant", quant, "s8", shape)
+        mn = self.ir.lazy(t.name + "_min", lambda: stats()[1].reshape(stat_shape), "fp32", stat_shape)
+        sc = self.ir.lazy(t.name + "_scale", lambda: stats()[2].reshape(stat_shape), "fp32", stat_shape)
+        return wq, mn, sc
+
+    def _weighted(self, node_name: str, typ: str, src: str, w, channel_axis: int, bias, out: str, attr: dict) -> None:
+        """InnerProduct / Convolution at the lowering's precision (bf16 and dynamic_int8 forms).
+
+        dynamic_int8 keeps an InnerProduct whose reduction size K is not a multiple of 4 in fp32: the
+        engine's s8 kernel refuses it ("k must pad with 4", dynamic_quant_matmul.cpp on 1.4.2).
+        """
+        k = int(w.shape[1 - channel_axis]) if typ == "InnerProduct" else 0
+        if self.precision == "dynamic_int8" and k % 4:
+            self.count("fp32_kept")
+        elif self.precision == "dynamic_int8":
+            q, mn, sc = self.quantize_src(node_name, src, per_token=typ == "InnerProduct")
+            wq, wmn, wsc = self.int8_weight(w, channel_axis)
+            ins = [q, wq] + ([self.weight(bias, flat=True)] if bias is not None else []) + [mn, sc, wmn, wsc]
+            self.emit(node_name, typ, ins, [out], attr)
+            return
+        if self.precision == "bf16":
+            src = self.to_bf16(node_name, src)
+        ins = [src, self.weight(w)] + ([self.weight(bias, flat=True)] if bias is not None else [])
+        self.emit(node_name, typ, ins, [out], attr)
+
     # -- graph
     def run(self) -> dict[str, Any]:
         g = self.m.graph
@@ -292,13 +356,8 @@ class _Lowerer:
             src2 = self.ir.tmp(node.name + "_2d")
             self.emit(node.name + "_reshape_2d", "Reshape", [src], [src2], {"dst_shape": f"-1,{k}"})
             src = src2
-        if self.precision == "bf16":
-            src = self.to_bf16(node.name, src)
-        ins = [src, self.weight(b)]
-        if bias is not None:
-            ins.append(self.weight(bias, flat=True))
         out_name = out.name if len(a_shape) == 2 else self.ir.tmp(node.name + "_ip")
-        self.emit(node.name, "InnerProduct", ins, [out_name], {"src1_perm": "1,0", **self.odt()})
+        self._weighted(node.name, "InnerProduct", src, b, 1, bias, out_name, {"src1_perm": "1,0", **self.odt()})
         if len(a_shape) != 2:
             self.emit(node.name + "_reshape_nd", "Reshape", [out_name], [out.name],
                       {"dst_shape": _reshape_attr(tuple(a_shape[:-1]) + (n_out,))})
@@ -306,32 +365,24 @@ class _Lowerer:
     def op_Gemm(self, i, node):
         a, b = node.inputs[:2]
         trans_b = int(node.attrs.get("transB", 0))
-        src = self.name(a)
-        if self.precision == "bf16":
-            src = self.to_bf16(node.name, src)
-        ins = [src, self.weight(b)]
-        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-            ins.append(self.weight(node.inputs[2], flat=True))
-        self.emit(node.name, "InnerProduct", ins, [node.outputs[0].name],
-                  {"src1_perm": "0,1" if trans_b else "1,0", **self.odt()})
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        self._weighted(node.name, "InnerProduct", self.name(a), b, 0 if trans_b else 1, bias, node.outputs[0].name,
+                       {"src1_perm": "0,1" if trans_b else "1,0", **self.odt()})
 
     def op_Conv(self, i, node):
         x, w = node.inputs[:2]
         wshape = [int(d) for d in w.shape]
         bias, out = self._fuse_bias(node, wshape[0]) if len(node.inputs) < 3 else (node.inputs[2], node.outputs[0])
-        src = self.name(x)
-        if self.precision == "bf16":
-            src = self.to_bf16(node.name, src)
-        ins = [src, self.weight(w)]
-        if bias is not None and bias.name:
-            ins.append(self.weight(bias, flat=True))
         nd = len(wshape) - 2
-        attr = {"group": int(node.attrs.get("group", 1)), "pads": _s(node.attrs.get("pads", [0] * 2 * nd)),
+        pads = list(node.attrs.get("pads", [0] * 2 * nd))
+        # ONNX pads are [begin..., end...]; the engine's are (begin, end) per spatial axis (measured on 1.4.2)
+        attr = {"group": int(node.attrs.get("group", 1)), "pads": _s(v for i in range(nd) for v in (pads[i], pads[i + nd])),
                 "strides": _s(node.attrs.get("strides", [1] * nd)), **self.odt()}
         dil = list(node.attrs.get("dilations", [1] * nd))
         if any(d != 1 for d in dil):
             attr["dilations"] = _s(dil)
-        self.emit(node.name, "Convolution", ins, [out.name], attr)
+        self._weighted(node.name, "Convolution", self.name(x), w, 0, bias if bias is not None and bias.name else None,
+                       out.name, attr)
 
     def _binary(self, node, typ, algorithm=None):
         ins = []
@@ -585,6 +636,10 @@ class NeuralEngineTarget(Target):
     6. canonical Attention(Masked) -> Matmul(output_scale, src1_perm) + Softmax + Matmul;
        GroupNorm(Silu) -> GroupNorm (append_op swish); other canonical ops inlined;
     7. bf16: weights as bf16, a Quantize(bf16) in front of each InnerProduct/Convolution, fp32 outputs;
+       dynamic_int8 (the seed's "fp32 + dynamic int8"): InnerProduct/Convolution weights s8 per output
+       channel (symmetric), a run-time Quantize of the activation in front (s8 per token for
+       InnerProduct, u8 per tensor for Convolution), fp32 everywhere else;
+    7b. a zero constant Pad feeding only Convolutions (the VAE encoder's downsampling) folds into their pads;
     8. run/bench through a worker subprocess in the engine's own environment (tools/setup_neural_engine.sh).
     """
 
@@ -595,7 +650,7 @@ class NeuralEngineTarget(Target):
         ops=None,
         canonical_ops=NATIVE_CANONICAL,
         dtypes=frozenset({"float32", "int64", "int32"}),
-        precisions=("fp32", "bf16"),
+        precisions=("fp32", "bf16", "dynamic_int8"),
         static_shapes=True,
         devices=("cpu",),
     )
@@ -691,6 +746,41 @@ def _fuse_gelu(model: Model) -> int:
     return fused
 
 
+def _fold_pads(model: Model) -> int:
+    """A zero-valued constant ``Pad`` of the spatial axes whose outputs feed only ``Conv`` nodes becomes
+    part of those convolutions' ``pads`` (the engine has no Pad operator; its Convolution takes
+    asymmetric pads). The VAE encoder's downsampling (pad right/bottom by 1, stride 2) is one."""
+    folded = 0
+    for pad in [n for n in model.graph.nodes if n.op == "Pad"]:
+        mode = pad.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        pads = _cval(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        value = _cval(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2].name else np.zeros(1)
+        has_axes = len(pad.inputs) > 3 and pad.inputs[3].name
+        users = pad.outputs[0].outputs
+        if (mode != "constant" or pads is None or value is None or has_axes or np.any(value != 0)
+                or pad.outputs[0] in model.graph.outputs or not users):
+            continue
+        pads = [int(v) for v in pads.ravel()]
+        rank = len(pads) // 2
+        if any(v < 0 for v in pads) or any(pads[i] or pads[i + rank] for i in range(2)):
+            continue
+        if not all(u.op == "Conv" and u.inputs[0] is pad.outputs[0] and u.attrs.get("auto_pad", "NOTSET") in
+                   ("NOTSET", b"NOTSET") for u in users):
+            continue
+        extra = pads[2:rank] + pads[rank + 2:]
+        for conv in list(users):
+            nd = rank - 2
+            old = list(conv.attrs.get("pads", [0] * 2 * nd))
+            conv.attrs["pads"] = [a + b for a, b in zip(old, extra)]
+            conv.inputs[0] = pad.inputs[0]
+        pad.outputs.clear()
+        folded += 1
+    if folded:
+        model.graph.cleanup().toposort()
+    return folded
+
+
 def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, Any]:
     from sdgraph.targets.ascend import resolve_castlike, apply_static_shapes
 
@@ -709,6 +799,7 @@ def _legalize(model: Model, ctx: LowerContext, fold: bool = True) -> dict[str, A
             if not res.modified or not any(n.op in ("Shape", "Size") for n in model.graph.nodes):
                 break
         stats["gelu"] = _fuse_gelu(model)
+        stats["pads_folded"] = _fold_pads(model)
         if any(n.op == "InstanceNormalization" for n in model.graph.nodes):
             # the exported GroupNorm pattern (Reshape-InstanceNormalization-Reshape-Mul-Add) -> engine GroupNorm
             stats["gn"] = dict(create_pass("gn")(model).stats)
@@ -770,9 +861,7 @@ class NeuralEngineRunner:
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            worker = Path(__file__).with_name("ne_worker.py")
-            # -P: the script folder (sdgraph/targets: torch.py, openvino.py, ...) must not shadow packages
-            self._proc = subprocess.Popen([str(ne_python()), "-P", str(worker), str(self.dir), "--serve"], stdin=subprocess.PIPE,
+            self._proc = subprocess.Popen(_worker_cmd(str(ne_python()), str(self.dir), "--serve"), stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
             hello = self._read()
             self.load_s = hello.get("load_s")

@@ -65,12 +65,49 @@ def run(ir_dir: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {o: env[o] for o in outputs}
 
 
+def _quantize(ins, attr):
+    """bf16: truncation. s8/u8 (dynamic int8): three outputs (data, min, scale), as measured on the
+    1.4.2 runtime: u8 per tensor, scale (max - min) / 255; s8 per token (row), scale max|row| / 127."""
+    dt = attr.get("output_dtype")
+    if dt == "bf16":
+        return _trunc_bf16(ins[0])
+    x = _f(ins[0]).astype(np.float32)
+    if dt == "u8":
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        scale = np.float32((hi - lo) / 255.0 or 1.0)
+        q = np.clip(np.round((x - lo) / scale), 0, 255).astype(np.uint8)
+        return q, np.array([lo], np.float32), np.array([scale], np.float32)
+    assert dt == "s8" and attr.get("per_token"), attr
+    rows = x.reshape(-1, x.shape[-1])
+    scale = np.abs(rows).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8).reshape(x.shape)
+    return q, rows.min(axis=1).astype(np.float32), scale
+
+
+def _dequantized(ins):
+    """(x, w, rest) of an InnerProduct/Convolution, dequantized when they are int8 (dynamic_int8:
+    inputs x, w, [bias], x_min, x_scale, w_min, w_scale)."""
+    x, w = ins[0], ins[1]
+    if w.dtype != np.int8:
+        return _f(x), _f(w), ins[2:]
+    x_min, x_scale, _, w_scale = ins[-4:]
+    if x.dtype == np.uint8:
+        xf = x.astype(np.float32) * x_scale[0] + x_min[0]
+    else:  # s8 per token: one scale per row
+        xf = (x.reshape(-1, x.shape[-1]).astype(np.float32) * x_scale[:, None]).reshape(x.shape)
+    return xf, w.astype(np.float32) * w_scale, ins[2:-4]
+
+
 def _inner_product(ins, attr):
-    x, w = _f(ins[0]), _f(ins[1])
     perm = _ints(attr.get("src1_perm", "1,0"))
+    if ins[1].dtype == np.int8 and perm == [0, 1]:  # w [N, K]: its per-channel scale runs along axis 0
+        ins = list(ins)
+        ins[-1] = ins[-1].reshape(-1, 1)
+    x, w, rest = _dequantized(ins)
     y = x @ w if perm == [1, 0] else x @ w.T  # [1,0]: w is [K, N]; [0,1]: w is [N, K]
-    if len(ins) > 2:
-        y = y + _f(ins[2])
+    if len(rest):
+        y = y + _f(rest[0])
     return y.astype(np.float32)
 
 
@@ -87,15 +124,18 @@ def _matmul(ins, attr):
 
 
 def _conv(ins, attr):
-    x, w = torch.from_numpy(_f(ins[0]).copy()), torch.from_numpy(_f(ins[1]).copy())
-    b = torch.from_numpy(_f(ins[2]).copy()) if len(ins) > 2 else None
+    xf, wf, rest = _dequantized(ins)
+    x, w = torch.from_numpy(np.ascontiguousarray(xf, np.float32)), torch.from_numpy(np.ascontiguousarray(wf, np.float32))
+    b = torch.from_numpy(_f(rest[0]).copy()) if len(rest) else None
+    # the engine's pads are (begin, end) per spatial axis (measured on 1.4.2), not ONNX's [begins, ends]
     pads = _ints(attr.get("pads", "0,0,0,0"))
     nd = w.ndim - 2
-    if pads[:nd] != pads[nd:]:
-        x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])])
+    begin, end = pads[0::2], pads[1::2]
+    if begin != end:
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])])
         pad = 0
     else:
-        pad = pads[:nd]
+        pad = begin
     y = F.conv2d(x, w, b, stride=_ints(attr.get("strides", "1,1")), padding=pad,
                  dilation=_ints(attr.get("dilations", "1,1")), groups=int(attr.get("group", 1)))
     return y.numpy()
@@ -203,5 +243,5 @@ _OPS = {
     "Resampling": _resampling,
     "ReduceMean": _reduce(np.mean),
     "ReduceSum": _reduce(np.sum),
-    "Quantize": lambda ins, attr: _trunc_bf16(ins[0]) if attr.get("output_dtype") == "bf16" else ins[0],
+    "Quantize": _quantize,
 }

@@ -289,8 +289,10 @@ def test_cache_unbounded_and_bad_bound(monkeypatch):
 
     monkeypatch.setenv("SDGRAPH_CACHE_MAX_GB", "0")
     assert cache_max_bytes() is None
-    monkeypatch.setenv("SDGRAPH_CACHE_MAX_GB", "lots")
-    assert cache_max_bytes() == int(DEFAULT_MAX_GB * 1e9)
+    for bad in ("lots", "inf", "nan", "-3"):  # a bound that is no size is bad input, not a silent default
+        monkeypatch.setenv("SDGRAPH_CACHE_MAX_GB", bad)
+        with pytest.raises(UsageError, match="SDGRAPH_CACHE_MAX_GB"):
+            cache_max_bytes()
     monkeypatch.delenv("SDGRAPH_CACHE_MAX_GB")
     assert cache_max_bytes() == int(DEFAULT_MAX_GB * 1e9)
 
@@ -309,4 +311,4 @@ def test_cache_command_lists_prunes_and_clears(tmp_path):
     assert r.exit_code == 0 and "removed 1 entries" in r.output
     assert not (cache / "hashes").exists()
     r = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune", "-1"])
-    assert r.exit_code != 0 and "--prune needs" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "--prune -1.0: must be in" in r.output and "Traceback" not in r.output
