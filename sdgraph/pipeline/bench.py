@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sdgraph.errors import PassError, TargetUnavailable, UsageError
+from sdgraph.errors import PassError, SdgraphError, TargetUnavailable, UsageError
 
 __all__ = ["METRICS", "RssSampler", "bench", "split_results", "write_plot", "write_json"]
 
@@ -156,6 +156,7 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
 
         extra.update(image=load_image(image), strength=strength, image_guidance=image_guidance)
     results = []
+    bad_input: list[SdgraphError] = []  # dirs refused for their input (exit 2), e.g. pix2pix without --image
     for d in dirs:
         # One dir that fails (a runtime error mid-image, say) must not lose the others' numbers.
         try:
@@ -163,11 +164,15 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
                                       prompt=prompt, seed=seed, scheduler=scheduler, guidance=guidance,
                                       devices=devices, say=say, extra=extra))
         except Exception as exc:  # noqa: BLE001 - recorded per dir, reported at the end
+            if isinstance(exc, SdgraphError) and exc.exit_code == 2:
+                bad_input.append(exc)
             _release_memory()
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             say(f"{d}: failed: {type(exc).__name__}: {msg}")
             results.append({"path": str(d), "error": f"{type(exc).__name__}: {msg}"})
     ok = [r for r in results if "error" not in r]
+    if not ok and len(bad_input) == len(results):  # nothing ran, and only for bad input: that is the error
+        raise bad_input[0]
     if not ok:
         raise PassError(f"bench: every dir failed; first: {results[0]['path']}: {results[0]['error']}")
     base = ok[0]

@@ -143,7 +143,7 @@ def test_pix2pix_bench_and_verify_take_an_image(tiny_onnx, tmp_path):
     p2p = tiny_onnx("pix2pix")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     res = _cli("bench", p2p, "--steps", 1, "--repeats", 1)  # no image: the one-line error names --image
-    assert res.exit_code == 1 and "--image" in res.output
+    assert res.exit_code == 2 and "--image" in res.output  # bad input: exit 2
     res = _cli("bench", p2p, "--steps", 1, "--repeats", 1, "--image", tmp_path / "in.png", "--image-guidance", 1.2,
                "--json", tmp_path / "b.json")
     assert res.exit_code == 0, res.output
