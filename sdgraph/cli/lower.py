@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,6 +44,8 @@ def lower_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="Build even when the cache has this artifact"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder"),
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file of passes to load first (repeatable; runs its code)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan and cache decision; write nothing"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (or the --dry-run plan) as JSON"),
 ) -> None:
     """Lower a model (or every submodel of a model directory) to a target's artifact folder."""
     from sdgraph.cli._paths import default_output, default_source
@@ -55,7 +58,24 @@ def lower_cmd(
     out = default_output(src, target, force) if out is None and src.exists() else out
     res = lower(src, target, out, precision=precision, shapes=buckets or None, options=_parse_options(option),
                 submodels=submodels.split(",") if submodels else None, cache=not no_cache, force=force,
-                progress=lambda m: err_console.print(m, markup=False, style="dim"), height=height, width=width, batch=batch)
+                progress=lambda m: err_console.print(m, markup=False, style="dim"), height=height, width=width, batch=batch,
+                dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps({"src": str(src), "out": str(out), "target": target, "precision": res.precision,
+                               "dry_run": res.dry_run, "seconds": round(res.seconds, 3), "submodels": res.submodels,
+                               "files": {n: e.get("files", {}) for n, e in res.manifest.get("submodels", {}).items()}},
+                              indent=2, default=str))
+        return
+    if dry_run:
+        table = Table(title=f"dry run: {src} -> {target} ({res.precision})", title_justify="left")
+        for col in ("submodel", "precision", "shapes", "cache"):
+            table.add_column(col, overflow="fold")
+        for name, plan in res.submodels.items():
+            shapes = "; ".join(" ".join(f"{k}={'x'.join(map(str, v))}" for k, v in b.items()) for b in plan["shapes"])
+            table.add_row(name, plan["precision"], shapes or "as exported", res.cache_line(name))
+        console.print(table)
+        console.print(f"dry run: would write {out}; nothing was built or written", markup=False)
+        return
     table = Table(title=f"{src} -> {target} ({res.precision})", title_justify="left")
     for col in ("submodel", "precision", "cache", "s", "files"):
         table.add_column(col)

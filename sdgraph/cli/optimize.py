@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdgraph.cli._app import command, console
-from sdgraph.errors import InputError
+from sdgraph.errors import InputError, UsageError
 from sdgraph.limits import check_all
 
 __all__ = ["optimize", "inspect", "passes", "doctor"]
@@ -46,6 +46,8 @@ def optimize(
     seed: int = typer.Option(0, "--seed", help="Seed of the --verify inputs"),
     force: bool = typer.Option(False, "--force", help="Replace existing non-empty outputs (-o, --report, --dump-dir)"),
     plugin: Optional[List[Path]] = typer.Option(None, "--plugin", help="Python file of passes to load first (repeatable; runs its code)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the inputs, pipeline and outputs, print the plan; run and write nothing"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report (or the --dry-run plan) as JSON"),
 ) -> None:
     """Run a pass pipeline on a model (or every submodel of a model directory)."""
     from sdgraph.ir.outputs import guard_output, model_inputs
@@ -65,6 +67,9 @@ def optimize(
     guard_output(out, inputs, force=force)
     if report_path is not None:
         guard_output(report_path, inputs, force=force, what="report")
+    if dry_run:
+        _dry_run(src, passes_, out, submodels, verify, as_json)
+        return
     instruments = []
     if dump_dir is not None:
         instruments.append(DumpDir(dump_dir, force=force, inputs=inputs))
@@ -78,15 +83,51 @@ def optimize(
             verify=verify, strict=strict, debug=debug, seed=seed, shapes=_parse_shapes(shape),
             instruments=instruments, force=force,
         )
-    for name, rep in reports.items():
-        _print_report(name, rep, debug)
-    console.print(f"wrote {out}")
+    if as_json:
+        typer.echo(json.dumps({name: rep.to_dict() for name, rep in reports.items()}, indent=2, default=str))
+    else:
+        for name, rep in reports.items():
+            _print_report(name, rep, debug)
+        console.print(f"wrote {out}")
     if report_path is not None:
         from sdgraph.ir.io import atomic_file
 
         data = {name: rep.to_dict() for name, rep in reports.items()}
         with atomic_file(report_path, force=force) as tmp:
             tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _dry_run(src: Path, passes_: str, out: Path, submodels: str | None, verify: bool, as_json: bool) -> None:
+    """What ``optimize`` would do: the canonical pipeline, the submodels (each loaded and checked), the output."""
+    from sdgraph.ir.model import Model
+    from sdgraph.manifest import select_submodels
+    from sdgraph.passes.pipeline import build_pipeline, format_pipeline
+
+    passes = build_pipeline(passes_)
+    model_dir = src.is_dir() and not (src / "model.onnx").is_file() and bool(select_submodels(src, None))
+    if model_dir:
+        names = select_submodels(src, submodels.split(",") if submodels else None)
+        files = {n: src / n / "model.onnx" for n in names}
+    else:
+        if submodels:
+            raise UsageError("--submodels applies to a model directory, not to a single model file")
+        files = {src.stem if src.is_file() else src.name: src}
+    subs = {}
+    for name, f in files.items():
+        m = Model.load(f)  # the same checks as a real run: a bad graph is refused here too
+        subs[name] = {"file": str(f), "role": m.role, "nodes": m.num_nodes()}
+    plan = {"src": str(src), "out": str(out), "pipeline": format_pipeline(passes), "verify": verify,
+            "passes": [{"name": p.name, "spec": p.spec(), "exact": p.exact} for p in passes], "submodels": subs,
+            "dry_run": True}
+    if as_json:
+        typer.echo(json.dumps(plan, indent=2))
+        return
+    console.print(f"dry run: {src} -> {out}", markup=False)
+    console.print(f"pipeline: {plan['pipeline']}" + ("  (each pass verified in ONNX Runtime)" if verify else ""),
+                  markup=False)
+    for name, sub in subs.items():
+        console.print(f"  {name} ({sub['role']}): {sub['nodes']} nodes, {sub['file']}", markup=False)
+    console.print(f"dry run: would write {out}; nothing was run or written", markup=False)
 
 
 def _print_report(name: str, rep, debug: bool) -> None:

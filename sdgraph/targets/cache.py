@@ -180,17 +180,23 @@ class ArtifactCache:
         finally:
             os.close(fd)
 
-    def lookup(self, target: str, components: Mapping[str, Any]) -> tuple[Path | None, str]:
-        """Return (entry folder, "") on a hit, (None, reason) on a miss."""
+    def lookup(self, target: str, components: Mapping[str, Any], *, peek: bool = False) -> tuple[Path | None, str]:
+        """Return (entry folder, "") on a hit, (None, reason) on a miss.
+
+        ``peek`` (``--dry-run``) changes nothing: a hit is not counted as a use, a bad entry is not evicted.
+        """
         key = make_key(components)
         folder = self.root / target / key
         meta = folder / "entry.json"
         if meta.is_file() and (folder / "files").is_dir():
             try:
                 json.loads(meta.read_text())
-                _touch(meta)
+                if not peek:
+                    _touch(meta)
                 return folder, ""
             except ValueError:
+                if peek:
+                    return None, "entry unreadable (a real run evicts and rebuilds it)"
                 log.warning("cache entry %s is unreadable; evicted, rebuilding", folder)
                 self.evict(folder)
                 return None, "entry unreadable (evicted)"

@@ -41,6 +41,7 @@ class LowerResult:
     submodels: dict[str, dict[str, Any]]
     manifest: dict[str, Any]
     seconds: float
+    dry_run: bool = False  # nothing was built or written: ``submodels`` is the plan
 
     def cache_line(self, name: str) -> str:
         s = self.submodels[name]
@@ -187,6 +188,7 @@ def lower(
     height: int | None = None,
     width: int | None = None,
     batch: int | None = None,
+    dry_run: bool = False,
 ) -> LowerResult:
     """Lower a model file or a model directory to ``target`` into the artifact folder ``out``.
 
@@ -197,6 +199,8 @@ def lower(
     ``batch`` derive the shapes of every symbolic dim the buckets leave open (UNet at the CFG batch).
     ``precision`` None lowers each submodel at its own precision; see :func:`submodel_precision`
     (the manifest records each submodel's, and ``mixed`` at the top when they differ).
+    ``dry_run``: every check above runs, then nothing is built or written; the result's ``submodels``
+    say per submodel the precision, shapes and the cache decision (``hit`` or ``miss`` with why).
     """
     from sdgraph.ir import outputs
 
@@ -254,6 +258,34 @@ def lower(
     if cache and not store.usable():
         cache, cache_note = False, f"the cache folder {store.root} is not writable"
     tools = {"sdgraph": _version(), **tgt.tool_versions()}
+
+    def key_components(m: Model, ctx: LowerContext, name: str) -> dict[str, Any]:
+        return {
+            "graph": graph_hash([m.path] + m.external_files(), store.root) if cache else "",
+            "pipeline": pipeline,
+            "target": target,
+            "options": {k: v for k, v in sorted(opts.items())},
+            "precision": ctx.precision,
+            "shapes": [{k: list(v) for k, v in b.items()} for b in ctx.shapes],
+            "tools": tools,
+            "source": str(m.path.resolve()) if m.path else "",
+            "role": name,
+        }
+
+    if dry_run:
+        plan: dict[str, dict[str, Any]] = {}
+        for name, m, ctx in jobs:
+            components = key_components(m, ctx, name)
+            if not cache:
+                state, reason = "off", cache_note or "disabled (--no-cache)"
+            else:
+                hit, reason = store.lookup(target, components, peek=True)
+                state = "hit" if hit is not None else "miss"
+            plan[name] = {"cache": state, "reason": reason, "precision": ctx.precision,
+                          "shapes": components["shapes"], "seconds": 0.0}
+        precs = sorted({p["precision"] for p in plan.values()})
+        return LowerResult(out=out, target=target, precision=precs[0] if len(precs) == 1 else "mixed",
+                           submodels=plan, manifest={}, seconds=time.perf_counter() - t0, dry_run=True)
     results: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
     with io.atomic_dir(out, force=force) as tmp:
@@ -266,17 +298,7 @@ def lower(
             t1 = time.perf_counter()
             sub = tmp / name
             sub.mkdir()
-            components = {
-                "graph": graph_hash([m.path] + m.external_files(), store.root) if cache else "",
-                "pipeline": pipeline,
-                "target": target,
-                "options": {k: v for k, v in sorted(opts.items())},
-                "precision": ctx.precision,
-                "shapes": [{k: list(v) for k, v in b.items()} for b in ctx.shapes],
-                "tools": tools,
-                "source": str(m.path.resolve()) if m.path else "",
-                "role": name,
-            }
+            components = key_components(m, ctx, name)
             with store.lock(target, components) if cache else contextlib.nullcontext():
                 entry, state, reason = _restore_or_build(store, tgt, m, ctx, sub, target, components, cache, progress, name)
             if not cache and cache_note:
