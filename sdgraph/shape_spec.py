@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from sdgraph.errors import UsageError
+from sdgraph.manifest import SUBMODELS
 
 __all__ = [
     "parse_shape_spec",
@@ -175,13 +176,16 @@ def derive_shapes(submodels: Mapping[str, Mapping[str, list | None]], height: in
     Text encoders: [batch, 77]; the UNet: its batch axis at ``guidance_batch`` (2 x batch for
     classifier-free guidance, 3 x batch for an 8-channel InstructPix2Pix UNet), latents
     height/8 x width/8, text sequences 77; the VAE decoder: [batch, C, height/8, width/8]; the VAE
-    encoder: [batch, 3, height, width]. Dims fixed in the graph are kept as they are.
+    encoder: [batch, 3, height, width]. Dims fixed in the graph are kept as they are. A graph of no
+    Stable Diffusion role (a plain ``model``) gets nothing: its symbolic dims need ``--shape``.
     """
     if height % vae_scale or width % vae_scale or height <= 0 or width <= 0 or batch <= 0:
         raise UsageError(f"--height/--width must be positive multiples of {vae_scale} and --batch positive "
                          f"(got {height}x{width}, batch {batch})")
     out: Bucket = {}
     for sub, inputs in submodels.items():
+        if sub not in SUBMODELS:
+            continue
         if sub == "unet":
             sample = inputs.get("sample") or next((d for d in inputs.values() if d is not None and len(d) == 4), None)
             channels = sample[1] if sample is not None and _fixed(sample[1]) else 4

@@ -18,7 +18,7 @@ from tests.test_cli import sdgraph
 pytestmark = pytest.mark.slow
 pytest.importorskip("torch")
 
-COLUMNS = ["dir", "s/image", "speedup", "UNet it/s", "warm-up compile s", "warm-up cache s", "peak RSS MB"]
+COLUMNS = ["dir", "s/image", "speedup", "UNet it/s", "UNet MB", "warm-up compile s", "warm-up cache s", "peak RSS MB"]
 METRICS = ("e2e_s", "unet_its", "warmup_compile_s", "warmup_cache_s", "load_s")
 
 
