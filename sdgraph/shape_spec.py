@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 Bucket = dict  # "input" or "submodel:input" -> dims
-_QUALIFIERS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "model")
+_QUALIFIERS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder", "model")
 _TEXT_SEQ = 77  # CLIP's context length: the tokenizers pad to it
 
 
