@@ -63,7 +63,7 @@ def export_cmd(
     vae: Optional[str] = typer.Option(None, "--vae", help="Use this VAE (e.g. a TAESD AutoencoderTiny folder) instead of the pipeline's"),
     attention: str = typer.Option("sdpa", "--attention", help="sdpa (default) | classic (diffusers AttnProcessor; lets legacy export opset < 14)"),
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Worst max_rel against torch before the export fails"),
-    controlnet: Optional[Path] = typer.Option(None, "--controlnet", help="A diffusers ControlNetModel folder: export it as controlnet/ and the UNet with its residual inputs"),
+    controlnet: Optional[Path] = typer.Option(None, "--controlnet", help="A diffusers ControlNetModel folder: export it and a UNet taking its residuals"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Export a diffusers pipeline to ONNX submodels, each checked against torch in ONNX Runtime."""
