@@ -82,7 +82,7 @@ def test_images_equal_diffusers_controlnet_pipeline(cn_pipeline, cn_onnx, contro
     ctrl = Image.open(control).convert("RGB")
     pipe = StableDiffusionControlNetPipeline.from_pretrained(cn_pipeline)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(PROMPT, image=ctrl, num_inference_steps=STEPS, guidance_scale=7.5, controlnet_conditioning_scale=0.7,
+    ref = pipe(PROMPT, image=ctrl, height=128, width=128, num_inference_steps=STEPS, guidance_scale=7.5, controlnet_conditioning_scale=0.7,
                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     ours = open_pipeline(cn_onnx)
     g = ours.generate(PROMPT, steps=STEPS, seed=0, control_image=ctrl, control_scale=0.7)
