@@ -94,6 +94,7 @@ def test_images_equal_diffusers_controlnet_pipeline(cn_pipeline, cn_onnx, contro
     assert "controlnet" not in plain.stats and np.abs(_px(plain.images[0]) - _px(g.images[0])).max() > 10
 
 
+@pytest.mark.slow  # nine CLI subprocesses (torch import each): ~20-40 s
 def test_cli_run_and_bad_inputs(cn_onnx, tiny_sd15_onnx, control, tmp_path):
     res = sdgraph("run", cn_onnx, "-p", PROMPT, "--steps", "1", "--controlnet", "--control-image", control,
                   "--control-scale", "0.5", "-o", tmp_path / "a.png")
