@@ -11,9 +11,14 @@ submodel        inputs                                       outputs
 ==============  ===========================================  ====================================
 text_encoder    input_ids int64 [B, 77]                      last_hidden_state, pooler_output
 text_encoder_2  input_ids int64 [B, 77]                      last_hidden_state, text_embeds
+controlnet      sample, timestep, encoder_hidden_states,    down_block_res_samples.{i} (N of
+                controlnet_cond [B, 3, H, W] in [0, 1],      them), mid_block_res_sample
+                conditioning_scale float [1] (+ SDXL's two)
 unet            sample [B, C, h, w], timestep float [B],     out_sample
                 encoder_hidden_states [B, 77, D]
                 (+ text_embeds [B, P], time_ids [B, T] SDXL)
+                (+ down_block_additional_residuals.{i},
+                mid_block_additional_residual: ControlNet)
 vae_decoder     latent_sample [B, 4, h, w]                   sample [B, 3, H, W]
 vae_encoder     sample [B, 3, H, W]                          latent_sample [B, 4, h, w]
 ==============  ===========================================  ====================================
@@ -52,12 +57,13 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "export_pipeline",
     "detect_family",
+    "residual_shapes",
 ]
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("legacy", "dynamo")
-SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+SUBMODELS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
 DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
 LEGACY_MAX_OPSET = 20
 SDPA_MIN_OPSET = 14  # torch's legacy exporter has scaled_dot_product_attention from opset 14
@@ -72,12 +78,15 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionInstructPix2PixPipeline": "pix2pix",
+    "StableDiffusionControlNetPipeline": "sd",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
 }
 _TORCH_CLASSES = {
     "text_encoder": {"CLIPTextModel", "CLIPTextModelWithProjection"},
     "text_encoder_2": {"CLIPTextModel", "CLIPTextModelWithProjection"},
     "unet": {"UNet2DConditionModel"},
     "vae": {"AutoencoderKL", "AutoencoderTiny"},
+    "controlnet": {"ControlNetModel"},
 }
 
 Progress = Callable[[str, str, int, int], None]  # (submodel, stage, step, steps)
@@ -168,8 +177,8 @@ def _load_module(src: _Source, name: str, lib_cls: tuple[str, str], attention: s
     import torch
 
     lib, cls_name = lib_cls
-    folder = name if name != "vae_override" else None
-    allowed = _TORCH_CLASSES["vae" if name == "vae_override" else name]
+    folder = name if name not in ("vae_override", "controlnet_override") else None
+    allowed = _TORCH_CLASSES[{"vae_override": "vae", "controlnet_override": "controlnet"}.get(name, name)]
     if cls_name not in allowed:
         raise InputError(f"{name}: class {lib}.{cls_name} is not one sdgraph exports ({', '.join(sorted(allowed))})")
     where = path or src.root
@@ -281,7 +290,11 @@ def _make_inputs(name: str, geo: dict, batch: int, seed: int, tokenizer=None) ->
             feeds["text_embeds"] = rng.standard_normal((batch, geo["text_embeds_dim"])).astype(np.float32)
             ids = ([h, w, 0, 0, h, w] + [6.0] * geo["time_ids_dim"])[: geo["time_ids_dim"]]
             feeds["time_ids"] = np.tile(np.asarray(ids, dtype=np.float32), (batch, 1))
+        if geo.get("residuals"):
+            feeds.update(_residual_inputs(geo, batch, rng))
         return feeds
+    if name == "controlnet":
+        return _controlnet_inputs(geo, batch, seed)
     if name == "vae_decoder":
         return {"latent_sample": rng.standard_normal((batch, geo["latent_channels"], lh, lw)).astype(np.float32)}
     return {"sample": rng.uniform(-1, 1, (batch, 3, h, w)).astype(np.float32)}
@@ -298,6 +311,8 @@ def _dynamic_axes(name: str, outputs: list[str], xl: bool) -> dict[str, dict[int
         if xl:
             axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
         return axes
+    if name == "controlnet":
+        return _controlnet_axes(outputs, xl)
     latent = {0: "batch", 2: "height", 3: "width"}
     image = {0: "batch", 2: "image_height", 3: "image_width"}
     if name == "vae_decoder":
@@ -488,9 +503,12 @@ def _check_out(out: Path, src: _Source, force: bool, vae: str | os.PathLike | No
         raise InputError(f"{out}: exists and is not a directory")
 
 
-def _plan(src: _Source, submodels: list[str] | None, vae_override: str | None) -> list[str]:
+def _plan(src: _Source, submodels: list[str] | None, vae_override: str | None,
+          controlnet_override: str | None = None) -> list[str]:
     """Submodels to export, checking that the source has each one's folder."""
     present = []
+    if src.component("controlnet") or controlnet_override:
+        present.append("controlnet")
     for name in ("text_encoder", "text_encoder_2", "unet"):
         if src.component(name):
             present.append(name)
@@ -503,7 +521,7 @@ def _plan(src: _Source, submodels: list[str] | None, vae_override: str | None) -
         if name not in present:
             raise InputError(f"{src.spec}: the pipeline has no {name} (it has {', '.join(present)})")
         folder = "vae" if name.startswith("vae") else name
-        if folder == "vae" and vae_override:
+        if folder == "vae" and vae_override or folder == "controlnet" and controlnet_override:
             continue
         if not src.has_folder(folder):
             raise InputError(f"{src.spec}: missing submodel folder {folder}/ (model_index.json lists it; "
@@ -555,6 +573,7 @@ def export_pipeline(
     attention: str = "sdpa",
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
+    controlnet: str | os.PathLike | None = None,
 ) -> dict:
     """Export ``src`` (a diffusers pipeline directory or hub id) to ``out_dir``; return the manifest.
 
@@ -563,22 +582,30 @@ def export_pipeline(
     compared with the torch module; a worst ``max_rel`` above ``tolerance`` raises
     VerificationError. ``batch``/``height``/``width`` fix the example shapes (static unless
     ``dynamic``: then batch, height and width are symbolic and a second batch size is checked too).
+    ``controlnet`` (a diffusers ``ControlNetModel`` folder) adds a ``controlnet`` submodel, as a
+    ControlNet pipeline's own ``controlnet/`` does; either way the UNet then takes the residuals.
     ``out_dir`` appears only when everything succeeded.
     """
     opset, submodels = _check_args(exporter, opset, batch, height, width, submodels, attention, tolerance)
     source = _Source(src)
     out = Path(out_dir)
     _check_out(out, source, force, vae)
+    cn_override = _controlnet_override(controlnet)
+    if cn_override and source.component("controlnet"):
+        raise UsageError(f"{src} already has a controlnet/; --controlnet replaces none (export without it, or "
+                         "from the base pipeline)")
     unet_cfg = _read_config(source, "unet") if source.has_folder("unet") else {}
     family = detect_family(source.index, unet_cfg)
     vae_override = (str(Path(vae).resolve()) if Path(vae).exists() else str(vae)) if vae is not None else None
-    names = _plan(source, submodels, vae_override)
+    names = _plan(source, submodels, vae_override, cn_override)
     vae_cfg = _read_config(source, "vae", vae_override) if any(n.startswith("vae") for n in names) or \
         source.component("vae") else {}
     if vae_override and vae_cfg.get("_class_name") not in _TORCH_CLASSES["vae"]:
         raise InputError(f"{vae}: config names {vae_cfg.get('_class_name')!r}, not a VAE sdgraph exports "
                          "(AutoencoderKL, AutoencoderTiny)")
     geo = _geometry(source, unet_cfg, vae_cfg, height, width)
+    if source.component("controlnet") or cn_override:
+        geo.update(_controlnet_geometry(source, cn_override, unet_cfg, geo))
     prediction = _scheduler_config(source).get("prediction_type", "epsilon")
     notify = progress or (lambda *a: None)
     manifest: dict[str, Any] = {}
@@ -586,13 +613,15 @@ def export_pipeline(
 
     with atomic_dir(out, force=force) as tmp:
         _open_mode(tmp)
-        tokenizers = _copy_assets(source, tmp, vae_override, vae_cfg)
+        tokenizers = _copy_assets(source, tmp, vae_override, vae_cfg, cn_override)
         results = {}
         for name in names:
             results[name] = _export_one(source, name, tmp, geo, tokenizers, exporter, opset, batch, dynamic,
-                                        attention, tolerance, seed, vae_override, family, notify)
+                                        attention, tolerance, seed, vae_override, family, notify, cn_override)
         manifest = _manifest(source, vae_override, family, prediction, exporter, opset, batch, geo, dynamic,
                              attention, tolerance, seed, vae_cfg, results, tokenizers)
+        if geo.get("residuals"):
+            manifest["controlnet"] = _controlnet_manifest(geo, cn_override)
         from sdgraph.manifest import write_manifest
 
         write_manifest(tmp, manifest)
@@ -635,7 +664,8 @@ def _scheduler_config(src: _Source) -> dict:
     return {}
 
 
-def _copy_assets(src: _Source, tmp: Path, vae_override: str | None, vae_cfg: dict) -> dict:
+def _copy_assets(src: _Source, tmp: Path, vae_override: str | None, vae_cfg: dict,
+                 controlnet_override: str | None = None) -> dict:
     """Copy tokenizer(s), scheduler and model_index.json; return loaded tokenizers by folder."""
     tokenizers = {}
     for folder in ("tokenizer", "tokenizer_2", "scheduler"):
@@ -659,6 +689,8 @@ def _copy_assets(src: _Source, tmp: Path, vae_override: str | None, vae_cfg: dic
     index = dict(src.index)
     if vae_override:
         index["vae"] = ["diffusers", vae_cfg.get("_class_name", "AutoencoderTiny")]
+    if controlnet_override:
+        index["controlnet"] = ["diffusers", "ControlNetModel"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return tokenizers
 
@@ -677,7 +709,7 @@ def _load_tokenizer(src: _Source, folder: str):
 
 def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict, exporter: str, opset: int,
                 batch: int, dynamic: bool, attention: str, tolerance: float, seed: int, vae_override: str | None,
-                family: str, notify: Progress) -> dict:
+                family: str, notify: Progress, controlnet_override: str | None = None) -> dict:
     TextEncoder, UNet, VaeDecoder, VaeEncoder = _wrappers()
     steps = len(_STAGES)
     notify(name, "load", 0, steps)
@@ -685,6 +717,9 @@ def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict,
     if folder == "vae" and vae_override:
         cfg = _read_config(src, "vae", vae_override)
         module = _load_module(src, "vae_override", ("diffusers", cfg["_class_name"]), attention, path=vae_override)
+    elif name == "controlnet" and controlnet_override:
+        module = _load_module(src, "controlnet_override", ("diffusers", "ControlNetModel"), attention,
+                              path=controlnet_override)
     else:
         module = _load_module(src, folder, src.component(folder), attention)
     config = dict(module.config) if not hasattr(module.config, "to_dict") else module.config.to_dict()
@@ -695,6 +730,10 @@ def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict,
         wrapper = TextEncoder(module, xl_hidden)
         pooled = "text_embeds" if type(module).__name__.endswith("WithProjection") else "pooler_output"
         outputs = ["last_hidden_state", pooled] + ([f"hidden_states.{i}" for i in range(n_layers + 1)] if xl_hidden else [])
+    elif name == "controlnet":
+        wrapper, outputs = _controlnet_wrapper(module, geo)
+    elif name == "unet" and geo.get("residuals"):
+        wrapper, outputs = _controlled_unet_wrapper(module, geo)
     elif name == "unet":
         wrapper, outputs = UNet(module, bool(geo["text_embeds_dim"])), ["out_sample"]
     elif name == "vae_decoder":
@@ -703,7 +742,10 @@ def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict,
         wrapper, outputs = VaeEncoder(module), ["latent_sample"]
     wrapper.eval()
     feeds = _make_inputs(name, geo, batch, seed, tok)
-    spec = _Spec(name, wrapper, feeds, outputs, _dynamic_axes(name, outputs, bool(geo["text_embeds_dim"])), config)
+    axes = _dynamic_axes(name, outputs, bool(geo["text_embeds_dim"]))
+    if name in ("unet", "controlnet") and geo.get("residuals"):
+        axes.update(_residual_axes(geo, name))
+    spec = _Spec(name, wrapper, feeds, outputs, axes, config)
     notify(name, "export", 1, steps)
     work = tmp / f".work-{name}"
     work.mkdir()
@@ -778,3 +820,158 @@ def _manifest(src: _Source, vae_override, family, prediction, exporter, opset, b
         "passes": [],
         "packages": package_versions(),
     }
+
+
+# --------------------------------------------------------------------------- ControlNet
+# UNet inputs that take a ControlNet's residuals, and the ControlNet outputs that make them.
+RESIDUAL_INPUT = "down_block_additional_residuals.{}"
+MID_RESIDUAL_INPUT = "mid_block_additional_residual"
+RESIDUAL_OUTPUT = "down_block_res_samples.{}"
+MID_RESIDUAL_OUTPUT = "mid_block_res_sample"
+
+
+def _controlnet_override(path: str | os.PathLike | None) -> str | None:
+    """``--controlnet DIR``: a local diffusers ControlNetModel folder (resolved), checked here."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{path}: no such ControlNet directory (a diffusers ControlNetModel folder)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise InputError(f"{path}: not a diffusers ControlNet directory (no config.json)")
+    cls = read_json_object(cfg, "ControlNet config").get("_class_name")
+    if cls not in _TORCH_CLASSES["controlnet"]:
+        raise InputError(f"{path}: config names {cls!r}, not a ControlNet sdgraph exports (ControlNetModel)")
+    return str(p.resolve())
+
+
+def residual_shapes(unet_cfg: dict, latent_h: int, latent_w: int) -> list[tuple[int, int, int]]:
+    """(channels, height, width) of each down-block residual, then the mid block's, for a UNet config.
+
+    The order of diffusers' ``down_block_res_samples``: conv_in, each resnet of each down block,
+    then its downsampler (all blocks but the last); a stride-2 conv rounds odd sizes up.
+    """
+    chans = list(unet_cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    lpb = unet_cfg.get("layers_per_block", 2)
+    lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * len(chans)
+    h, w = latent_h, latent_w
+    out = [(chans[0], h, w)]
+    for i, c in enumerate(chans):
+        out += [(c, h, w)] * lpb[i]
+        if i < len(chans) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            out.append((c, h, w))
+    return out + [(chans[-1], h, w)]
+
+
+def _controlnet_geometry(src: _Source, override: str | None, unet_cfg: dict, geo: dict) -> dict:
+    """Residual shapes at the export size; the ControlNet must fit the UNet (same down blocks)."""
+    cn_cfg = read_json_object(Path(override) / "config.json", "ControlNet config") if override else \
+        _read_config(src, "controlnet")
+    lh, lw = geo["height"] // geo["scale"], geo["width"] // geo["scale"]
+    shapes = residual_shapes(unet_cfg, lh, lw)
+    theirs = residual_shapes({**cn_cfg, "block_out_channels": cn_cfg.get("block_out_channels", (320, 640, 1280, 1280))},
+                             lh, lw)
+    if shapes != theirs or cn_cfg.get("cross_attention_dim", 1280) != unet_cfg.get("cross_attention_dim", 1280):
+        raise InputError(f"{override or src.spec + '/controlnet'}: the ControlNet does not fit this UNet "
+                         f"(down blocks {cn_cfg.get('block_out_channels')} x {cn_cfg.get('layers_per_block')}, "
+                         f"cross-attention {cn_cfg.get('cross_attention_dim')}; the UNet has "
+                         f"{unet_cfg.get('block_out_channels')} x {unet_cfg.get('layers_per_block')}, "
+                         f"{unet_cfg.get('cross_attention_dim')})")
+    return {"residuals": shapes, "controlnet_source": override or "controlnet"}
+
+
+def _controlnet_manifest(geo: dict, override: str | None) -> dict:
+    n = len(geo["residuals"]) - 1
+    return {"source": override or "controlnet/", "down_residuals": n,
+            "unet_inputs": [RESIDUAL_INPUT.format(i) for i in range(n)] + [MID_RESIDUAL_INPUT],
+            "outputs": [RESIDUAL_OUTPUT.format(i) for i in range(n)] + [MID_RESIDUAL_OUTPUT]}
+
+
+def _controlnet_inputs(geo: dict, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """The UNet's example inputs plus a control image in [0, 1] and a conditioning scale."""
+    unet = _make_inputs("unet", {**geo, "residuals": None}, batch, seed)
+    rng = np.random.default_rng(seed + 7)
+    feeds = {k: unet[k] for k in ("sample", "timestep", "encoder_hidden_states")}
+    feeds["controlnet_cond"] = rng.uniform(0, 1, (batch, 3, geo["height"], geo["width"])).astype(np.float32)
+    feeds["conditioning_scale"] = np.array([0.8 if seed % 2 == 0 else 1.0], dtype=np.float32)
+    for k in ("text_embeds", "time_ids"):
+        if k in unet:
+            feeds[k] = unet[k]
+    return feeds
+
+
+def _residual_inputs(geo: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    shapes = geo["residuals"]
+    names = [RESIDUAL_INPUT.format(i) for i in range(len(shapes) - 1)] + [MID_RESIDUAL_INPUT]
+    return {n: rng.standard_normal((batch, *s)).astype(np.float32) for n, s in zip(names, shapes)}
+
+
+def _residual_axes(geo: dict, name: str) -> dict[str, dict[int, str]]:
+    """Symbolic residual dims; ``height_div4`` says the residual is the latent height / 4 (shape_spec reads it)."""
+    shapes = geo["residuals"]
+    n = len(shapes) - 1
+    names = ([RESIDUAL_INPUT.format(i) for i in range(n)] + [MID_RESIDUAL_INPUT] if name == "unet" else
+             [RESIDUAL_OUTPUT.format(i) for i in range(n)] + [MID_RESIDUAL_OUTPUT])
+    lh = shapes[0][1]
+    axes = {}
+    for rname, (_, h, _w) in zip(names, shapes):
+        f = max(1, round(lh / h))
+        axes[rname] = {0: "batch", 2: "height" if f == 1 else f"height_div{f}", 3: "width" if f == 1 else f"width_div{f}"}
+    if name == "controlnet":
+        axes["controlnet_cond"] = {0: "batch", 2: "image_height", 3: "image_width"}
+    return axes
+
+
+def _controlnet_axes(outputs: list[str], xl: bool) -> dict[str, dict[int, str]]:
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch"}}
+    if xl:
+        axes.update({"text_embeds": {0: "batch"}, "time_ids": {0: "batch"}})
+    return axes
+
+
+def _controlnet_wrapper(module, geo: dict):
+    """The ControlNet with plain tensor inputs (SDXL's added conditions last) and one output per residual."""
+    import torch
+
+    xl = bool(geo["text_embeds_dim"])
+
+    class ControlNet(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
+                    text_embeds=None, time_ids=None):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids} if xl else None
+            down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond=controlnet_cond,
+                                   conditioning_scale=conditioning_scale, added_cond_kwargs=added, return_dict=False)
+            return tuple(down) + (mid,)
+
+    n = len(geo["residuals"]) - 1
+    return ControlNet(module), [RESIDUAL_OUTPUT.format(i) for i in range(n)] + [MID_RESIDUAL_OUTPUT]
+
+
+def _controlled_unet_wrapper(module, geo: dict):
+    """The UNet taking the ControlNet residuals as separate inputs after its own."""
+    import torch
+
+    xl = bool(geo["text_embeds_dim"])
+    n = len(geo["residuals"]) - 1
+
+    class ControlledUNet(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            added = None
+            if xl:
+                added, rest = {"text_embeds": rest[0], "time_ids": rest[1]}, rest[2:]
+            return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                              down_block_additional_residuals=tuple(rest[:n]),
+                              mid_block_additional_residual=rest[n], return_dict=False)[0]
+
+    return ControlledUNet(module), ["out_sample"]

@@ -46,6 +46,7 @@ BOUNDS: dict[str, Bound] = {
     "--image-guidance": Bound(0, 100, "InstructPix2Pix image guidance (run)"),
     "--strength": Bound(0, 1, "img2img strength (run)", lo_open=True),
     "--eta": Bound(0, 1, "DDIM eta (run)"),
+    "--control-scale": Bound(0, 10, "ControlNet conditioning scale (run, bench, verify)"),
     "--devices": Bound(1, 64, "UNet instances (run, bench)", integer=True),
     "--num-images": Bound(1, 1000, "images per prompt (run)", integer=True),
     "--repeats": Bound(1, 1000, "timed images per dir (bench, demo)", integer=True),

@@ -16,7 +16,7 @@ __all__ = ["MANIFEST", "select_submodels", "read_json_object", "read_manifest", 
 
 MANIFEST = "sdgraph.json"
 # Submodel folders of a model directory (optimum's ONNX layout), in pipeline order.
-SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+SUBMODELS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
 _PACKAGES = ("sdgraph", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch", "diffusers",
              "transformers", "openvino", "onnxscript", "onnxsim")
 

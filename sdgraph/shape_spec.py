@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 Bucket = dict  # "input" or "submodel:input" -> dims
-_QUALIFIERS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "model")
+_QUALIFIERS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder", "model")
 _TEXT_SEQ = 77  # CLIP's context length: the tokenizers pad to it
 
 
@@ -175,7 +175,9 @@ def derive_shapes(submodels: Mapping[str, Mapping[str, list | None]], height: in
 
     Text encoders: [batch, 77]; the UNet: its batch axis at ``guidance_batch`` (2 x batch for
     classifier-free guidance, 3 x batch for an 8-channel InstructPix2Pix UNet), latents
-    height/8 x width/8, text sequences 77; the VAE decoder: [batch, C, height/8, width/8]; the VAE
+    height/8 x width/8, text sequences 77; a ControlNet as the UNet, its ``controlnet_cond``
+    [guidance batch, 3, height, width]; ControlNet residuals with a ``height_divN`` dim the latent
+    size / N (export names them so); the VAE decoder: [batch, C, height/8, width/8]; the VAE
     encoder: [batch, 3, height, width]. Dims fixed in the graph are kept as they are. A graph of no
     Stable Diffusion role (a plain ``model``) gets nothing: its symbolic dims need ``--shape``.
     """
@@ -186,16 +188,16 @@ def derive_shapes(submodels: Mapping[str, Mapping[str, list | None]], height: in
     for sub, inputs in submodels.items():
         if sub not in SUBMODELS:
             continue
-        if sub == "unet":
+        if sub in ("unet", "controlnet"):
             sample = inputs.get("sample") or next((d for d in inputs.values() if d is not None and len(d) == 4), None)
             channels = sample[1] if sample is not None and _fixed(sample[1]) else 4
             b = guidance_batch or (3 if channels == 8 else 2) * batch
         else:
             b = batch
-        image = sub == "vae_encoder"
         for name, dims in inputs.items():
             if dims is None or all(_fixed(d) for d in dims):
                 continue
+            image = sub == "vae_encoder" or name == "controlnet_cond"
             full = []
             for i, d in enumerate(dims):
                 if _fixed(d):
@@ -204,7 +206,8 @@ def derive_shapes(submodels: Mapping[str, Mapping[str, list | None]], height: in
                     full.append(b)
                 elif len(dims) == 4 and i >= 2:
                     size = height if i == 2 else width
-                    full.append(size if image else size // vae_scale)
+                    div = re.search(r"_div(\d+)$", str(d))
+                    full.append(size if image else -(-(size // vae_scale) // int(div.group(1))) if div else size // vae_scale)
                 elif len(dims) == 4 and i == 1:
                     full.append(3 if image else 4)
                 else:

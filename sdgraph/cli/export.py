@@ -63,6 +63,7 @@ def export_cmd(
     vae: Optional[str] = typer.Option(None, "--vae", help="Use this VAE (e.g. a TAESD AutoencoderTiny folder) instead of the pipeline's"),
     attention: str = typer.Option("sdpa", "--attention", help="sdpa (default) | classic (diffusers AttnProcessor; lets legacy export opset < 14)"),
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Worst max_rel against torch before the export fails"),
+    controlnet: Optional[Path] = typer.Option(None, "--controlnet", help="A diffusers ControlNetModel folder: export it and a UNet taking its residuals"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Export a diffusers pipeline to ONNX submodels, each checked against torch in ONNX Runtime."""
@@ -81,7 +82,7 @@ def export_cmd(
 
         manifest = export_pipeline(src, out, exporter=exporter, opset=opset, batch=batch, height=height, width=width,
                                    dynamic=dynamic, submodels=submodels, vae=vae, force=force, progress=progress,
-                                   attention=attention, tolerance=tolerance)
+                                   attention=attention, tolerance=tolerance, controlnet=controlnet)
     console.print(summary_table(manifest))
     console.print(f"wrote {out} ({manifest['family']}, prediction {manifest['prediction_type']}, "
                   f"{manifest['height']}x{manifest['width']}, batch {manifest['batch']}"
@@ -94,6 +95,7 @@ def demo_model_cmd(
     arch: str = typer.Option("sd15", "--arch", help="sd15 | sd21 | sdxl | pix2pix | turbo (SDXL-Turbo: 1 step, trailing) | taesd (a VAE for --vae)"),
     size: str = typer.Option("tiny", "--size", help="tiny (tests, seconds) | full (real architecture sizes)"),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights"),
+    controlnet: bool = typer.Option(False, "--controlnet", help="A ControlNet pipeline: adds a random-weight controlnet/ (sd15, sd21, sdxl, turbo)"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
 ) -> None:
     """Write a random-weight diffusers pipeline built from configs (nothing is downloaded)."""
@@ -104,7 +106,11 @@ def demo_model_cmd(
     check_demo_name(arch)
     with console.status(f"building {arch} ({size})"):
         if arch == "taesd":
+            if controlnet:
+                from sdgraph.errors import UsageError
+
+                raise UsageError("--controlnet goes with a pipeline arch (sd15, sd21, sdxl, turbo), not taesd")
             build_demo_vae(out, "taesd", size, seed=seed, force=force)
         else:
-            build_demo_pipeline(out, arch, size, seed=seed, force=force)
-    console.print(f"wrote {out} ({arch}, {size}, random weights, seed {seed})")
+            build_demo_pipeline(out, arch, size, seed=seed, force=force, controlnet=controlnet)
+    console.print(f"wrote {out} ({arch}{' + ControlNet' if controlnet else ''}, {size}, random weights, seed {seed})")

@@ -26,6 +26,21 @@ def _init_image(image: Optional[Path]) -> Optional[Path]:
     return image
 
 
+def _control_image(controlnet: bool, control_image: Optional[Path]) -> Optional[Path]:
+    """``--controlnet`` with ``--control-image``: both or neither; the image must exist."""
+    if controlnet and control_image is None:
+        raise UsageError("--controlnet needs --control-image IMG (the conditioning image)")
+    if control_image is not None and not controlnet:
+        raise UsageError("--control-image goes with --controlnet")
+    if control_image is not None and not control_image.is_file():
+        raise InputError(f"{control_image}: no such image file")
+    return control_image
+
+
+_CONTROL_HELP = "Conditioning image of the model's ControlNet (resized to the output size, with a note)"
+_SCALE_HELP = "ControlNet conditioning scale (its residuals are multiplied by it)"
+
+
 @command("run")
 def run_cmd(
     model_dir: Path = typer.Argument(..., help="Lowered artifact dir, or an exported model dir (runs on ONNX Runtime)"),
@@ -48,14 +63,19 @@ def run_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output .png (one image) or folder"),
     force: bool = typer.Option(False, "--force", help="Replace an existing image or non-empty output folder"),
     timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
+    controlnet: bool = typer.Option(False, "--controlnet", help="Condition with the model's ControlNet on --control-image"),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help=_CONTROL_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=_SCALE_HELP),
 ) -> None:
-    """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, on any target's artifacts."""
+    """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, ControlNet, on any target's artifacts."""
     from sdgraph.ir.outputs import guard_output, model_inputs
     from sdgraph.pipeline.runner import check_text, load_image, open_pipeline, read_prompts, save_images
 
     check_all(steps=steps, seed=seed, height=height, width=width, guidance=guidance, image_guidance=image_guidance,
-              strength=strength, eta=eta, devices=devices, num_images=num_images)
-    guard_output(out, model_inputs(model_dir) + [p for p in (image, prompt_file) if p is not None], force=force)
+              strength=strength, eta=eta, devices=devices, num_images=num_images, control_scale=control_scale)
+    _control_image(controlnet, control_image)
+    guard_output(out, model_inputs(model_dir) + [p for p in (image, prompt_file, control_image) if p is not None],
+                 force=force)
     prompts = read_prompts(prompt, prompt_file)
     check_text(negative_prompt, "--negative-prompt")
     _init_image(image)
@@ -68,12 +88,22 @@ def run_cmd(
         init = load_image(image, w, h, notes)
         for n in notes:
             err_console.print(f"note: {n}", markup=False)
+    control = None
+    if control_image is not None:
+        if pipe.controlnet is None:
+            raise InputError(f"{model_dir}: no controlnet submodel (export a ControlNet pipeline, or with "
+                             "sdgraph export --controlnet DIR)")
+        notes = []
+        control = load_image(control_image, w, h, notes)
+        for n in notes:
+            err_console.print(f"note: control {n}", markup=False)
     images, total, first_t = [], 0.0, None
     for p in prompts:
         for i in range(num_images):
             g = pipe.generate(p, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
                               height=h, width=w, scheduler=scheduler, eta=eta, image=init, strength=strength,
-                              image_guidance=image_guidance, timestep_spacing=timestep_spacing)
+                              image_guidance=image_guidance, timestep_spacing=timestep_spacing,
+                              control_image=control, control_scale=control_scale)
             images += g.images
             total += g.seconds
             first_t = g.timesteps[0] if g.timesteps else None
@@ -101,7 +131,7 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
         t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
                   "-" if unet_mb is None else f"{unet_mb:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
-    subs = [s for s in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+    subs = [s for s in ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
             if any(s in r["submodel_ms"] for r in res)]
     t2 = Table(title="latency per call (ms)")
     t2.add_column("dir")
@@ -135,13 +165,16 @@ def bench_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
     strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
     image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help="ControlNet models: " + _CONTROL_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=_SCALE_HELP),
 ) -> None:
     """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
     from sdgraph.ir.outputs import guard_output
     from sdgraph.pipeline.bench import bench, split_results, write_json, write_plot
 
     check_all(steps=steps, height=height, width=width, repeats=repeats, devices=devices, guidance=guidance,
-              strength=strength, image_guidance=image_guidance)
+              strength=strength, image_guidance=image_guidance, control_scale=control_scale)
+    _control_image(control_image is not None, control_image)
     for d in dirs:
         if not d.is_dir():
             raise InputError(f"{d}: not a directory")
@@ -151,8 +184,8 @@ def bench_cmd(
     _init_image(image)
     report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
                    scheduler=scheduler, guidance=guidance, timestep_spacing=timestep_spacing, image=image,
-                   strength=strength, image_guidance=image_guidance,
-                   progress=lambda m: err_console.print(m, markup=False))
+                   strength=strength, image_guidance=image_guidance, control_image=control_image,
+                   control_scale=control_scale, progress=lambda m: err_console.print(m, markup=False))
     for t in bench_table(report):
         console.print(t)
     if json_out:
@@ -208,6 +241,8 @@ def verify_cmd(
     image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
     strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
     image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help="ControlNet models: " + _CONTROL_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=_SCALE_HELP),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
     from sdgraph.pipeline.runner import check_text, read_prompts
@@ -217,7 +252,8 @@ def verify_cmd(
 
     check_all(steps=steps, height=height, width=width, min_psnr=min_psnr, min_ssim=min_ssim,
               max_pixel_diff=max_pixel_diff, min_cosine=min_cosine, max_abs=max_abs, guidance=guidance,
-              strength=strength, image_guidance=image_guidance)
+              strength=strength, image_guidance=image_guidance, control_scale=control_scale)
+    _control_image(control_image is not None, control_image)
     for p in (ref, cand):
         if not p.exists():
             raise InputError(f"{p}: no such file or directory")
@@ -254,7 +290,7 @@ def verify_cmd(
         report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
                              width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force,
                              guidance=guidance, timestep_spacing=timestep_spacing, image=image, strength=strength,
-                             image_guidance=image_guidance)
+                             image_guidance=image_guidance, control_image=control_image, control_scale=control_scale)
         console.print(verify_table(report, f"verify {cand} against {ref}"))
         for n in report["notes"]:
             console.print(f"note: {n}", markup=False)

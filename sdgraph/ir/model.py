@@ -22,7 +22,7 @@ __all__ = ["Model", "ExternalValues", "detect_role", "structure_problem", "ROLES
 log = logging.getLogger(__name__)
 
 CANONICAL_DOMAIN = "ai.sdgraph"
-ROLES = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+ROLES = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "controlnet")
 
 
 class ExternalValues(LazyValues):
@@ -47,6 +47,8 @@ def detect_role(graph: gs.Graph) -> str:
     ins = {t.name: t for t in graph.inputs}
     outs = {t.name: t for t in graph.outputs}
     names_in = set(ins)
+    if "controlnet_cond" in names_in:
+        return "controlnet"
     if {"timestep", "encoder_hidden_states"} & names_in or "sample" in names_in and len(ins) >= 3:
         return "unet"
     if "input_ids" in names_in:

@@ -59,7 +59,7 @@ def plan(model, block_ops, keep_names: set[str]) -> tuple[list[gs.Node], dict[st
     infer_shapes(model)
     graph = model.graph.toposort()
     kept: dict[str, str] = {}
-    time_nodes = {id(n) for n in time_embedding_nodes(graph)} if model.role == "unet" else set()
+    time_nodes = {id(n) for n in time_embedding_nodes(graph)} if model.role in ("unet", "controlnet") else set()
     low = []
     for n in graph.nodes:
         if (n.domain or "") not in ("", "ai.onnx") or n.op in block_ops:

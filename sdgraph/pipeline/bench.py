@@ -138,7 +138,8 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
           repeats: int = 3, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 0,
           scheduler: str | None = None, guidance: float = 7.5, devices: int = 1,
           timestep_spacing: str | None = None, image: str | os.PathLike | None = None, strength: float = 0.8,
-          image_guidance: float = 1.5, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+          image_guidance: float = 1.5, progress: Callable[[str], None] | None = None,
+          control_image: str | os.PathLike | None = None, control_scale: float = 1.0) -> dict[str, Any]:
     """Bench each dir in this one process, in order; ratios are against the first dir.
 
     Timings exclude warm-up: ``warmup_compile_s`` (load + first image) and ``warmup_cache_s`` (a fresh
@@ -155,6 +156,10 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
         from sdgraph.pipeline.runner import load_image
 
         extra.update(image=load_image(image), strength=strength, image_guidance=image_guidance)
+    if control_image is not None:  # ControlNet models: the controlnet gets its own per-call row
+        from sdgraph.pipeline.runner import load_image
+
+        extra.update(control_image=load_image(control_image), control_scale=control_scale)
     results = []
     bad_input: list[SdgraphError] = []  # dirs refused for their input (exit 2), e.g. pix2pix without --image
     for d in dirs:

@@ -43,7 +43,7 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "lcm": "LCMScheduler",
 }
-_SUBMODELS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+_SUBMODELS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
@@ -287,13 +287,100 @@ def _find_key(obj: Any, key: str):
     return None
 
 
-class Pipeline:
+# --------------------------------------------------------------------------- ControlNet
+class _ControlMixin:
+    """The ControlNet half of :class:`Pipeline`: control image, ControlNet call, UNet residual feeds."""
+
+    def _init_control(self) -> None:
+        from sdgraph.export import MID_RESIDUAL_INPUT, MID_RESIDUAL_OUTPUT, RESIDUAL_INPUT, RESIDUAL_OUTPUT
+
+        names = self.unet.input_names
+        n = sum(1 for x in names if x.startswith(RESIDUAL_INPUT.format("")))
+        self.residual_inputs = [RESIDUAL_INPUT.format(i) for i in range(n)] + \
+            ([MID_RESIDUAL_INPUT] if MID_RESIDUAL_INPUT in names else [])
+        self.residual_outputs = [RESIDUAL_OUTPUT.format(i) for i in range(n)] + [MID_RESIDUAL_OUTPUT]
+        self.controlnet = self.instances["controlnet"][0] if "controlnet" in self.instances else None
+        self._control: tuple[np.ndarray, float] | None = None
+        if self.controlnet is not None and not self.residual_inputs:
+            raise InputError(f"{self.path}: has a controlnet but its unet takes no ControlNet residuals "
+                             "(export both together: sdgraph export ... --controlnet DIR)")
+
+    def _prepare_control(self, image, scale: float, width: int, height: int, notes: list[str]):
+        """The control image as diffusers prepares it: RGB, resized to the output size (noted), in [0, 1]."""
+        if image is None:
+            return None
+        if self.controlnet is None:
+            raise InputError(f"{self.path}: no controlnet submodel (export a ControlNet pipeline, or with "
+                             "--controlnet DIR)")
+        if self.is_pix2pix:
+            raise UsageError("a ControlNet does not go with an InstructPix2Pix model")
+        if not hasattr(image, "size"):
+            image = load_image(image, width, height, notes)
+        elif image.size != (width, height):
+            from PIL import Image
+
+            notes.append(f"control image is {image.size[0]}x{image.size[1]}, resized to {width}x{height}")
+            image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return np.ascontiguousarray(arr.transpose(2, 0, 1)[None]), float(scale)
+
+    def _control_feeds(self, feeds: dict[str, np.ndarray], cond: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+        cn = self.controlnet
+        batch = feeds[self._unet_name("sample")].shape[0]
+        out = {}
+        for n in cn.input_names:
+            dtype = cn.input_dtypes.get(n, np.dtype(np.float32))
+            shape = cn.input_shapes.get(n)
+            if n == "controlnet_cond":
+                v = np.repeat(cond, batch, axis=0)
+            elif n == "conditioning_scale":
+                v = np.full([1] * (len(shape) if shape is not None else 1), scale)
+            else:
+                v = feeds[self._unet_name(n) if n in ("sample", "timestep", "encoder_hidden_states") else n]
+                if shape is not None and len(shape) == 0:
+                    v = v.reshape(-1)[0]
+            out[n] = np.asarray(v).astype(dtype)
+        return out
+
+    def _with_residuals(self, chunks: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Each UNet chunk plus the residuals: one batched ControlNet call over all chunks (zeros
+        where no control image was given and the residual shapes are static)."""
+        sample = self._unet_name("sample")
+        sizes = [c[sample].shape[0] for c in chunks]
+        merged = {k: np.concatenate([c[k] for c in chunks], axis=0) if chunks[0][k].ndim and len(chunks) > 1
+                  else chunks[0][k] for k in chunks[0]}
+        control = self._control
+        if control is None:
+            shapes = [self.unet.input_shapes.get(n) or [] for n in self.residual_inputs]
+            if all(len(s) == 4 and all(isinstance(d, (int, np.integer)) and d > 0 for d in s[1:]) for s in shapes):
+                return [dict(c, **{n: np.zeros([c[sample].shape[0], *s[1:]], self.unet.input_dtypes.get(n, np.float32))
+                                   for n, s in zip(self.residual_inputs, shapes)}) for c in chunks]
+            if self.controlnet is None:
+                raise InputError(f"{self.path}: the unet takes ControlNet residuals of open shapes and there is "
+                                 "no controlnet submodel to make them")
+            h, w = merged[sample].shape[2] * self.vae_scale, merged[sample].shape[3] * self.vae_scale
+            control = (np.zeros((1, 3, h, w), np.float32), 0.0)  # scale 0: exact zeros of the right shapes
+        cn = self.controlnet
+        outs = self._batched(cn, self._control_feeds(merged, *control), "sample")
+        if all(o in outs for o in self.residual_outputs):
+            res = [outs[o] for o in self.residual_outputs]
+        else:  # a runtime renamed the outputs: they keep their order
+            res = [outs[o] for o in cn.output_names]
+        bounds = np.cumsum(sizes)[:-1]
+        split = [np.split(np.asarray(r), bounds, axis=0) for r in res]
+        return [dict(c, **{n: split[j][i].astype(self.unet.input_dtypes.get(n, np.float32), copy=False)
+                           for j, n in enumerate(self.residual_inputs)}) for i, c in enumerate(chunks)]
+
+
+class Pipeline(_ControlMixin):
     """Stable Diffusion sampling over loaded submodels (runners); numpy/torch glue, no weights here.
 
     Handles: 1. txt2img with classifier-free guidance; 2. img2img with ``strength``;
     3. InstructPix2Pix (8-channel UNet: image latents concatenated, three-way guidance);
     4. SDXL / Turbo (two text encoders, ``text_embeds`` and ``time_ids``, guidance 0 = one batch);
-    5. ``devices`` > 1: the guidance batch is split over that many runner instances, run in threads.
+    5. ``devices`` > 1: the guidance batch is split over that many runner instances, run in threads;
+    6. ControlNet: a ``controlnet`` submodel run before the UNet each step on the same inputs plus
+       the control image; its residuals feed the UNet's residual inputs (zeros without a control image).
     """
 
     def __init__(self, path: Path, runners: dict[str, list], manifest: dict, kind: str, target: str,
@@ -323,6 +410,7 @@ class Pipeline:
         sched_cfg = path / "scheduler" / "scheduler_config.json"
         self.scheduler_config = read_json_object(sched_cfg, "scheduler config") if sched_cfg.is_file() else {}
         self.vae_scale = _vae_scale_factor(path, manifest)
+        self._init_control()
 
     # -- helpers ---------------------------------------------------------------------------
     def _tokenizer(self, sub: str):
@@ -446,6 +534,8 @@ class Pipeline:
             return _pick(outs, ("out_sample", "noise_pred", "sample"), 0)
 
         sample = self._unet_name("sample")
+        if self.residual_inputs:
+            chunks = self._with_residuals(chunks)
         if len(insts) > 1 and len(chunks) > 1:
             with concurrent.futures.ThreadPoolExecutor(len(insts)) as ex:
                 futs = [ex.submit(lambda r, c: call(_BatchedRunner(self, r, sample), c), insts[i % len(insts)], c)
@@ -491,13 +581,16 @@ class Pipeline:
                  seed: int = 0, height: int | None = None, width: int | None = None,
                  scheduler: str | None = None, eta: float = 0.0, image=None, strength: float = 0.8,
                  image_guidance: float = 1.5, timestep_spacing: str | None = None,
-                 callback: Callable[[int], None] | None = None) -> Generation:
-        """One image for ``prompt``; ``image`` (PIL or path) selects img2img or, on an 8-channel UNet, pix2pix."""
+                 callback: Callable[[int], None] | None = None, control_image=None,
+                 control_scale: float = 1.0) -> Generation:
+        """One image for ``prompt``; ``image`` (PIL or path) selects img2img or, on an 8-channel UNet, pix2pix;
+        ``control_image`` (PIL or path) conditions a ControlNet model dir at ``control_scale``."""
         import torch
 
         from sdgraph.limits import check_all
 
-        check_all(steps=steps, seed=seed, guidance=guidance, eta=eta, strength=strength, image_guidance=image_guidance)
+        check_all(steps=steps, seed=seed, guidance=guidance, eta=eta, strength=strength, image_guidance=image_guidance,
+                  control_scale=control_scale)
         check_text(prompt, "--prompt")
         check_text(negative_prompt, "--negative-prompt")
         notes: list[str] = []
@@ -522,6 +615,8 @@ class Pipeline:
             from PIL import Image
 
             image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+
+        self._control = self._prepare_control(control_image, control_scale, width, height, notes)
 
         self.stats.clear()
         t_start = time.perf_counter()

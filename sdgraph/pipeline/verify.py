@@ -225,7 +225,7 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
                 scheduler: str | None = None, image=None, strength: float = 0.8, image_guidance: float = 1.5,
                 timestep_spacing: str | None = None, clip_model: str | os.PathLike | None = None,
                 fid_model: str | os.PathLike | None = None,
-                force: bool = False) -> dict[str, Any]:
+                force: bool = False, control_image=None, control_scale: float = 1.0) -> dict[str, Any]:
     """Compare a candidate model/artifact dir with a reference dir: submodels, then images end to end.
 
     With ``out_dir`` the sheet, the images and ``verify.json`` are committed there as one folder
@@ -238,7 +238,8 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     if not prompts or not seeds:
         raise UsageError("verify needs at least one prompt and one seed")
     if out_dir is not None:
-        guard_output(out_dir, [p for p in (ref, cand, clip_model, fid_model, image) if isinstance(p, (str, os.PathLike))],
+        guard_output(out_dir, [p for p in (ref, cand, clip_model, fid_model, image, control_image)
+                               if isinstance(p, (str, os.PathLike))],
                      force=force)
     pr, pc = open_pipeline(ref), open_pipeline(cand)
     report: dict[str, Any] = {"reference": str(ref), "candidate": str(cand), "submodels": {}, "images": [],
@@ -272,6 +273,8 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
                       timestep_spacing=timestep_spacing)
             if image is not None:
                 kw.update(image=image, strength=strength, image_guidance=image_guidance)
+            if control_image is not None:
+                kw.update(control_image=control_image, control_scale=control_scale)
             a = pr.generate(prompt, **kw).images[0]
             b = pc.generate(prompt, **kw).images[0]
             m = {"prompt": prompt, "seed": seed, "psnr": psnr(a, b), "ssim": ssim(a, b), "max_pixel_diff": max_pixel_diff(a, b)}

@@ -190,7 +190,7 @@ def timestep_to_int32(model: Model) -> str | None:
 def prepare(model: Model, ctx: LowerContext) -> dict[str, Any]:
     """Stage 1 of legalization, still a standard ONNX graph that runs in ONNX Runtime."""
     apply_static_shapes(model, ctx)
-    ts = timestep_to_int32(model) if model.role == "unet" or any(
+    ts = timestep_to_int32(model) if model.role in ("unet", "controlnet") or any(
         t.name.lower() in _TIMESTEP_NAMES for t in model.graph.inputs) else None
     model.graph.cleanup().toposort()
     return {"timestep_int32": ts}
@@ -455,7 +455,7 @@ def atc_command(atc: str, model_file: str, output: str, role: str, input_shape: 
            f"--input_shape={input_shape}", "--log=error", f"--soc_version={soc}"]
     if precision is not None:
         cmd.append(f"--precision_mode={ATC_PRECISION_MODE[precision]}")
-    if role == "unet":
+    if role in ("unet", "controlnet"):
         cmd += ["--optypelist_for_implmode=Gelu,Sigmoid", "--op_select_implmode=high_performance"]
     if customize_dtypes:
         cmd.append(f"--customize_dtypes={customize_dtypes}")
