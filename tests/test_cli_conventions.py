@@ -35,7 +35,10 @@ def test_help_offers_completion_and_global_flags():
         assert flag in r.stdout, flag
 
 
-@pytest.mark.parametrize("command", ["targets", "doctor", "passes"])
+_RUNTIME_HEAVY = pytest.mark.slow  # targets and doctor import every optional runtime
+
+
+@pytest.mark.parametrize("command", [pytest.param("targets", marks=_RUNTIME_HEAVY), pytest.param("doctor", marks=_RUNTIME_HEAVY), "passes"])
 def test_readable_at_80_columns(command):
     r = sdgraph(command, columns=80)
     assert r.returncode == 0, r.stderr
@@ -81,6 +84,7 @@ def test_json_of_targets_doctor_passes():
     assert any(o["positional"] for o in tome["options"]) and not tome["exact"]
 
 
+@pytest.mark.slow  # CLI runs that import every optional runtime
 def test_quiet_silences_tables_but_not_requested_json():
     r = sdgraph("-q", "targets")
     assert r.returncode == 0 and r.stdout == ""

@@ -22,6 +22,7 @@ def _unet_folder(tiny_sd15_onnx, tmp_path):
     return d
 
 
+@pytest.mark.slow  # CLI runs that optimize and lower the exported pipeline
 def test_card_commands_from_a_folder_with_unet_onnx(tiny_sd15_onnx, tmp_path):
     d = _unet_folder(tiny_sd15_onnx, tmp_path)
     before = _digest(d)
@@ -44,6 +45,7 @@ def test_card_commands_from_a_folder_with_unet_onnx(tiny_sd15_onnx, tmp_path):
     _assert_one_line_error(sdgraph("lower", "--target", "ascend310p", cwd=d), 2, "exists: the default output")
 
 
+@pytest.mark.slow  # CLI runs that optimize and lower the exported pipeline
 def test_card_commands_from_a_model_folder(tiny_sd15_onnx, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(tiny_sd15_onnx, models)
@@ -89,6 +91,7 @@ def test_shapes_derived_from_one_size():
         derive_shapes(SIGS, 500, 512, 1)
 
 
+@pytest.mark.slow  # CLI runs that optimize and lower the exported pipeline
 def test_lower_model_dir_with_readme_shapes_and_with_height_width(tiny_onnx, tmp_path):
     dyn = tiny_onnx("sd15", "legacy", dynamic=True)
     res = sdgraph("lower", dyn, "--target", "ascend310p", "-o", tmp_path / "a", "--option", "run_atc=false",

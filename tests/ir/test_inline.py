@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import numpy as np
 
 from sdgraph.ir import runtime
@@ -11,6 +12,7 @@ from sdgraph.passes import PassManager
 from sdgraph.passes.manager import verify_structure
 
 
+@pytest.mark.slow  # runs the exported UNet before and after inlining
 def test_inline_tome_and_attention_bodies(tiny_unet_onnx):
     model = Model.load(tiny_unet_onnx)
     PassManager("fold,tome,fa,gn").run(model)

@@ -46,6 +46,7 @@ def test_unet_every_attention_and_groupnorm_fused(variant, exporter):
     assert err["max_rel"] <= 1e-4 and err["cosine"] > 0.999999
 
 
+@pytest.mark.slow  # exports a tiny SDXL UNet
 def test_sdxl_like_has_two_transformer_layers_per_block():
     m, before, report, _ = _fuse(fusion_models.unet("sdxl8", "dynamo"))
     sd15 = Model.load(fusion_models.unet("sd15", "dynamo")).op_histogram()

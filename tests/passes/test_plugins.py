@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import os
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def _plugin(tmp_path):
     return f
 
 
+@pytest.mark.slow  # CLI subprocesses (each imports torch and the runtimes)
 def test_plugin_file_on_passes_and_optimize(tmp_path):
     plugin = _plugin(tmp_path)
     res = sdgraph("passes", "--plugin", plugin)
@@ -65,6 +67,7 @@ def test_plugin_file_on_passes_and_optimize(tmp_path):
     _assert_one_line_error(res, 2, "unknown pass 'double-relu'")
 
 
+@pytest.mark.slow  # CLI subprocesses (each imports torch and the runtimes)
 def test_verify_rolls_back_a_plugin_pass_ort_cannot_load(tmp_path):
     src = save_external(mlp_model(hidden=64), tmp_path / "m" / "model.onnx")
     res = sdgraph("optimize", src, "--plugin", _plugin(tmp_path), "--passes", "fold,break-load", "-o", tmp_path / "o.onnx",
@@ -74,6 +77,7 @@ def test_verify_rolls_back_a_plugin_pass_ort_cannot_load(tmp_path):
     assert "(passes before it: fold)" in res.stderr and not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.slow  # CLI subprocesses (each imports torch and the runtimes)
 def test_bad_plugins_are_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import numpy\nraise RuntimeError('plugin says no')\n")
@@ -98,6 +102,7 @@ def _dist(tmp_path, value: str):
     return site
 
 
+@pytest.mark.slow  # CLI subprocesses (each imports torch and the runtimes)
 def test_entry_point_group_registers_passes(tmp_path):
     site = _dist(tmp_path, "acme_passes")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), COLUMNS="200")

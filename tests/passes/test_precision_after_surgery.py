@@ -13,6 +13,8 @@ from sdgraph.passes._precision import run_any
 from sdgraph.passes.manager import optimize_path
 from tests.test_cli import sdgraph
 
+pytestmark = pytest.mark.slow  # casts whole exported pipelines of three archs and runs them: minutes of CPU
+
 def _is_16bit(dtype) -> bool:
     if dtype == onnx.TensorProto.BFLOAT16:  # a loaded graph keeps the ONNX enum (no numpy bfloat16 in gs)
         return True

@@ -22,6 +22,8 @@ from sdgraph.quant.calib_file import load_calib_data, save_calib_data
 from sdgraph.quant.calibration import calibration_feeds
 from tests.passes.precision_models import tiny_sd15_dir
 
+pytestmark = pytest.mark.slow  # CLI runs that calibrate and quantize a UNet
+
 FAST = {"calib": "3", "steps": "3", "held_out": "0"}
 
 

@@ -27,6 +27,7 @@ def _merged_runs(src, spec: str, out, min_cos: float = 0.98) -> tuple[dict, Mode
     return rec.stats, after
 
 
+@pytest.mark.slow  # exports at another size or SDXL and runs the merged graph in ORT
 def test_tokens_equal_channels_sd15_32x64(tiny_onnx, tmp_path):
     src = tiny_onnx("sd15", "legacy", height=32, width=64, submodels="unet") / "unet" / "model.onnx"
     m = Model.load(src)
@@ -41,6 +42,7 @@ def test_tokens_equal_channels_sd15_32x64(tiny_onnx, tmp_path):
                 assert all(int(d) > 0 for d in node.inputs[1].values), node.name
 
 
+@pytest.mark.slow  # exports at another size or SDXL and runs the merged graph in ORT
 def test_sdxl_default_merges_what_tomesd_does_and_says_why(tiny_sdxl_onnx, tiny_sdxl_pipeline, tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
@@ -68,6 +70,7 @@ def test_sdxl_default_merges_what_tomesd_does_and_says_why(tiny_sdxl_onnx, tiny_
     assert np.abs(got - plain).max() > 1e-3  # merging did change the numbers
 
 
+@pytest.mark.slow  # exports at another size or SDXL and runs the merged graph in ORT
 def test_sdxl_tome5_with_verify_exits_0(tiny_sdxl_onnx, tmp_path):
     res = sdgraph("optimize", tiny_sdxl_onnx / "unet" / "model.onnx", "--passes", "fold,tome:5,fa", "-o",
                   tmp_path / "u.onnx", "--verify")

@@ -15,6 +15,8 @@ from sdgraph.errors import UsageError
 from sdgraph.pipeline.runner import open_pipeline
 
 
+pytestmark = pytest.mark.slow  # extra exports (batch 2, two-block VAE, turbo) and end-to-end runs
+
 def _cli(*args):
     res = CliRunner().invoke(app, [str(a) for a in args])
     res.text = " ".join(res.output.split())  # the console wraps long lines

@@ -18,6 +18,8 @@ from sdgraph.manifest import read_manifest
 from sdgraph.pipeline.runner import open_pipeline
 from tests.test_cli import _assert_one_line_error, sdgraph
 
+pytestmark = pytest.mark.slow  # exports a ControlNet pipeline (its own export, ~1 min of CPU)
+
 STEPS = 2
 PROMPT = "a red bicycle"
 

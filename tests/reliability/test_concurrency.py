@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from sdgraph.ir.model import Model
 from tests.graphs import mlp_model, save_external
 from tests.reliability.output_support import hidden, start, tally
 
+
+pytestmark = pytest.mark.slow  # pairs of CLI processes racing on one output or cache key
 
 def _y(path: Path) -> np.ndarray:
     return runtime.run(Model.load(path), seed=3)["y"]

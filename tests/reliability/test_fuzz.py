@@ -4,6 +4,7 @@ outputs in ONNX Runtime after fold,cse,fa,gn,geglu,infer as before (rtol 1e-5)."
 
 from __future__ import annotations
 
+import pytest
 import math
 
 import numpy as np
@@ -32,6 +33,7 @@ _PUNCT = st.sampled_from([",", ":", "{", "}", "=", " ", "|", "", ".", "-", "\u00
 _PIPELINE_TEXT = st.lists(st.one_of(_WORDS, _PUNCT), max_size=14).map("".join)
 
 
+@pytest.mark.slow  # hundreds of generated cases
 @settings(max_examples=250, **_SETTINGS)
 @given(text=st.one_of(_PIPELINE_TEXT, st.text(max_size=40)))
 def test_pipeline_text_parses_or_is_a_usage_error(text):
@@ -82,6 +84,7 @@ _NUMERIC_OPTIONS = ["--steps", "--guidance", "--seed", "--strength", "--eta", "-
                     "--image-guidance"]
 
 
+@pytest.mark.slow  # hundreds of generated cases
 @settings(max_examples=100, **_SETTINGS)
 @given(option=st.sampled_from(_NUMERIC_OPTIONS), value=_OPTION_TEXT, prune=_OPTION_TEXT)
 def test_cli_option_values_never_crash(option, value, prune, tmp_path_factory):
@@ -169,6 +172,7 @@ def _ort(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
+@pytest.mark.slow  # hundreds of generated cases
 @settings(max_examples=160, **_SETTINGS)
 @given(proto=random_graphs(), seed=st.integers(0, 1000))
 def test_exact_passes_keep_random_graphs_equal(proto, seed):

@@ -36,6 +36,7 @@ def test_submodel_precision_rules():
     assert submodel_precision("int8", "fp32", takes, False) == "int8"  # nothing quantized: the target refuses
 
 
+@pytest.mark.slow  # quantizes a UNet, then lowers every submodel (OpenVINO compiles)
 @pytest.mark.parametrize("target", ["openvino", "ort"])
 @pytest.mark.parametrize("precision", ["int8", None])
 def test_int8_unet_dir_lowers_each_submodel_in_its_own_precision(int8_unet_dir, tmp_path, target, precision):
