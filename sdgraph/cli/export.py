@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich import box
 from rich.table import Table
 
-from sdgraph.cli._app import command, console, err_console
+from sdgraph.cli._app import command, console
 from sdgraph.limits import check_all
 
 __all__ = ["export_cmd", "demo_model_cmd"]
@@ -71,18 +70,9 @@ def export_cmd(
     _quiet_libraries()
     from sdgraph.export import export_pipeline
 
-    with Progress(TextColumn("{task.description:<15}"), BarColumn(), TextColumn("{task.fields[stage]:<7}"),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(name: str, stage: str, step: int, steps: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=steps, stage=stage)
-            bar.update(tasks[name], completed=step, stage=stage)
-
-        manifest = export_pipeline(src, out, exporter=exporter, opset=opset, batch=batch, height=height, width=width,
-                                   dynamic=dynamic, submodels=submodels, vae=vae, force=force, progress=progress,
-                                   attention=attention, tolerance=tolerance, controlnet=controlnet)
+    manifest = export_pipeline(src, out, exporter=exporter, opset=opset, batch=batch, height=height, width=width,
+                               dynamic=dynamic, submodels=submodels, vae=vae, force=force, attention=attention,
+                               tolerance=tolerance, controlnet=controlnet)
     console.print(summary_table(manifest))
     console.print(f"wrote {out} ({manifest['family']}, prediction {manifest['prediction_type']}, "
                   f"{manifest['height']}x{manifest['width']}, batch {manifest['batch']}"
