@@ -94,7 +94,7 @@ def sd15(tiny_onnx):
     return tiny_onnx("sd15")
 
 
-def test_json_of_file_commands(sd15, tmp_path):
+def test_json_of_file_commands(sd15, tmp_path, monkeypatch):
     unet = sd15 / "unet" / "model.onnx"
     check("sdgraph inspect --json", invoke("inspect", unet, "--json"))
     check("sdgraph tome-estimate --json", invoke("tome-estimate", unet, "--json", "--max-downsample", 1))
@@ -102,15 +102,18 @@ def test_json_of_file_commands(sd15, tmp_path):
     check("sdgraph optimize --dry-run --json", invoke("optimize", te, "--passes", "fold", "-o", tmp_path / "t.onnx",
                                                        "--dry-run", "--json"))
     check("sdgraph optimize --json", invoke("optimize", te, "--passes", "fold,cse", "-o", tmp_path / "t.onnx", "--json"))
-    cache = tmp_path / "cache"
+    monkeypatch.setenv("SDGRAPH_CACHE_DIR", str(tmp_path / "cache"))  # a cache of this test's own
     check("sdgraph lower --dry-run --json", invoke("lower", tmp_path / "t.onnx", "--target", "ort", "-o", tmp_path / "a",
-                                                    "--dry-run", "--json", "--cache-dir", cache))
-    low = invoke("lower", tmp_path / "t.onnx", "--target", "ort", "-o", tmp_path / "a", "--json", "--cache-dir", cache)
+                                                    "--dry-run", "--json"))
+    low = invoke("lower", tmp_path / "t.onnx", "--target", "ort", "-o", tmp_path / "a", "--json")
     check("sdgraph lower --json", low)
-    c = invoke("cache", "--cache-dir", cache, "--json")
+    assert low["submodels"]["text_encoder"]["cache"] == "miss" and low["files"]["text_encoder"]
+    c = invoke("cache", "--json")
     check("sdgraph cache --json", c)
     assert c["count"] == len(c["entries"]) == 1 and c["entries"][0]["target"] == "ort" and c["bytes"] > 0
-    check("sdgraph cache --json", invoke("cache", "--cache-dir", cache, "--prune", 0, "--json"))
+    pruned = invoke("cache", "--prune", 0, "--json")
+    check("sdgraph cache --json", pruned)
+    assert pruned["evicted"] == 1 and pruned["count"] == 0 and pruned["removed"] is None
     check("sdgraph report --json", invoke("report", sd15, "-o", tmp_path / "r.html", "--json"))
     v = invoke("verify", te, tmp_path / "t.onnx", "--json")
     check("sdgraph verify --json", v)

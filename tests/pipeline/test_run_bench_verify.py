@@ -232,7 +232,7 @@ def test_bench_keeps_the_other_dirs_when_one_fails(sd15, artifacts, tmp_path, mo
 
     assert len(bench_table(rep)[0].rows) == 3
     res = CliRunner().invoke(app, ["bench", str(sd15), str(artifacts["ort"]), "--steps", "1", "--repeats", "1",
-                                   "--json", str(tmp_path / "c.json")])
+                                   "--json-out", str(tmp_path / "c.json")])
     assert res.exit_code == 1 and "1 of 2 dir(s) failed" in res.output
     assert json.loads((tmp_path / "c.json").read_text())["results"][0]["e2e_s"] > 0
 
