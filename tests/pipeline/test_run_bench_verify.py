@@ -315,9 +315,12 @@ def test_demo_main_job_end_to_end(tiny_sd15_pipeline, tmp_path, monkeypatch):
 
     if "openvino" in targets():  # a missing dependency is skipped with its reason, not silently
         monkeypatch.setattr(targets()["openvino"], "available", lambda self: (False, "not installed (test)"))
-    r = CliRunner()
-    res = r.invoke(app, ["demo", "-o", str(tmp_path / "d"), "--steps", "1", "--repeats", "1",
-                         "--from", str(tiny_sd15_pipeline)])
+    from sdgraph import progress
+
+    r, rec = CliRunner(), progress.Recorder()
+    with progress.using(rec):
+        res = r.invoke(app, ["demo", "-o", str(tmp_path / "d"), "--steps", "1", "--repeats", "1",
+                             "--from", str(tiny_sd15_pipeline)])
     out = tmp_path / "d"
     rep = json.loads((out / "demo.json").read_text())
     assert res.exit_code == (1 if rep["failed"] else 0), res.output
@@ -331,3 +334,7 @@ def test_demo_main_job_end_to_end(tiny_sd15_pipeline, tmp_path, monkeypatch):
     assert rep["verify"]["ort-fp32"]["images"][0]["psnr"] == math.inf
     assert (out / "verify-ort-fp32" / "verify_sheet.png").is_file()
     assert "bench: 1 steps" in res.output and "verify ort-opt" in res.output
+    (demo,) = rec.named("demo")  # one advance per stage called; the bar ends full
+    assert demo.advances == demo.total == len(rep["stages"]) + len(rep["failed"]) + sum(
+        "openvino" not in s for s in rep["skipped"])
+    assert len(rec.named("denoising")) >= 3 and rec.named("bench")[0].total == len(bench_json["results"])
