@@ -48,6 +48,7 @@ import numpy as np
 
 from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UnsupportedError, UsageError, VerificationError
 from sdgraph.manifest import read_json_object
+from sdgraph.progress import task as progress_task
 
 __all__ = [
     "EXPORTERS",
@@ -615,9 +616,15 @@ def export_pipeline(
         _open_mode(tmp)
         tokenizers = _copy_assets(source, tmp, vae_override, vae_cfg, cn_override)
         results = {}
-        for name in names:
-            results[name] = _export_one(source, name, tmp, geo, tokenizers, exporter, opset, batch, dynamic,
-                                        attention, tolerance, seed, vae_override, family, notify, cn_override)
+        with progress_task("export", total=len(names)) as bar:
+            def staged(name: str, stage: str, step: int, steps: int) -> None:
+                bar.update(description=f"export {name}: {stage}")
+                notify(name, stage, step, steps)
+
+            for name in names:
+                results[name] = _export_one(source, name, tmp, geo, tokenizers, exporter, opset, batch, dynamic,
+                                            attention, tolerance, seed, vae_override, family, staged, cn_override)
+                bar.advance()
         manifest = _manifest(source, vae_override, family, prediction, exporter, opset, batch, geo, dynamic,
                              attention, tolerance, seed, vae_cfg, results, tokenizers)
         if geo.get("residuals"):

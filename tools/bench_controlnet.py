@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             _sdgraph("lower", onnx, "--target", t, "-o", art)
         dirs.append(art)
     report = out / "bench.json"
-    _sdgraph("bench", *dirs, "--steps", a.steps, "--repeats", a.repeats, "--control-image", ctrl, "--json", report,
+    _sdgraph("bench", *dirs, "--steps", a.steps, "--repeats", a.repeats, "--control-image", ctrl, "--json-out", report,
              "--force")
     data = json.loads(report.read_text())
     for r in data["results"]:

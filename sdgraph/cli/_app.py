@@ -11,6 +11,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 
+from sdgraph import progress
 from sdgraph.errors import SdgraphError
 
 __all__ = ["app", "command", "console", "err_console", "fail", "run_app"]
@@ -74,14 +75,18 @@ def run_app(prog_name: str = "sdgraph", args: list[str] | None = None) -> int:
 def command(*args: Any, **kwargs: Any) -> Callable:
     """``@app.command`` that turns SdgraphError (and stray exceptions) into one line + exit code.
 
-    Set SDGRAPH_DEBUG=1 to see tracebacks of unexpected errors.
+    Set SDGRAPH_DEBUG=1 to see tracebacks of unexpected errors. Long steps draw progress bars on stderr
+    when it is a terminal, unless ``-q`` or the command's ``--json`` (``as_json``) was given
+    (``$SDGRAPH_PROGRESS``: ``sdgraph.progress.for_console``).
     """
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a: Any, **kw: Any) -> Any:
             try:
-                return fn(*a, **kw)
+                bars = progress.for_console(err_console, enabled=not console.quiet and not kw.get("as_json"))
+                with progress.using(bars):
+                    return fn(*a, **kw)
             except typer.Exit:
                 raise
             except SdgraphError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Sequence
 
 import typer
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from sdgraph.cli._app import app, console, err_console
 
-__all__ = ["print_records"]
+__all__ = ["print_records", "print_json", "plain_json"]
 
 
 def _version(value: bool) -> None:
@@ -49,7 +50,7 @@ def print_records(title: str, columns: Sequence[str], rows: Sequence[Sequence[An
     """
     if as_json:
         keys = [c.replace(" ", "_") for c in columns]
-        typer.echo(json.dumps([dict(zip(keys, row)) for row in rows], indent=2, default=str))
+        print_json([dict(zip(keys, row)) for row in rows])
         return
     table = Table(title=title, title_justify="left")
     for col in columns:
@@ -69,6 +70,30 @@ def print_records(title: str, columns: Sequence[str], rows: Sequence[Sequence[An
         for col, v in zip(columns[1:], row[1:]):
             grid.add_row(f"  {col}:", _text(v))
         console.print(grid)
+
+
+def print_json(data: Any) -> None:
+    """``data`` as one strict JSON document on stdout, printed even with ``-q`` (the ``--json`` of every command).
+
+    Paths and other objects become strings; infinite and NaN numbers (the PSNR of identical images)
+    the strings ``"inf"``, ``"-inf"`` and ``"nan"``, so any JSON parser reads the output.
+    """
+    typer.echo(json.dumps(plain_json(data), indent=2, allow_nan=False))
+
+
+def plain_json(x: Any) -> Any:
+    """``x`` with only JSON types: dicts (string keys), lists, str, int, finite float, bool, None."""
+    if isinstance(x, dict):
+        return {str(k): plain_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [plain_json(v) for v in x]
+    if x is None or isinstance(x, (str, bool, int)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+    if hasattr(x, "tolist") and hasattr(x, "dtype"):  # numpy scalars and arrays
+        return plain_json(x.tolist())
+    return str(x)
 
 
 def _text(v: Any) -> str:

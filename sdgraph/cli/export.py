@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich import box
 from rich.table import Table
 
-from sdgraph.cli._app import command, console, err_console
+from sdgraph.cli._app import command, console
+from sdgraph.cli._conventions import print_json
 from sdgraph.limits import check_all
 
 __all__ = ["export_cmd", "demo_model_cmd"]
@@ -65,24 +65,19 @@ def export_cmd(
     tolerance: float = typer.Option(1e-3, "--tolerance", help="Worst max_rel against torch before the export fails"),
     controlnet: Optional[Path] = typer.Option(None, "--controlnet", help="A diffusers ControlNetModel folder: export it and a UNet taking its residuals"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory"),
+    as_json: bool = typer.Option(False, "--json", help="Print the written manifest (sdgraph.json) as JSON on stdout"),
 ) -> None:
     """Export a diffusers pipeline to ONNX submodels, each checked against torch in ONNX Runtime."""
     check_all(batch=batch, opset=opset, height=height, width=width, tolerance=tolerance)
     _quiet_libraries()
     from sdgraph.export import export_pipeline
 
-    with Progress(TextColumn("{task.description:<15}"), BarColumn(), TextColumn("{task.fields[stage]:<7}"),
-                  TimeElapsedColumn(), console=err_console, transient=False) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(name: str, stage: str, step: int, steps: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=steps, stage=stage)
-            bar.update(tasks[name], completed=step, stage=stage)
-
-        manifest = export_pipeline(src, out, exporter=exporter, opset=opset, batch=batch, height=height, width=width,
-                                   dynamic=dynamic, submodels=submodels, vae=vae, force=force, progress=progress,
-                                   attention=attention, tolerance=tolerance, controlnet=controlnet)
+    manifest = export_pipeline(src, out, exporter=exporter, opset=opset, batch=batch, height=height, width=width,
+                               dynamic=dynamic, submodels=submodels, vae=vae, force=force, attention=attention,
+                               tolerance=tolerance, controlnet=controlnet)
+    if as_json:
+        print_json(manifest)
+        return
     console.print(summary_table(manifest))
     console.print(f"wrote {out} ({manifest['family']}, prediction {manifest['prediction_type']}, "
                   f"{manifest['height']}x{manifest['width']}, batch {manifest['batch']}"

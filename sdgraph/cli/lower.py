@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,6 +9,7 @@ import typer
 from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
+from sdgraph.cli._conventions import print_json
 from sdgraph.errors import UsageError
 
 __all__ = ["lower_cmd", "targets_cmd"]
@@ -61,10 +61,9 @@ def lower_cmd(
                 progress=lambda m: err_console.print(m, markup=False, style="dim"), height=height, width=width, batch=batch,
                 dry_run=dry_run)
     if as_json:
-        typer.echo(json.dumps({"src": str(src), "out": str(out), "target": target, "precision": res.precision,
-                               "dry_run": res.dry_run, "seconds": round(res.seconds, 3), "submodels": res.submodels,
-                               "files": {n: e.get("files", {}) for n, e in res.manifest.get("submodels", {}).items()}},
-                              indent=2, default=str))
+        print_json({"src": str(src), "out": str(out), "target": target, "precision": res.precision,
+                    "dry_run": res.dry_run, "seconds": round(res.seconds, 3), "submodels": res.submodels,
+                    "files": {n: e.get("files", {}) for n, e in res.manifest.get("submodels", {}).items()}})
         return
     if dry_run:
         table = Table(title=f"dry run: {src} -> {target} ({res.precision})", title_justify="left")

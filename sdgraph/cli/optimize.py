@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdgraph.cli._app import command, console
+from sdgraph.cli._conventions import print_json
 from sdgraph.errors import InputError, UsageError
 from sdgraph.limits import check_all
 
@@ -84,7 +85,7 @@ def optimize(
             instruments=instruments, force=force,
         )
     if as_json:
-        typer.echo(json.dumps({name: rep.to_dict() for name, rep in reports.items()}, indent=2, default=str))
+        print_json({name: rep.to_dict() for name, rep in reports.items()})
     else:
         for name, rep in reports.items():
             _print_report(name, rep, debug)
@@ -120,7 +121,7 @@ def _dry_run(src: Path, passes_: str, out: Path, submodels: str | None, verify: 
             "passes": [{"name": p.name, "spec": p.spec(), "exact": p.exact} for p in passes], "submodels": subs,
             "dry_run": True}
     if as_json:
-        typer.echo(json.dumps(plan, indent=2))
+        print_json(plan)
         return
     console.print(f"dry run: {src} -> {out}", markup=False)
     console.print(f"pipeline: {plan['pipeline']}" + ("  (each pass verified in ONNX Runtime)" if verify else ""),
@@ -179,7 +180,7 @@ def inspect(
 
     info = summarize(src)
     if as_json:
-        console.print_json(json.dumps(info))
+        print_json(info)
         return
     console.print(f"[bold]{info['name']}[/bold]  role={info['role']}  opset={info['opset']}  nodes={info['nodes']}  "
                   f"parameters={info['parameters']:,}  bytes={info['bytes']:,}  attention-like regions={info['attention_regions']}")
@@ -221,7 +222,7 @@ def passes(
                                          "positional": bool(o.positional), "help": o.help} for o in cls.options]}
                            for name, cls in registry().items()],
                 "presets": dict(PRESETS)}
-        typer.echo(json.dumps(data, indent=2))
+        print_json(data)
         return
     for name, cls in registry().items():
         kind = "exact" if cls.exact else "approximate"

@@ -9,6 +9,7 @@ from typing import List
 import typer
 
 from sdgraph.cli._app import command, console
+from sdgraph.cli._conventions import print_json
 
 __all__ = ["report"]
 
@@ -35,7 +36,7 @@ def report(
             b.pop("charts", None)
         for t in slim["tunes"]:
             t.pop("chart", None)
-        typer.echo(json.dumps(slim, indent=2))
+        print_json(slim)
     else:
         n_img = sum(len(c["images"]) for c in data["comparisons"])
         console.print(f"wrote {path}: {len(data['comparisons'])} comparison(s), {n_img} image(s), "

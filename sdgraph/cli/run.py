@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
 
 from sdgraph.cli._app import command, console, err_console
+from sdgraph.cli._conventions import print_json
 from sdgraph.errors import InputError, PassError, UsageError
 from sdgraph.limits import check, check_all
 
@@ -17,6 +18,24 @@ __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "ver
 
 
 _SPACING_HELP = "leading | trailing | linspace (default: the scheduler config's; trailing starts 1 step at t=999)"
+
+_CONTROL_HELP = "Conditioning image of the model's ControlNet (resized to the output size, with a note)"
+_SCALE_HELP = "ControlNet conditioning scale (its residuals are multiplied by it)"
+
+# The image options run, bench and verify share, declared once (each command gives its own default).
+Steps = Annotated[int, typer.Option("--steps", help="Denoising steps (1 for Turbo)")]
+Height = Annotated[Optional[int], typer.Option("--height", help="Pixels, a multiple of the VAE factor (default: the model's size)")]
+Width = Annotated[Optional[int], typer.Option("--width", help="Pixels, a multiple of the VAE factor (default: the model's size)")]
+Scheduler = Annotated[Optional[str], typer.Option("--scheduler", help="ddim | euler | euler-a | dpm++ | lcm (default: the model dir's)")]
+Guidance = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (0 or 1: no guidance, one UNet batch: Turbo)")]
+Spacing = Annotated[Optional[str], typer.Option("--timestep-spacing", help=_SPACING_HELP)]
+Image = Annotated[Optional[Path], typer.Option("--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model")]
+Strength = Annotated[float, typer.Option("--strength", help="img2img strength (steps x strength must be >= 1)")]
+ImageGuidance = Annotated[float, typer.Option("--image-guidance", help="InstructPix2Pix image guidance scale")]
+Devices = Annotated[int, typer.Option("--devices", help="Split the guidance batch over this many UNet instances, run concurrently")]
+ControlImage = Annotated[Optional[Path], typer.Option("--control-image", help="ControlNet models: " + _CONTROL_HELP)]
+ControlScale = Annotated[float, typer.Option("--control-scale", help=_SCALE_HELP)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the command's data as JSON on stdout instead of the tables")]
 
 
 def _init_image(image: Optional[Path]) -> Optional[Path]:
@@ -37,8 +56,6 @@ def _control_image(controlnet: bool, control_image: Optional[Path]) -> Optional[
     return control_image
 
 
-_CONTROL_HELP = "Conditioning image of the model's ControlNet (resized to the output size, with a note)"
-_SCALE_HELP = "ControlNet conditioning scale (its residuals are multiplied by it)"
 
 
 @command("run")
@@ -47,25 +64,26 @@ def run_cmd(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt"),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="One prompt per line"),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt"),
-    steps: int = typer.Option(20, "--steps", help="Denoising steps (1 for Turbo)"),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale (0 or 1: no guidance, one batch)"),
+    steps: Steps = 20,
+    guidance: Guidance = 7.5,
     seed: int = typer.Option(0, "--seed", help="Seed; image i of a prompt uses seed + i"),
-    height: Optional[int] = typer.Option(None, "--height", help="Pixels, multiple of 8 (default: the model's size)"),
-    width: Optional[int] = typer.Option(None, "--width", help="Pixels, multiple of 8 (default: the model's size)"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler | euler-a | dpm++ | lcm (default: the model dir's)"),
+    height: Height = None,
+    width: Width = None,
+    scheduler: Scheduler = None,
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta"),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt"),
     grid: bool = typer.Option(False, "--grid", help="Also write a grid of all images"),
-    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image on an InstructPix2Pix model"),
-    strength: float = typer.Option(0.8, "--strength", help="img2img strength (steps x strength must be >= 1)"),
-    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
-    devices: int = typer.Option(1, "--devices", help="Split the guidance batch over this many UNet instances, run concurrently"),
+    image: Image = None,
+    strength: Strength = 0.8,
+    image_guidance: ImageGuidance = 1.5,
+    devices: Devices = 1,
     out: Path = typer.Option(..., "--out", "-o", help="Output .png (one image) or folder"),
     force: bool = typer.Option(False, "--force", help="Replace an existing image or non-empty output folder"),
-    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
+    timestep_spacing: Spacing = None,
     controlnet: bool = typer.Option(False, "--controlnet", help="Condition with the model's ControlNet on --control-image"),
     control_image: Optional[Path] = typer.Option(None, "--control-image", help=_CONTROL_HELP),
-    control_scale: float = typer.Option(1.0, "--control-scale", help=_SCALE_HELP),
+    control_scale: ControlScale = 1.0,
+    as_json: AsJson = False,
 ) -> None:
     """Generate images: txt2img, img2img, InstructPix2Pix, SDXL/Turbo, ControlNet, on any target's artifacts."""
     from sdgraph.ir.outputs import guard_output, model_inputs
@@ -97,7 +115,7 @@ def run_cmd(
         control = load_image(control_image, w, h, notes)
         for n in notes:
             err_console.print(f"note: control {n}", markup=False)
-    images, total, first_t = [], 0.0, None
+    images, total, first_t, all_notes = [], 0.0, None, []
     for p in prompts:
         for i in range(num_images):
             g = pipe.generate(p, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed + i,
@@ -107,9 +125,16 @@ def run_cmd(
             images += g.images
             total += g.seconds
             first_t = g.timesteps[0] if g.timesteps else None
+            all_notes += [n for n in g.notes if n not in all_notes]
             for n in g.notes:
                 err_console.print(f"note: {n}", markup=False)
     written = save_images(images, out, grid=grid, force=force)
+    if as_json:
+        print_json({"images": [str(p) for p in written], "count": len(images), "prompts": prompts,
+                    "width": w, "height": h, "target": pipe.target, "steps": steps, "seed": seed,
+                    "seconds": total, "seconds_per_image": total / len(images), "first_timestep": first_t,
+                    "notes": all_notes})
+        return
     console.print(f"{len(images)} image(s) {w}x{h} on {pipe.target} in {total:.2f} s "
                   f"({total / len(images):.2f} s/image, first timestep {first_t:g}) -> "
                   f"{', '.join(map(str, written[:4]))}"
@@ -151,22 +176,23 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
 @command("bench")
 def bench_cmd(
     dirs: List[Path] = typer.Argument(..., help="Model or artifact dirs; ratios are against the first"),
-    steps: int = typer.Option(20, "--steps"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
+    steps: Steps = 20,
+    height: Height = None,
+    width: Width = None,
     repeats: int = typer.Option(3, "--repeats", help="Timed images per dir (median)"),
-    devices: int = typer.Option(1, "--devices", help="UNet instances splitting the guidance batch"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON"),
+    devices: Devices = 1,
+    scheduler: Scheduler = None,
+    as_json: AsJson = False,
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the numbers as JSON to this file (bench.json)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
-    force: bool = typer.Option(False, "--force", help="Replace existing --json / --plot files"),
-    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale (0: no guidance, one UNet batch: Turbo)"),
-    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
-    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
-    strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
-    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
-    control_image: Optional[Path] = typer.Option(None, "--control-image", help="ControlNet models: " + _CONTROL_HELP),
-    control_scale: float = typer.Option(1.0, "--control-scale", help=_SCALE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json-out / --plot files"),
+    guidance: Guidance = 7.5,
+    timestep_spacing: Spacing = None,
+    image: Image = None,
+    strength: Strength = 0.8,
+    image_guidance: ImageGuidance = 1.5,
+    control_image: ControlImage = None,
+    control_scale: ControlScale = 1.0,
 ) -> None:
     """Latency per submodel, UNet it/s, s/image, peak RSS and warm-up, for each dir in one process run."""
     from sdgraph.ir.outputs import guard_output
@@ -176,9 +202,11 @@ def bench_cmd(
               strength=strength, image_guidance=image_guidance, control_scale=control_scale)
     _control_image(control_image is not None, control_image)
     for d in dirs:
+        if as_json and d.suffix == ".json" and not d.is_dir():  # the old `--json FILE`
+            raise UsageError(f"--json {d}: --json prints the JSON on stdout now; write a file with --json-out {d}")
         if not d.is_dir():
             raise InputError(f"{d}: not a directory")
-    for o, what in ((json_out, "--json file"), (plot, "--plot file")):
+    for o, what in ((json_out, "--json-out file"), (plot, "--plot file")):
         if o is not None:
             guard_output(o, list(dirs), force=force, what=what)
     _init_image(image)
@@ -186,12 +214,16 @@ def bench_cmd(
                    scheduler=scheduler, guidance=guidance, timestep_spacing=timestep_spacing, image=image,
                    strength=strength, image_guidance=image_guidance, control_image=control_image,
                    control_scale=control_scale, progress=lambda m: err_console.print(m, markup=False))
-    for t in bench_table(report):
-        console.print(t)
+    say = err_console if as_json else console  # with --json, stdout holds the JSON only
+    if as_json:
+        print_json(report)
+    else:
+        for t in bench_table(report):
+            console.print(t)
     if json_out:
-        console.print(f"json: {write_json(report, json_out, force=force)}")
+        say.print(f"json: {write_json(report, json_out, force=force)}", markup=False)
     if plot:
-        console.print(f"plot: {write_plot(report, plot, force=force)}")
+        say.print(f"plot: {write_plot(report, plot, force=force)}", markup=False)
     _, failed = split_results(report)
     if failed:
         first = failed[0][1]
@@ -222,10 +254,10 @@ def verify_cmd(
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Fixed prompt(s) for end-to-end images"),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file"),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds"),
-    steps: int = typer.Option(10, "--steps"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler"),
+    steps: Steps = 10,
+    height: Height = None,
+    width: Width = None,
+    scheduler: Scheduler = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the side-by-side sheet, images and verify.json"),
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="Local CLIP model dir for CLIP score"),
     fid_model: Optional[Path] = typer.Option(None, "--fid-model", help="Local TorchScript Inception file for FID. "
@@ -236,13 +268,14 @@ def verify_cmd(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Fail below this output cosine"),
     max_abs: Optional[float] = typer.Option(None, "--max-abs", help="Fail above this max abs output difference"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder"),
-    guidance: float = typer.Option(7.5, "--guidance", help="Guidance scale of the end-to-end images"),
-    timestep_spacing: Optional[str] = typer.Option(None, "--timestep-spacing", help=_SPACING_HELP),
-    image: Optional[Path] = typer.Option(None, "--image", help="Init image: img2img, or the edited image of an InstructPix2Pix model"),
-    strength: float = typer.Option(0.8, "--strength", help="img2img strength"),
-    image_guidance: float = typer.Option(1.5, "--image-guidance", help="InstructPix2Pix image guidance scale"),
-    control_image: Optional[Path] = typer.Option(None, "--control-image", help="ControlNet models: " + _CONTROL_HELP),
-    control_scale: float = typer.Option(1.0, "--control-scale", help=_SCALE_HELP),
+    guidance: Guidance = 7.5,
+    timestep_spacing: Spacing = None,
+    image: Image = None,
+    strength: Strength = 0.8,
+    image_guidance: ImageGuidance = 1.5,
+    control_image: ControlImage = None,
+    control_scale: ControlScale = 1.0,
+    as_json: AsJson = False,
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
     from sdgraph.pipeline.runner import check_text, read_prompts
@@ -283,7 +316,8 @@ def verify_cmd(
             t.add_column(col, justify="left" if col == "output" else "right")
         for name, m in per.items():
             t.add_row(name, _fmt(m["max_abs"]), _fmt(m["max_rel"]), f"{m['cosine']:.6f}")
-        console.print(t)
+        if not as_json:
+            console.print(t)
         report["summary"] = {"cosine_min": worst(per)["cosine"], "max_abs": worst(per)["max_abs"]}
     else:
         prompts = list(prompt) if prompt else (read_prompts(None, prompt_file) if prompt_file else list(DEFAULT_PROMPTS))
@@ -291,6 +325,9 @@ def verify_cmd(
                              width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force,
                              guidance=guidance, timestep_spacing=timestep_spacing, image=image, strength=strength,
                              image_guidance=image_guidance, control_image=control_image, control_scale=control_scale)
+    if as_json:
+        print_json(report)
+    elif not ref.is_file():
         console.print(verify_table(report, f"verify {cand} against {ref}"))
         for n in report["notes"]:
             console.print(f"note: {n}", markup=False)
@@ -310,12 +347,13 @@ def verify_cmd(
 @command("demo")
 def demo_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for everything: models, artifacts, images, plot, JSON"),
-    steps: int = typer.Option(10, "--steps"),
+    steps: Steps = 10,
     repeats: int = typer.Option(2, "--repeats", help="Timed images per dir in the bench"),
     size: Optional[int] = typer.Option(None, "--size", help="Image size in pixels (default: the demo model's, 128)"),
     no_openvino: bool = typer.Option(False, "--no-openvino", help="Do not lower to OpenVINO even when installed"),
     source: Optional[Path] = typer.Option(None, "--from", help="Start from this diffusers pipeline dir instead of building the tiny demo one"),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty --out folder, replacing what the demo writes"),
+    as_json: AsJson = False,
 ) -> None:
     """The main job: random-weight demo pipeline -> export -> optimize -> lower -> run -> bench -> verify."""
     from sdgraph.pipeline.main_job import run_demo
@@ -325,6 +363,13 @@ def demo_cmd(
         raise InputError(f"{source}: not a diffusers pipeline directory")
     rep = run_demo(out, steps=steps, repeats=repeats, size=size, openvino=not no_openvino, source=source,
                    say=lambda m: err_console.print(m, markup=False), force=force)
+    if as_json:
+        print_json(rep)
+        for f in rep["failed"]:
+            err_console.print(f"failed: {f}", markup=False)
+        if rep["failed"]:
+            raise typer.Exit(1)
+        return
     t = Table(title="stages")
     t.add_column("stage")
     t.add_column("seconds", justify="right")

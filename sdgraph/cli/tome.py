@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from sdgraph.cli._app import command, console
+from sdgraph.cli._conventions import print_json
 from sdgraph.errors import InputError
 from sdgraph.limits import check_all
 
@@ -22,7 +22,7 @@ def tome_estimate(
     max_downsample: int = typer.Option(0, "--max-downsample", help="Merge blocks with at most this downsampling"),
     crossattn: bool = typer.Option(False, "--crossattn", help="Also merge around cross-attention"),
     mlp: bool = typer.Option(False, "--mlp", help="Also merge around the MLP"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON on stdout"),
 ) -> None:
     """FLOPs before/after `tome` at the graph's resolution and the FLOP-proportional speed-up."""
     from sdgraph.ir.model import Model
@@ -34,7 +34,7 @@ def tome_estimate(
     model = Model.load(src)
     est = estimate(model, blocks=blocks, ratio=ratio, max_downsample=max_downsample, crossattn=crossattn, mlp=mlp)
     if as_json:
-        console.print(json.dumps(est, indent=2), markup=False)
+        print_json(est)
         return
     console.print(
         f"{est['blocks_merged']} of {est['blocks_found']} transformer blocks merged, "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sdgraph.errors import PassError, SdgraphError, TargetUnavailable, UsageError
+from sdgraph.progress import track
 
 __all__ = ["METRICS", "RssSampler", "bench", "split_results", "write_plot", "write_json"]
 
@@ -94,7 +95,7 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
         warm_cache = time.perf_counter() - t0
         # 3. steady state: median of ``repeats`` images.
         runs, unet_its, unet_ms, sub_ms = [], [], [], {}
-        for _ in range(repeats):
+        for _ in track(range(repeats), f"bench {path.name}: timed images"):
             g = pipe.generate(prompt, **kw)
             timesteps = g.timesteps
             runs.append(g.seconds)
@@ -162,7 +163,7 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
         extra.update(control_image=load_image(control_image), control_scale=control_scale)
     results = []
     bad_input: list[SdgraphError] = []  # dirs refused for their input (exit 2), e.g. pix2pix without --image
-    for d in dirs:
+    for d in track(dirs, "bench"):
         # One dir that fails (a runtime error mid-image, say) must not lose the others' numbers.
         try:
             results.append(_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdgraph.errors import SdgraphError, TargetUnavailable
+from sdgraph.progress import Task, task
 
 __all__ = ["run_demo", "optimize_pipelines"]
 
@@ -36,7 +37,15 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     A stage whose dependency is missing is skipped with its reason in ``report["skipped"]``; a stage
     that fails with an sdgraph error is listed in ``report["failed"]``; both are said, and later stages
     run with what exists (a failed lowering of an optimized dir benches that model dir on ORT instead).
+    Progress: one task ``demo``, advanced once per stage (run, skipped or failed).
     """
+    with task("demo") as bar:
+        return _run_demo(out_dir, steps=steps, repeats=repeats, size=size, prompt=prompt, seed=seed, openvino=openvino,
+                         source=source, say=say, force=force, bar=bar)
+
+
+def _run_demo(out_dir, *, steps, repeats, size, prompt, seed, openvino, source, say, force,
+              bar: Task) -> dict[str, Any]:
     from sdgraph.demo import build_demo_pipeline
     from sdgraph.export import export_pipeline
     from sdgraph.passes.manager import optimize_path
@@ -55,10 +64,13 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"out": str(out), "stages": {}, "skipped": [], "failed": []}
     t_all = time.perf_counter()
+    ran: list[str] = []  # every stage called, run or not: the progress task's count
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
+        ran.append(name)
         say(f"[{name}] ...")
+        bar.update(description=f"demo: {name}")
         try:
             res = fn()
         except (ImportError, TargetUnavailable) as exc:
@@ -71,6 +83,8 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
             report["failed"].append(why)
             say(why)
             return None
+        finally:
+            bar.advance()
         report["stages"][name] = round(time.perf_counter() - t0, 2)
         say(f"[{name}] done in {report['stages'][name]:.1f} s")
         return res
@@ -85,6 +99,8 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     stage("export", lambda: export_pipeline(src, model, force=True, **geo))
     pipes = optimize_pipelines()
     report["pipelines"] = pipes
+    # the stages planned: pipeline, export, optimize and lower each, OpenVINO, run, bench, plot, verify each, report
+    bar.update(total=(source is None) + 1 + 3 * len(pipes) + 2 * bool(openvino) + 6)
     say("optimize pipelines from the registered passes: " + "; ".join(f"{k} = {v}" for k, v in pipes.items()))
     opt_dirs: dict[str, Path] = {}
     for label, spec in pipes.items():
@@ -157,4 +173,5 @@ def run_demo(out_dir: str | Path, *, steps: int = 10, repeats: int = 2, size: in
     page = stage("report", lambda: write_report([out], out / "report.html", title="sdgraph demo", force=True)[0])
     report["report"] = str(page) if page else None
     save_report()
+    bar.update(total=len(ran))  # stages not called (no OpenVINO here, no bench to plot) leave the plan
     return report

@@ -5,7 +5,7 @@ Inputs, each a file or a folder, recognised by content:
 - a ``sdgraph demo`` folder (``demo.json``): its verify comparisons with their images, the pass
   reports of the optimized model dirs, the bench;
 - a ``sdgraph verify -o`` folder (``verify.json`` + ``ref_*.png`` / ``cand_*.png``) or its JSON;
-- ``sdgraph bench --json`` output (``bench.json``);
+- ``sdgraph bench --json-out`` output (``bench.json``, the same as ``--json`` prints);
 - ``sdgraph optimize --report`` JSON (per-submodel pass records with op counts and near misses);
 - a model dir or artifact dir (``sdgraph.json``): the pass history its manifest records;
 - a tune study (``tune.json``: ``{"trials": [{"number", "config", "s_per_image", "psnr", "ssim",

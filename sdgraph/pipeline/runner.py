@@ -17,6 +17,7 @@ import numpy as np
 from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UsageError
 from sdgraph.ir.runtime import penultimate_hidden_state as _penultimate, pick_output as _pick
 from sdgraph.manifest import read_json_object, read_manifest
+from sdgraph.progress import track
 
 __all__ = [
     "SCHEDULERS",
@@ -668,7 +669,7 @@ class Pipeline(_ControlMixin):
                 d["time_ids"] = np.repeat(time_ids, x.shape[0], axis=0)
             return d
 
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(track(timesteps, "denoising")):
             x = sched.scale_model_input(latents, t).numpy()
             if self.is_pix2pix:
                 zeros = np.zeros_like(image_latents)

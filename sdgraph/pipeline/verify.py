@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sdgraph.errors import InputError, UsageError, VerificationError
+from sdgraph.progress import track
 
 __all__ = ["psnr", "ssim", "max_pixel_diff", "compare_onnx_files", "verify_dirs", "check_thresholds",
            "side_by_side", "write_verify_dir", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
@@ -244,7 +245,7 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     pr, pc = open_pipeline(ref), open_pipeline(cand)
     report: dict[str, Any] = {"reference": str(ref), "candidate": str(cand), "submodels": {}, "images": [],
                               "notes": []}
-    for name in pr.instances:
+    for name in track(list(pr.instances), "verify submodels"):
         if name not in pc.instances:
             report["notes"].append(f"{name}: only in the reference, not compared")
             continue
@@ -267,22 +268,21 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
         report["submodels"][name] = {"outputs": per, "worst": worst(per)}
     h, w = height or pr.default_size()[0], width or pr.default_size()[1]
     rows, ref_imgs, cand_imgs, caps = [], [], [], []
-    for prompt in prompts:
-        for seed in seeds:
-            kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler,
-                      timestep_spacing=timestep_spacing)
-            if image is not None:
-                kw.update(image=image, strength=strength, image_guidance=image_guidance)
-            if control_image is not None:
-                kw.update(control_image=control_image, control_scale=control_scale)
-            a = pr.generate(prompt, **kw).images[0]
-            b = pc.generate(prompt, **kw).images[0]
-            m = {"prompt": prompt, "seed": seed, "psnr": psnr(a, b), "ssim": ssim(a, b), "max_pixel_diff": max_pixel_diff(a, b)}
-            report["images"].append(m)
-            rows.append((a, b, f"seed {seed}  PSNR {m['psnr']:.1f} dB  SSIM {m['ssim']:.4f}  {prompt}"))
-            ref_imgs.append(a)
-            cand_imgs.append(b)
-            caps.append(prompt)
+    for prompt, seed in track([(p, s) for p in prompts for s in seeds], "verify images"):
+        kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler,
+                  timestep_spacing=timestep_spacing)
+        if image is not None:
+            kw.update(image=image, strength=strength, image_guidance=image_guidance)
+        if control_image is not None:
+            kw.update(control_image=control_image, control_scale=control_scale)
+        a = pr.generate(prompt, **kw).images[0]
+        b = pc.generate(prompt, **kw).images[0]
+        m = {"prompt": prompt, "seed": seed, "psnr": psnr(a, b), "ssim": ssim(a, b), "max_pixel_diff": max_pixel_diff(a, b)}
+        report["images"].append(m)
+        rows.append((a, b, f"seed {seed}  PSNR {m['psnr']:.1f} dB  SSIM {m['ssim']:.4f}  {prompt}"))
+        ref_imgs.append(a)
+        cand_imgs.append(b)
+        caps.append(prompt)
     from sdgraph.ir.runtime import worst_of
 
     report["summary"] = {

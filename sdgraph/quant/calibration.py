@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from sdgraph.errors import InputError, UsageError
+from sdgraph.progress import track
 from sdgraph.quant.modeldir import cache_dir, load_prompts, model_dir, need
 from sdgraph.quant.text import TextEncoder, tokenized_feeds
 
@@ -107,7 +108,7 @@ def _trajectories(unet, directory: Path, prompts: list[str], steps: int, n_traj:
     records, x0s = [], []
     rng = np.random.default_rng(seed)
     alphas = getattr(sched, "alphas_cumprod", None)
-    for k in range(n_traj):
+    for k in track(range(n_traj), f"calibration trajectories ({role})"):
         cond, pool = te.encode(prompts[k % len(prompts)])
         sched.set_timesteps(steps)
         latents = torch.from_numpy(rng.standard_normal((1, c, h, w)).astype(np.float32)) * float(sched.init_noise_sigma)

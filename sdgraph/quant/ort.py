@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
+from sdgraph.progress import track
 from sdgraph.quant.calibration import FeedReader
 
 __all__ = ["QuantConfig", "workdir", "quiet_ort", "calibrate_ranges", "insert_qdq"]
@@ -86,7 +87,7 @@ def calibrate_ranges(src: Path, feeds: list[dict[str, np.ndarray]], watch: set[s
         calibrator.augment_graph()
         calibrator.create_inference_session()
         reader = FeedReader(feeds)
-        for i in range(len(feeds)):
+        for i in track(range(len(feeds)), "calibration ranges"):
             reader.set_range(i, i + 1)
             calibrator.collect_data(reader)
         cal.save_tensors_data(calibrator.compute_data(), ranges)

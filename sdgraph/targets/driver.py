@@ -16,6 +16,7 @@ from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
 from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
+from sdgraph.progress import track
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
 from sdgraph.shape_spec import (check_shape_names, derive_shapes, input_dims, normalize_shapes, parse_shape_args,
                                  parse_shape_spec, shapes_for, size_hint, with_defaults)
@@ -294,7 +295,7 @@ def lower(
                 if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
                     continue
                 io.copy_inside(item, tmp / item.name, src)
-        for name, m, ctx in jobs:
+        for name, m, ctx in track(jobs, f"lower {target}"):
             t1 = time.perf_counter()
             sub = tmp / name
             sub.mkdir()

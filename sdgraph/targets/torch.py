@@ -14,6 +14,7 @@ import numpy as np
 from sdgraph.errors import InputError, UsageError
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.passes.base import Option
+from sdgraph.progress import track
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
 from sdgraph.targets.torch_fx import CANONICAL_NATIVE, SUPPORTED_OPS, emit, unsupported_nodes
 
@@ -149,7 +150,7 @@ class TorchTarget(Target):
 
             runner = self._runner(gm, model, out_dir, settings, ctx.precision)
             times = []
-            for b in ctx.shapes:
+            for b in track(ctx.shapes, f"torch.compile {ctx.submodel}"):
                 feeds = seeded_inputs(model, 0, b)
                 t1 = time.perf_counter()
                 runner(feeds)

@@ -110,7 +110,7 @@ def test_tune_study_front_and_chosen(tmp_path):
 # ----------------------------------------------------------------------------- on a tiny pipeline
 @pytest.fixture(scope="module")
 def made(tiny_onnx, tmp_path_factory):
-    """optimize (--report) -> verify -o -> bench --json on the tiny SD1.5 export, all through the CLI."""
+    """optimize (--report) -> verify -o -> bench --json-out on the tiny SD1.5 export, all through the CLI."""
     root = tmp_path_factory.mktemp("report")
     src = tiny_onnx("sd15")
     opt = root / "model-opt"
@@ -119,7 +119,7 @@ def made(tiny_onnx, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     r = sdgraph("verify", src, opt, "-o", root / "verify", "--steps", "2", "--seeds", "0,1", "--prompt", "a red cube")
     assert r.returncode == 0, r.stderr
-    r = sdgraph("bench", src, opt, "--steps", "2", "--repeats", "1", "--json", root / "bench.json")
+    r = sdgraph("bench", src, opt, "--steps", "2", "--repeats", "1", "--json-out", root / "bench.json")
     assert r.returncode == 0, r.stderr
     return {"root": root, "src": src, "opt": opt}
 

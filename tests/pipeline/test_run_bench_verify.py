@@ -232,7 +232,7 @@ def test_bench_keeps_the_other_dirs_when_one_fails(sd15, artifacts, tmp_path, mo
 
     assert len(bench_table(rep)[0].rows) == 3
     res = CliRunner().invoke(app, ["bench", str(sd15), str(artifacts["ort"]), "--steps", "1", "--repeats", "1",
-                                   "--json", str(tmp_path / "c.json")])
+                                   "--json-out", str(tmp_path / "c.json")])
     assert res.exit_code == 1 and "1 of 2 dir(s) failed" in res.output
     assert json.loads((tmp_path / "c.json").read_text())["results"][0]["e2e_s"] > 0
 
@@ -315,9 +315,12 @@ def test_demo_main_job_end_to_end(tiny_sd15_pipeline, tmp_path, monkeypatch):
 
     if "openvino" in targets():  # a missing dependency is skipped with its reason, not silently
         monkeypatch.setattr(targets()["openvino"], "available", lambda self: (False, "not installed (test)"))
-    r = CliRunner()
-    res = r.invoke(app, ["demo", "-o", str(tmp_path / "d"), "--steps", "1", "--repeats", "1",
-                         "--from", str(tiny_sd15_pipeline)])
+    from sdgraph import progress
+
+    r, rec = CliRunner(), progress.Recorder()
+    with progress.using(rec):
+        res = r.invoke(app, ["demo", "-o", str(tmp_path / "d"), "--steps", "1", "--repeats", "1",
+                             "--from", str(tiny_sd15_pipeline)])
     out = tmp_path / "d"
     rep = json.loads((out / "demo.json").read_text())
     assert res.exit_code == (1 if rep["failed"] else 0), res.output
@@ -331,3 +334,7 @@ def test_demo_main_job_end_to_end(tiny_sd15_pipeline, tmp_path, monkeypatch):
     assert rep["verify"]["ort-fp32"]["images"][0]["psnr"] == math.inf
     assert (out / "verify-ort-fp32" / "verify_sheet.png").is_file()
     assert "bench: 1 steps" in res.output and "verify ort-opt" in res.output
+    (demo,) = rec.named("demo")  # one advance per stage called; the bar ends full
+    assert demo.advances == demo.total == len(rep["stages"]) + len(rep["failed"]) + sum(
+        "openvino" not in s for s in rep["skipped"])
+    assert len(rec.named("denoising")) >= 3 and rec.named("bench")[0].total == len(bench_json["results"])

@@ -75,7 +75,7 @@ def test_seed_001_sdxl_turbo_openvino(tmp_path):
 
     # 6. the size/latency table: UNet file size and pipeline latency, fp16 vs int8
     out = _cli("bench", tmp_path / "ov-fp16", tmp_path / "ov-int8", "--steps", 1, "--guidance", 0,
-               "--timestep-spacing", "trailing", "--repeats", 2, "--json", tmp_path / "bench.json")
+               "--timestep-spacing", "trailing", "--repeats", 2, "--json-out", tmp_path / "bench.json")
     b = json.loads((tmp_path / "bench.json").read_text())
     fp16, int8 = b["results"]
     assert fp16["timesteps"] == int8["timesteps"] == [999.0]

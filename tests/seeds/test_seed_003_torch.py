@@ -42,7 +42,7 @@ def test_seed_003_torch_modes_and_multi_resolution(tiny_onnx, tmp_path):
     for h, w in ((128, 128), (192, 128)):  # one dynamic export serves every resolution
         js = tmp_path / f"bench_{h}x{w}.json"
         res = sdgraph("bench", src, eager, compiled, "--steps", "2", "--repeats", "1", "--height", h, "--width", w,
-                      "--json", js)
+                      "--json-out", js)
         assert res.returncode == 0, res.stderr
         assert _header(res.stdout) == COLUMNS, res.stdout
         assert f"2 steps, {h}x{w}" in res.stdout

@@ -71,7 +71,7 @@ def test_seed_004_ddim_grid_and_warmup(tiny_sd15_onnx, tmp_path):
 
     # 4. "the first batches are slow": bench keeps warm-up apart from the timed images
     res = _cli("bench", model, "--scheduler", "ddim", "--steps", 2, "--repeats", 3, "--guidance", 5.0,
-               "--json", tmp_path / "bench.json")
+               "--json-out", tmp_path / "bench.json")
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "bench.json").read_text())
     r = rep["results"][0]

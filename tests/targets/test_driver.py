@@ -228,8 +228,13 @@ def test_corrupted_or_foreign_artifacts_fail_in_one_line(tmp_path):
 @pytest.mark.slow  # an inductor compile: about 20 s of CPU
 def test_torch_compile_default_mode_runs(tmp_path):
     """torch.compile (inductor) on a small graph, warmed at lowering for the declared bucket."""
+    from sdgraph import progress
+
     src = _write(tmp_path)
-    r = lower(src, "torch", tmp_path / "a", shapes=[{"x": (2, 4)}], options={"mode": "default"}, cache=False)
+    rec = progress.Recorder()
+    with progress.using(rec):
+        r = lower(src, "torch", tmp_path / "a", shapes=[{"x": (2, 4)}], options={"mode": "default"}, cache=False)
+    assert [(t.description, t.total, t.advances) for t in rec.tasks] == [("lower torch", 1, 1), ("torch.compile model", 1, 1)]
     entry = r.manifest["submodels"]["model"]
     assert len(entry["warmup_compile_s"]) == 1 and entry["settings"]["mode"] == "default"
     out = load_artifact(tmp_path / "a").runner()({"x": np.full((2, 4), -1.0, np.float32) + 2})
