@@ -14,7 +14,7 @@ from sdgraph.errors import InputError, UsageError, VerificationError
 from sdgraph.progress import track
 
 __all__ = ["psnr", "ssim", "max_pixel_diff", "compare_onnx_files", "verify_dirs", "check_thresholds",
-           "side_by_side", "write_verify_dir", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
+           "side_by_side", "write_verify_dir", "compare_submodels", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,41 @@ def compare_onnx_files(ref: str | os.PathLike, cand: str | os.PathLike, seed: in
     return compare(common, rb)
 
 
+def compare_submodels(pr, pc, names: Sequence[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """One call of each submodel (``names``: only those) of two open pipelines on the same seeded inputs.
+
+    Returns ``({submodel: {"outputs": per-output numbers, "worst": worst numbers}}, notes)``.
+    """
+    from sdgraph.ir.runtime import compare, worst
+
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for name in track(list(pr.instances), "verify submodels"):
+        if names is not None and name not in names:
+            continue
+        if name not in pc.instances:
+            notes.append(f"{name}: only in the reference, not compared")
+            continue
+        ra, rc = pr.instances[name][0], pc.instances[name][0]
+        feeds = _seeded_feeds(ra, pr, name, seed=0)
+        cfeeds = feeds
+        if set(rc.input_names) != set(ra.input_names) and len(rc.input_names) == len(ra.input_names):
+            # a runtime renamed an input (e.g. a folded timestep path): match the inputs by position
+            cfeeds = {nc: feeds[na] for na, nc in zip(ra.input_names, rc.input_names)}
+            notes.append(f"{name}: candidate inputs {rc.input_names} matched by position to {ra.input_names}")
+        try:
+            outs_a = ra(feeds)
+            outs_c = rc({k: v.astype(rc.input_dtypes.get(k, v.dtype)) for k, v in cfeeds.items()})
+        except Exception as exc:  # noqa: BLE001 - a runner refusing the feeds is reported, not fatal
+            notes.append(f"{name}: not compared ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+            continue
+        if not set(outs_a) & set(outs_c) and len(outs_a) == len(outs_c):
+            outs_c = dict(zip(outs_a, outs_c.values()))
+        per = compare({k: v for k, v in outs_a.items() if k in outs_c}, outs_c)
+        out[name] = {"outputs": per, "worst": worst(per)}
+    return out, notes
+
+
 def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = (0,), steps: int = 10,
                 height: int | None = None, width: int | None = None, guidance: float = 7.5,
@@ -233,7 +268,6 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     (an existing non-empty one is replaced only with ``force``).
     """
     from sdgraph.ir.outputs import guard_output
-    from sdgraph.ir.runtime import compare, worst
     from sdgraph.pipeline.runner import open_pipeline
 
     if not prompts or not seeds:
@@ -245,27 +279,8 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     pr, pc = open_pipeline(ref), open_pipeline(cand)
     report: dict[str, Any] = {"reference": str(ref), "candidate": str(cand), "submodels": {}, "images": [],
                               "notes": []}
-    for name in track(list(pr.instances), "verify submodels"):
-        if name not in pc.instances:
-            report["notes"].append(f"{name}: only in the reference, not compared")
-            continue
-        ra, rc = pr.instances[name][0], pc.instances[name][0]
-        feeds = _seeded_feeds(ra, pr, name, seed=0)
-        cfeeds = feeds
-        if set(rc.input_names) != set(ra.input_names) and len(rc.input_names) == len(ra.input_names):
-            # a runtime renamed an input (e.g. a folded timestep path): match the inputs by position
-            cfeeds = {nc: feeds[na] for na, nc in zip(ra.input_names, rc.input_names)}
-            report["notes"].append(f"{name}: candidate inputs {rc.input_names} matched by position to {ra.input_names}")
-        try:
-            outs_a = ra(feeds)
-            outs_c = rc({k: v.astype(rc.input_dtypes.get(k, v.dtype)) for k, v in cfeeds.items()})
-        except Exception as exc:  # noqa: BLE001 - a runner refusing the feeds is reported, not fatal
-            report["notes"].append(f"{name}: not compared ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-            continue
-        if not set(outs_a) & set(outs_c) and len(outs_a) == len(outs_c):
-            outs_c = dict(zip(outs_a, outs_c.values()))
-        per = compare({k: v for k, v in outs_a.items() if k in outs_c}, outs_c)
-        report["submodels"][name] = {"outputs": per, "worst": worst(per)}
+    report["submodels"], notes = compare_submodels(pr, pc)
+    report["notes"] += notes
     h, w = height or pr.default_size()[0], width or pr.default_size()[1]
     rows, ref_imgs, cand_imgs, caps = [], [], [], []
     for prompt, seed in track([(p, s) for p in prompts for s in seeds], "verify images"):
