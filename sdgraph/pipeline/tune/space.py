@@ -136,7 +136,10 @@ def _stage(stage: str, raw: Any, optional: set[str], registered: set[str], notes
             if missing and set(missing) <= optional:
                 notes.append(f"stage {stage}: {item!r} left out ({', '.join(missing)} not installed)")
                 continue
-            parse_pipeline(item)  # unknown pass or bad option: UsageError naming it
+            try:
+                parse_pipeline(item)  # unknown pass or bad option: UsageError naming it
+            except UsageError as exc:
+                raise UsageError(f"{where}: stage {stage!r}: {exc}") from None
             out.append(Choice(item, text=item))
             continue
         if isinstance(item, dict) and len(item) == 1:
@@ -147,6 +150,8 @@ def _stage(stage: str, raw: Any, optional: set[str], registered: set[str], notes
             if name not in registered and name in optional:
                 notes.append(f"stage {stage}: {name} left out (not installed)")
                 continue
+            if name not in registered:
+                raise UsageError(f"{where}: stage {stage!r}: unknown pass {name!r} (see `sdgraph passes`)")
             values = tuple((str(k), _values(v, f"{where}: {stage}.{name}.{k}")) for k, v in opts.items())
             try:
                 for k, vs in values:
@@ -198,7 +203,10 @@ def _targets(raw: Any, wanted: Sequence[str] | None, notes: list[str], where: st
         for k, vs in vals.items():
             if k != "precision":
                 for v in vs:
-                    tgt.parse_options({k: v})
+                    try:
+                        tgt.parse_options({k: v})
+                    except UsageError as exc:
+                        raise UsageError(f"{where}: {exc}") from None
         out[name] = vals
     if not out:
         raise TargetUnavailable(f"{where}: none of the space's targets is usable here (see `sdgraph targets`)")
