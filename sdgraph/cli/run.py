@@ -12,7 +12,7 @@ from rich.table import Table
 from sdgraph.cli._app import command, console, err_console
 from sdgraph.cli._conventions import print_json
 from sdgraph.errors import InputError, PassError, UsageError
-from sdgraph.limits import check, check_all
+from sdgraph.limits import check_all
 
 __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
 
@@ -294,14 +294,9 @@ def verify_cmd(
         guard_output(out, model_inputs(ref) + model_inputs(cand) + [p for p in (prompt_file, clip_model, fid_model) if p],
                      force=force)
     _init_image(image)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
-    if not seed_list:
-        raise UsageError(f"--seeds {seeds!r}: give at least one seed")
-    for s in seed_list:
-        check("--seed", s)
+    from sdgraph.cli._conventions import parse_seeds
+
+    seed_list = parse_seeds(seeds)
     for text in prompt or []:
         check_text(text, "--prompt")
     if ref.is_file() != cand.is_file():

@@ -57,19 +57,14 @@ def tune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the trials as JSON"),
 ) -> None:
     """Search passes x targets x options for the fastest configuration within a fidelity budget."""
-    from sdgraph.cli._conventions import print_records
+    from sdgraph.cli._conventions import parse_seeds, print_records
     from sdgraph.pipeline.tune import Budget, load_space, tune
     from sdgraph.pipeline.tune.study import TABLE_COLUMNS, closest_line, study_rows
 
     check_all(min_psnr=min_psnr, min_ssim=min_ssim, min_cosine=min_cosine, min_clip=min_clip, trials=trials, steps=steps,
               height=height, width=width, repeats=repeats, cpus_per_trial=cpus_per_trial, seed=seed)
     seconds = parse_duration(time_limit)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
-    if not seed_list:
-        raise UsageError(f"--seeds {seeds!r}: give at least one seed")
+    seed_list = parse_seeds(seeds)
     if min_clip is not None and clip_model is None:
         raise UsageError("--min-clip needs a local CLIP model: add --clip-model PATH (nothing is downloaded)")
     if trials == 0 and not resume:

@@ -33,16 +33,11 @@ def recipe_text(config: Mapping[str, Any], settings: Mapping[str, Any], chosen_b
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
+    from sdgraph.manifest import read_yaml_object
 
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such recipe file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("sdgraph_recipe") != RECIPE_VERSION:
+    data = read_yaml_object(p, "recipe file")
+    if data.get("sdgraph_recipe") != RECIPE_VERSION:
         raise InputError(f"{p}: not an sdgraph recipe (sdgraph_recipe: {RECIPE_VERSION} missing)")
     if not isinstance(data.get("pipeline"), str) or not isinstance(data.get("target"), str):
         raise InputError(f"{p}: a recipe needs 'pipeline' (text) and 'target'")

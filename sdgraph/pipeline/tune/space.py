@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from sdgraph.errors import InputError, TargetUnavailable, UsageError
+from sdgraph.errors import TargetUnavailable, UsageError
 
 __all__ = ["Choice", "Space", "load_space", "config_key", "DEFAULT_SPACE"]
 
@@ -92,20 +92,6 @@ def config_key(config: Mapping[str, Any]) -> str:
     """The identity of a configuration: two trials with the same key build the same artifact."""
     return json.dumps({k: config.get(k) for k in ("pipeline", "submodels", "target", "precision", "options")},
                       sort_keys=True, default=str)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise InputError(f"{path}: no such space file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a space file is a mapping with 'stages' and 'targets'")
-    return data
 
 
 def _values(raw: Any, where: str) -> tuple[Any, ...]:
@@ -215,10 +201,11 @@ def _targets(raw: Any, wanted: Sequence[str] | None, notes: list[str], where: st
 
 def load_space(path: str | os.PathLike | None = None, targets: Sequence[str] | None = None) -> Space:
     """The space of ``path`` (default: the shipped one), limited to ``targets`` when given."""
+    from sdgraph.manifest import read_yaml_object
     from sdgraph.passes import registry
 
     p = Path(path) if path is not None else DEFAULT_SPACE
-    data = _read_yaml(p)
+    data = read_yaml_object(p, "space file")
     where = str(p) if path is not None else "the default space"
     unknown = set(data) - {"stages", "targets", "optional_passes", "submodels"}
     if unknown:
