@@ -276,6 +276,7 @@ def verify_cmd(
     control_image: ControlImage = None,
     control_scale: ControlScale = 1.0,
     as_json: AsJson = False,
+    ray: Optional[str] = typer.Option(None, "--ray", help="Make the images as Ray tasks on the cluster at HOST:PORT (or auto)"),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
     from sdgraph.pipeline.runner import check_text, read_prompts
@@ -301,6 +302,12 @@ def verify_cmd(
         check_text(text, "--prompt")
     if ref.is_file() != cand.is_file():
         raise UsageError("compare two .onnx files or two directories, not one of each")
+    if ray and ref.is_file():
+        raise UsageError("--ray spreads image generation: it applies to two directories, not .onnx files")
+    if ray:
+        from sdgraph.pipeline.ray_pool import check_address
+
+        check_address(ray)
     if ref.is_file():
         from sdgraph.ir.runtime import worst
 
@@ -319,7 +326,8 @@ def verify_cmd(
         report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
                              width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force,
                              guidance=guidance, timestep_spacing=timestep_spacing, image=image, strength=strength,
-                             image_guidance=image_guidance, control_image=control_image, control_scale=control_scale)
+                             image_guidance=image_guidance, control_image=control_image, control_scale=control_scale,
+                             ray=ray)
     if as_json:
         print_json(report)
     elif not ref.is_file():

@@ -205,6 +205,8 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
         assert len(r.error_lines) == 1 and msg in r.error_lines[0], r.stderr
         assert "Traceback" not in r.stderr
         assert not (tmp_path / "study").exists()  # refused before the study folder is made
+    r = invoke(["verify", model, model, "--ray", f"127.0.0.1:{port}"])  # verify --ray: the same check
+    assert r.code == 2 and f"--ray 127.0.0.1:{port}: cannot reach" in r.error_lines[0], r.stderr
 
 
 def test_build_refuses_bad_recipes(tmp_path):
@@ -346,3 +348,15 @@ def test_tune_on_a_local_ray_cluster_gives_the_local_front(local_study, tiny_sd1
     assert [t["config"] for t in local["trials"]] == [t["config"] for t in remote["trials"]]
     assert [t.get("duplicate_of") for t in local["trials"]] == [t.get("duplicate_of") for t in remote["trials"]]
     assert remote["front"] and set(remote["front"]) <= {t["number"] for t in remote["trials"]}
+
+    # verify --ray: the prompt x seed grid made by Ray tasks
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bicycle\na bowl of ramen\n")
+    r = sdgraph("verify", tiny_sd15_onnx, tiny_sd15_onnx, "--prompt-file", prompts, "--seeds", "0,1", "--steps", "2",
+                "--ray", ray_head, "-o", tmp_path / "verify", "--min-psnr", "99")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "verify" / "verify.json").read_text())
+    assert rep["ray"]["tasks"] == 1 and rep["ray"]["cpus_per_task"] == 2
+    assert [(m["prompt"], m["seed"]) for m in rep["images"]] == [("a red bicycle", 0), ("a red bicycle", 1),
+                                                                 ("a bowl of ramen", 0), ("a bowl of ramen", 1)]
+    assert all(m["max_pixel_diff"] == 0 for m in rep["images"])  # the same dir on both sides: identical images

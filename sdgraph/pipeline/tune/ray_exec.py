@@ -10,30 +10,14 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from sdgraph.errors import InputError, TargetUnavailable
+from sdgraph.pipeline.ray_pool import connect, node_cpus
 
-__all__ = ["RayExecutor", "check_address"]
-
-
-def check_address(address: str) -> None:
-    """``HOST:PORT`` must accept a connection (3 s), so a wrong address is one line, not a long retry loop."""
-    if address == "auto":
-        return
-    host, _, port = address.rpartition(":")
-    host = host.removeprefix("ray://") or "127.0.0.1"
-    if not port.isdigit():
-        raise InputError(f"--ray {address!r}: expected HOST:PORT of a Ray head, or auto")
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            pass
-    except OSError as exc:
-        raise InputError(f"--ray {address}: cannot reach a Ray head there ({exc.strerror or exc})") from None
+__all__ = ["RayExecutor"]
 
 
 def _pack(model_dir: Path) -> bytes:
@@ -63,22 +47,10 @@ class RayExecutor:
 
     def __init__(self, address: str, model_dir: str, settings: Mapping[str, Any], cpus_per_trial: int | None = None,
                  ship: bool = False):
-        try:
-            import ray
-        except ImportError:
-            raise TargetUnavailable("--ray needs Ray: pip install 'sdgraph[tune]'") from None
-        check_address(address)
-        env = {k: os.environ[k] for k in ("PYTHONPATH", "SDGRAPH_CACHE_DIR") if os.environ.get(k)}
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env} if env else None, logging_level="ERROR",
-                     log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise InputError(f"--ray {address}: cannot connect ({str(exc).splitlines()[0][:200]})") from None
+        ray = connect(address)
         self._ray = ray
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        node_cpus = max((int(n.get("Resources", {}).get("CPU", 0)) for n in nodes), default=1) or 1
-        total = int(ray.cluster_resources().get("CPU", node_cpus))
-        self.cpus = min(cpus_per_trial or node_cpus, node_cpus)  # default: one trial per node at a time
+        per_node, total = node_cpus(ray)
+        self.cpus = min(cpus_per_trial or per_node, per_node)  # default: one trial per node at a time
         self.slots = max(1, total // self.cpus)
         self.address = address
         self._model_dir, self._settings = model_dir, dict(settings)

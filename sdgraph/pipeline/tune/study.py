@@ -141,12 +141,8 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
     if clip_model is not None and not Path(clip_model).is_dir():
         raise InputError(f"{clip_model}: CLIP model folder not found")
     if ray:  # an unreachable cluster is refused before the study folder is touched
-        import importlib.util
+        from sdgraph.pipeline.ray_pool import check_address
 
-        from sdgraph.pipeline.tune.ray_exec import check_address
-
-        if importlib.util.find_spec("ray") is None:
-            raise TargetUnavailable("--ray needs Ray: pip install 'sdgraph[tune]'")
         check_address(ray)
     final = outputs.real_output(study_dir)
     outputs.guard_output(study_dir, outputs.model_inputs(model_dir), force=force or resume)
