@@ -290,22 +290,43 @@ def test_tune_writes_the_study_then_build_replays_the_recipe_and_resume_grows(lo
     assert r.returncode == 2 and "resume with the same settings" in r.stderr
 
 
-def _kill_tree_of(temp_dir: Path) -> None:
-    """Stop the Ray processes this fixture started: those whose command line names its own temp dir."""
-    import signal
-
+def _ray_pids(temp_dir: Path) -> list[int]:
+    """The processes of the Ray head this fixture started: command lines naming its own temp dir, and their children
+    (workers rename themselves ``ray::...``)."""
+    parents: dict[int, int] = {}
+    mine: set[int] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            cmd = (proc / "cmdline").read_bytes()
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if str(temp_dir) in cmd and int(proc.name) != os.getpid():
+        if str(temp_dir).encode() in cmd:
+            mine.add(int(proc.name))
+    grew = True
+    while grew:
+        kids = {pid for pid, ppid in parents.items() if ppid in mine and pid not in mine}
+        mine |= kids
+        grew = bool(kids)
+    mine.discard(os.getpid())
+    return sorted(mine)
+
+
+def _stop_ray_head(temp_dir: Path) -> None:
+    import signal
+
+    pids = _ray_pids(temp_dir)
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        for pid in pids:
             try:
-                os.kill(int(proc.name), signal.SIGTERM)
+                os.kill(pid, sig)
             except OSError:
                 pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -325,7 +346,7 @@ def ray_head(tmp_path_factory):
         assert r.returncode == 0, r.stderr[-2000:]
         yield f"127.0.0.1:{port}"
     finally:
-        _kill_tree_of(temp)
+        _stop_ray_head(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
