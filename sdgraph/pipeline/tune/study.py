@@ -107,6 +107,10 @@ TABLE_COLUMNS = ("trial", "state", "target", "precision", "options", "pipeline",
                  "UNet cosine", "within budget", "front", "note")
 
 
+_SVG_STYLE = ("<style>text{font:11px sans-serif}.chart-title{font-weight:bold}.chart-frame{fill:none;stroke:#bbb}"
+              ".chart-front{fill:none;stroke:#e45756;stroke-width:2}.pt{fill:#4c78a8;opacity:.8}.pt.front{fill:#e45756}</style>")
+
+
 def _check_resume(study, settings: Mapping[str, Any]) -> None:
     old = study.user_attrs.get("settings")
     if not old:
@@ -268,8 +272,9 @@ def _report(study, final: Path, shown: Path, storage_url: str, settings: Mapping
     points = [{"e2e_s": r["metrics"]["e2e_s"], key: _fidelity(r["metrics"], key), "front": r["number"] in front,
                "label": f"trial {r['number']}: {_label(r['config'])}"}
               for r in records if r["state"] == "complete" and r.get("duplicate_of") is None]
-    write("front.svg", scatter_chart(points, x="e2e_s", y=key, title=f"sdgraph tune: {len(records)} trials, Pareto front",
-                                     x_label="s / image", y_label=key.replace("_min", " (worst image)")) + "\n")
+    svg = scatter_chart(points, x="e2e_s", y=key, title=f"sdgraph tune: {len(records)} trials, Pareto front",
+                        x_label="s / image", y_label=key.replace("_min", " (worst image)"))
+    write("front.svg", svg.replace(">", ">" + _SVG_STYLE, 1) + "\n")  # standalone: the report page's CSS inline
     trials_doc = {"storage": storage_url, "study": STUDY_NAME, "settings": {k: v for k, v in settings.items() if k != "work_dir"},
                   "space": space.describe(), "budget": dataclasses.asdict(budget), "primary": key, "front": front,
                   "chosen": chosen["number"] if chosen else None, "trials": records}
