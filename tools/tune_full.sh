@@ -30,6 +30,6 @@ if [ ! -d "$OUT/openvino-bf16-tome" ]; then
   "${SDG[@]}" lower "$OUT/sd15-tome" --target openvino --precision bf16 -o "$OUT/openvino-bf16-tome" --force
 fi
 "${SDG[@]}" bench "$OUT/openvino-bf16-tome" "$OUT/tuned" --steps 20 --height 512 --width 512 --repeats 3 \
-    --json "$OUT/tune-vs-hand.json"
+    --json-out "$OUT/tune-vs-hand.json"
 "${SDG[@]}" verify "$M" "$OUT/tuned" --steps 20 --height 512 --width 512 --min-psnr 30 -o "$OUT/tuned-verify" --force
 echo "front: $OUT/tune-study/front.svg  recipe: $OUT/tune-study/recipe.yaml  side by side: $OUT/tune-vs-hand.json"

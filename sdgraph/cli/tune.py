@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -57,7 +56,7 @@ def tune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the trials as JSON"),
 ) -> None:
     """Search passes x targets x options for the fastest configuration within a fidelity budget."""
-    from sdgraph.cli._conventions import parse_seeds, print_records
+    from sdgraph.cli._conventions import parse_seeds, print_json, print_records
     from sdgraph.pipeline.tune import Budget, load_space, tune
     from sdgraph.pipeline.tune.study import TABLE_COLUMNS, closest_line, study_rows
 
@@ -87,7 +86,7 @@ def tune_cmd(
                   progress=say)
     chosen = result.chosen["number"] if result.chosen else None
     if as_json:
-        typer.echo(json.dumps({**result.summary(), "trials": result.trials}, indent=2, default=str))
+        print_json({**result.summary(), "trials": result.trials})
     else:
         print_records(f"sdgraph tune: {len(result.trials)} trials, budget {budget.describe()} (* chosen)", TABLE_COLUMNS,
                       study_rows(result.trials, result.front, chosen))
@@ -98,6 +97,8 @@ def tune_cmd(
         from sdgraph.errors import VerificationError
 
         raise VerificationError(closest_line(result))
+    if as_json:
+        return
     console.print(f"chosen: trial {chosen}, {result.chosen['metrics']['e2e_s']:.3f} s/image; "
                   f"build it with: sdgraph build {model_dir} --recipe {result.files['recipe.yaml']} -o ARTIFACT", markup=False)
 
