@@ -63,6 +63,10 @@ BOUNDS: dict[str, Bound] = {
     "--ratio": Bound(0, 1, "fraction of tokens merged (tome-estimate)"),
     "--blocks": Bound(0, 1000, "transformer blocks merged (tome-estimate)", integer=True),
     "--max-downsample": Bound(0, 64, "downsampling limit (tome-estimate)", integer=True),
+    "--trials": Bound(0, 100_000, "trials to run (tune; 0 with --resume: only the reports)", integer=True),
+    "--time": Bound(1, 30 * 86400, "wall-clock limit of a study in seconds, or 30m / 2h (tune)"),
+    "--cpus-per-trial": Bound(1, 4096, "CPUs one Ray trial requests (tune --ray)", integer=True),
+    "--min-clip": Bound(0, 100, "CLIP score threshold (tune)"),
 }
 
 

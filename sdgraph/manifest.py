@@ -58,6 +58,23 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[s
     return data
 
 
+def read_yaml_object(path: str | os.PathLike, what: str = "YAML file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a tune space, a recipe); anything else is bad input."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {what}")
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path}: not valid YAML ({why})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} must be a YAML mapping, not a {type(data).__name__}")
+    return data
+
+
 def write_manifest(directory: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write the manifest atomically (temporary name, then rename)."""
     path = Path(directory) / MANIFEST

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from sdgraph.cli._app import app, console, err_console
 
-__all__ = ["print_records", "print_json", "plain_json"]
+__all__ = ["print_records", "print_json", "plain_json", "parse_seeds"]
 
 
 def _version(value: bool) -> None:
@@ -104,3 +104,19 @@ def _text(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(map(str, v))
     return escape("" if v is None else str(v))
+
+
+def parse_seeds(seeds: str) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``, each within the ``--seed`` bound (verify, tune)."""
+    from sdgraph.errors import UsageError
+    from sdgraph.limits import check
+
+    try:
+        out = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    if not out:
+        raise UsageError(f"--seeds {seeds!r}: give at least one seed")
+    for s in out:
+        check("--seed", s)
+    return out

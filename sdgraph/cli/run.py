@@ -12,7 +12,7 @@ from rich.table import Table
 from sdgraph.cli._app import command, console, err_console
 from sdgraph.cli._conventions import print_json
 from sdgraph.errors import InputError, PassError, UsageError
-from sdgraph.limits import check, check_all
+from sdgraph.limits import check_all
 
 __all__ = ["run_cmd", "bench_cmd", "verify_cmd", "demo_cmd", "bench_table", "verify_table"]
 
@@ -276,6 +276,7 @@ def verify_cmd(
     control_image: ControlImage = None,
     control_scale: ControlScale = 1.0,
     as_json: AsJson = False,
+    ray: Optional[str] = typer.Option(None, "--ray", help="Make the images as Ray tasks on the cluster at HOST:PORT (or auto)"),
 ) -> None:
     """Fidelity of CAND against REF: numbers per submodel/output, PSNR/SSIM of images, an image sheet."""
     from sdgraph.pipeline.runner import check_text, read_prompts
@@ -294,18 +295,19 @@ def verify_cmd(
         guard_output(out, model_inputs(ref) + model_inputs(cand) + [p for p in (prompt_file, clip_model, fid_model) if p],
                      force=force)
     _init_image(image)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds {seeds!r}: expected comma-separated integers") from None
-    if not seed_list:
-        raise UsageError(f"--seeds {seeds!r}: give at least one seed")
-    for s in seed_list:
-        check("--seed", s)
+    from sdgraph.cli._conventions import parse_seeds
+
+    seed_list = parse_seeds(seeds)
     for text in prompt or []:
         check_text(text, "--prompt")
     if ref.is_file() != cand.is_file():
         raise UsageError("compare two .onnx files or two directories, not one of each")
+    if ray and ref.is_file():
+        raise UsageError("--ray spreads image generation: it applies to two directories, not .onnx files")
+    if ray:
+        from sdgraph.pipeline.ray_pool import check_address
+
+        check_address(ray)
     if ref.is_file():
         from sdgraph.ir.runtime import worst
 
@@ -324,7 +326,8 @@ def verify_cmd(
         report = verify_dirs(ref, cand, out, prompts=prompts, seeds=seed_list, steps=steps, height=height,
                              width=width, scheduler=scheduler, clip_model=clip_model, fid_model=fid_model, force=force,
                              guidance=guidance, timestep_spacing=timestep_spacing, image=image, strength=strength,
-                             image_guidance=image_guidance, control_image=control_image, control_scale=control_scale)
+                             image_guidance=image_guidance, control_image=control_image, control_scale=control_scale,
+                             ray=ray)
     if as_json:
         print_json(report)
     elif not ref.is_file():

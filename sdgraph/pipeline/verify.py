@@ -14,7 +14,7 @@ from sdgraph.errors import InputError, UsageError, VerificationError
 from sdgraph.progress import track
 
 __all__ = ["psnr", "ssim", "max_pixel_diff", "compare_onnx_files", "verify_dirs", "check_thresholds",
-           "side_by_side", "write_verify_dir", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
+           "side_by_side", "write_verify_dir", "compare_submodels", "clip_score", "fid", "raise_on", "DEFAULT_PROMPTS"]
 
 log = logging.getLogger(__name__)
 
@@ -220,20 +220,86 @@ def compare_onnx_files(ref: str | os.PathLike, cand: str | os.PathLike, seed: in
     return compare(common, rb)
 
 
+def compare_submodels(pr, pc, names: Sequence[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """One call of each submodel (``names``: only those) of two open pipelines on the same seeded inputs.
+
+    Returns ``({submodel: {"outputs": per-output numbers, "worst": worst numbers}}, notes)``.
+    """
+    from sdgraph.ir.runtime import compare, worst
+
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for name in track(list(pr.instances), "verify submodels"):
+        if names is not None and name not in names:
+            continue
+        if name not in pc.instances:
+            notes.append(f"{name}: only in the reference, not compared")
+            continue
+        ra, rc = pr.instances[name][0], pc.instances[name][0]
+        feeds = _seeded_feeds(ra, pr, name, seed=0)
+        cfeeds = feeds
+        if set(rc.input_names) != set(ra.input_names) and len(rc.input_names) == len(ra.input_names):
+            # a runtime renamed an input (e.g. a folded timestep path): match the inputs by position
+            cfeeds = {nc: feeds[na] for na, nc in zip(ra.input_names, rc.input_names)}
+            notes.append(f"{name}: candidate inputs {rc.input_names} matched by position to {ra.input_names}")
+        try:
+            outs_a = ra(feeds)
+            outs_c = rc({k: v.astype(rc.input_dtypes.get(k, v.dtype)) for k, v in cfeeds.items()})
+        except Exception as exc:  # noqa: BLE001 - a runner refusing the feeds is reported, not fatal
+            notes.append(f"{name}: not compared ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+            continue
+        if not set(outs_a) & set(outs_c) and len(outs_a) == len(outs_c):
+            outs_c = dict(zip(outs_a, outs_c.values()))
+        per = compare({k: v for k, v in outs_a.items() if k in outs_c}, outs_c)
+        out[name] = {"outputs": per, "worst": worst(per)}
+    return out, notes
+
+
+def _image_pairs(ref, cand, jobs: Sequence[tuple[str, int]], kw: Mapping[str, Any]) -> list[tuple]:
+    """The reference and candidate image of each ``(prompt, seed)``; ``ref``/``cand`` are open pipelines or dirs
+    (a Ray task gets dirs and opens them itself)."""
+    from sdgraph.pipeline.runner import open_pipeline
+
+    pr = open_pipeline(ref) if isinstance(ref, (str, os.PathLike)) else ref
+    pc = open_pipeline(cand) if isinstance(cand, (str, os.PathLike)) else cand
+    return [(pr.generate(p, seed=s, **kw).images[0], pc.generate(p, seed=s, **kw).images[0])
+            for p, s in track(list(jobs), "verify images")]
+
+
+def _pairs_on_ray(address: str, ref, cand, jobs: list[tuple[str, int]], kw: Mapping[str, Any]) -> tuple[list, dict]:
+    """``_image_pairs`` as Ray tasks, one slice of the prompt x seed grid per node (each task asks a node's CPUs)."""
+    from sdgraph.pipeline.ray_pool import connect, node_cpus
+
+    ray = connect(address)
+    try:
+        per_node, total = node_cpus(ray)
+        n = max(1, min(len(jobs), total // per_node))
+        slices = [jobs[i::n] for i in range(n)]
+        fn = ray.remote(num_cpus=per_node, max_retries=0)(_image_pairs)
+        parts = ray.get([fn.remote(str(Path(ref).resolve()), str(Path(cand).resolve()), sl, dict(kw)) for sl in slices])
+    finally:
+        ray.shutdown()
+    by_job = {}
+    for sl, part in zip(slices, parts):
+        by_job.update({job: pair for job, pair in zip(sl, part)})
+    return [by_job[j] for j in jobs], {"address": address, "tasks": n, "cpus_per_task": per_node}
+
+
 def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 prompts: Sequence[str] = DEFAULT_PROMPTS, seeds: Sequence[int] = (0,), steps: int = 10,
                 height: int | None = None, width: int | None = None, guidance: float = 7.5,
                 scheduler: str | None = None, image=None, strength: float = 0.8, image_guidance: float = 1.5,
                 timestep_spacing: str | None = None, clip_model: str | os.PathLike | None = None,
                 fid_model: str | os.PathLike | None = None,
-                force: bool = False, control_image=None, control_scale: float = 1.0) -> dict[str, Any]:
+                force: bool = False, control_image=None, control_scale: float = 1.0,
+                ray: str | None = None) -> dict[str, Any]:
     """Compare a candidate model/artifact dir with a reference dir: submodels, then images end to end.
 
     With ``out_dir`` the sheet, the images and ``verify.json`` are committed there as one folder
-    (an existing non-empty one is replaced only with ``force``).
+    (an existing non-empty one is replaced only with ``force``). ``ray`` (``HOST:PORT`` or ``auto``):
+    the images are made by Ray tasks, the prompt x seed grid split over the cluster's nodes.
     """
     from sdgraph.ir.outputs import guard_output
-    from sdgraph.ir.runtime import compare, worst
     from sdgraph.pipeline.runner import open_pipeline
 
     if not prompts or not seeds:
@@ -245,38 +311,21 @@ def verify_dirs(ref: str | os.PathLike, cand: str | os.PathLike, out_dir: str | 
     pr, pc = open_pipeline(ref), open_pipeline(cand)
     report: dict[str, Any] = {"reference": str(ref), "candidate": str(cand), "submodels": {}, "images": [],
                               "notes": []}
-    for name in track(list(pr.instances), "verify submodels"):
-        if name not in pc.instances:
-            report["notes"].append(f"{name}: only in the reference, not compared")
-            continue
-        ra, rc = pr.instances[name][0], pc.instances[name][0]
-        feeds = _seeded_feeds(ra, pr, name, seed=0)
-        cfeeds = feeds
-        if set(rc.input_names) != set(ra.input_names) and len(rc.input_names) == len(ra.input_names):
-            # a runtime renamed an input (e.g. a folded timestep path): match the inputs by position
-            cfeeds = {nc: feeds[na] for na, nc in zip(ra.input_names, rc.input_names)}
-            report["notes"].append(f"{name}: candidate inputs {rc.input_names} matched by position to {ra.input_names}")
-        try:
-            outs_a = ra(feeds)
-            outs_c = rc({k: v.astype(rc.input_dtypes.get(k, v.dtype)) for k, v in cfeeds.items()})
-        except Exception as exc:  # noqa: BLE001 - a runner refusing the feeds is reported, not fatal
-            report["notes"].append(f"{name}: not compared ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-            continue
-        if not set(outs_a) & set(outs_c) and len(outs_a) == len(outs_c):
-            outs_c = dict(zip(outs_a, outs_c.values()))
-        per = compare({k: v for k, v in outs_a.items() if k in outs_c}, outs_c)
-        report["submodels"][name] = {"outputs": per, "worst": worst(per)}
+    report["submodels"], notes = compare_submodels(pr, pc)
+    report["notes"] += notes
     h, w = height or pr.default_size()[0], width or pr.default_size()[1]
+    kw = dict(steps=steps, height=h, width=w, guidance=guidance, scheduler=scheduler, timestep_spacing=timestep_spacing)
+    if image is not None:
+        kw.update(image=image, strength=strength, image_guidance=image_guidance)
+    if control_image is not None:
+        kw.update(control_image=control_image, control_scale=control_scale)
+    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    if ray:
+        pairs, report["ray"] = _pairs_on_ray(ray, ref, cand, jobs, kw)
+    else:
+        pairs = _image_pairs(pr, pc, jobs, kw)
     rows, ref_imgs, cand_imgs, caps = [], [], [], []
-    for prompt, seed in track([(p, s) for p in prompts for s in seeds], "verify images"):
-        kw = dict(steps=steps, seed=seed, height=h, width=w, guidance=guidance, scheduler=scheduler,
-                  timestep_spacing=timestep_spacing)
-        if image is not None:
-            kw.update(image=image, strength=strength, image_guidance=image_guidance)
-        if control_image is not None:
-            kw.update(control_image=control_image, control_scale=control_scale)
-        a = pr.generate(prompt, **kw).images[0]
-        b = pc.generate(prompt, **kw).images[0]
+    for (prompt, seed), (a, b) in zip(jobs, pairs):
         m = {"prompt": prompt, "seed": seed, "psnr": psnr(a, b), "ssim": ssim(a, b), "max_pixel_diff": max_pixel_diff(a, b)}
         report["images"].append(m)
         rows.append((a, b, f"seed {seed}  PSNR {m['psnr']:.1f} dB  SSIM {m['ssim']:.4f}  {prompt}"))

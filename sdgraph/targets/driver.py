@@ -190,6 +190,7 @@ def lower(
     width: int | None = None,
     batch: int | None = None,
     dry_run: bool = False,
+    annotations: Mapping[str, Any] | None = None,
 ) -> LowerResult:
     """Lower a model file or a model directory to ``target`` into the artifact folder ``out``.
 
@@ -202,6 +203,7 @@ def lower(
     (the manifest records each submodel's, and ``mixed`` at the top when they differ).
     ``dry_run``: every check above runs, then nothing is built or written; the result's ``submodels``
     say per submodel the precision, shapes and the cache decision (``hit`` or ``miss`` with why).
+    ``annotations``: extra top-level keys of the artifact's manifest (``build`` names its recipe there).
     """
     from sdgraph.ir import outputs
 
@@ -325,6 +327,7 @@ def lower(
             "source_manifest": {k: v for k, v in src_manifest.items() if k not in ("submodels",)},
             "tool_versions": tools,
             "submodels": entries,
+            **dict(annotations or {}),
         }
         write_manifest(tmp, manifest)
     secs = time.perf_counter() - t0
