@@ -99,3 +99,7 @@ def check_all(**values: Any) -> None:
     """``check_all(steps=20, seed=-1)``: keyword names map to ``--steps``, ``--seed``..."""
     for key, value in values.items():
         check("--" + key.replace("_", "-"), value)
+
+
+# Pass option bounds that are not CLI flags (the pass declares them as Option(min=, max=)).
+TODO_MAX_FACTOR = 8  # todo{factor=}: keys/values pooled by factor x factor; 8 leaves 1/64 of the tokens

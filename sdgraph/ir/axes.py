@@ -350,7 +350,7 @@ class AxisPlan:
             if _rank(node.inputs[0]) - 1 in ins[0]:
                 raise _Refuse("the axis is the gated (last) axis")
             return self._set(node.outputs[0], ins[0])
-        if op in ("TomeMerge", "TomeUnmerge"):  # batch only: the token axis is what they resize themselves
+        if op in ("TomeMerge", "TomeMergeShared", "TomeUnmerge"):  # batch only: the token axis is what they resize themselves
             carried = [x for x in ins if x]
             if any(set(x) != {0} for x in carried) or len({tuple(x.items()) for x in carried}) > 1:
                 raise _Refuse("ToMe ops pass only the batch axis")

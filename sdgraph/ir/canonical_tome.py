@@ -14,6 +14,12 @@ Interface (names chosen so a target maps them one to one onto Ascend's ``TomeMer
     descending (Ascend ``TOPK_Indice``); node_idx [B, Ns] int64: each source's most similar
     destination (Ascend ``Arg_Max``). Ascend ``topRRate`` = r / Ns.
 
+``TomeMergeShared<r>(x, src_idx, dst_idx, order, node_idx) -> merged``
+    TomeMerge with the matching given: ``order`` / ``node_idx`` are the outputs of the block's
+    TomeMerge, so the sub-layers of one transformer block (attn1, attn2, ff) share one
+    similarity, as tomesd's ``compute_merge`` once per block. On Ascend the shared indices are
+    the TomeMerged plugin's own.
+
 ``TomeUnmerge<r>(y, src_idx, dst_idx, order, node_idx) -> out``
     y [B, N-r, C] in ``merged`` layout; out [B, N, C]: destinations and unmerged sources back at
     their positions, each merged source a copy of its destination's value.
@@ -29,9 +35,11 @@ import onnx.parser
 
 from sdgraph.ir.model import CANONICAL_DOMAIN
 
-__all__ = ["TOME_MERGE", "TOME_UNMERGE", "MIN_OPSET", "make_tome_functions"]
+__all__ = ["TOME_MERGE", "TOME_MERGE_SHARED", "TOME_UNMERGE", "MIN_OPSET", "make_tome_functions",
+           "make_tome_shared_function"]
 
 TOME_MERGE = "TomeMerge"
+TOME_MERGE_SHARED = "TomeMergeShared"
 TOME_UNMERGE = "TomeUnmerge"
 MIN_OPSET = 16
 
@@ -48,22 +56,8 @@ _COMMON = """
   tgt3 = Unsqueeze (tgt, m1)
 """
 
-_MERGE = """
-<domain: "{domain}", opset_import: ["" : {opset}]>
-TomeMerge <r> (x, metric, src_idx, dst_idx) => (merged, order, node_idx) {{
-  mn = LpNormalization <axis = -1, p = 2> (metric)
-  a = Gather <axis = 1> (mn, src_idx)
-  b = Gather <axis = 1> (mn, dst_idx)
-  bt = Transpose <perm = [0, 2, 1]> (b)
-  scores = MatMul (a, bt)
-  k1 = Constant <value_ints = [1]> ()
-  best_v, best_i = TopK <axis = -1, largest = 1, sorted = 1> (scores, k1)
-  mm1 = Constant <value_ints = [-1]> ()
-  node_max = Squeeze (best_v, mm1)
-  node_idx = Squeeze (best_i, mm1)
-  ns = Shape (src_idx)
-  sorted_v, order = TopK <axis = -1, largest = 1, sorted = 1> (node_max, ns)
-{common}
+# The merge given the matching (order, node_idx): shared by TomeMerge and TomeMergeShared.
+_MERGE_BODY = """
   unm_sel = Slice (order, r1, big1, ax1)
   src = Gather <axis = 1> (x, src_idx)
   dst = Gather <axis = 1> (x, dst_idx)
@@ -84,7 +78,30 @@ TomeMerge <r> (x, metric, src_idx, dst_idx) => (merged, order, node_idx) {{
   cnt = ScatterElements <axis = 1, reduction = "add"> (ones_d, tgt3, ones_r)
   dmean = Div (dsum, cnt)
   merged = Concat <axis = 1> (unm, dmean)
-}}
+"""
+
+_MERGE = """
+<domain: "{domain}", opset_import: ["" : {opset}]>
+TomeMerge <r> (x, metric, src_idx, dst_idx) => (merged, order, node_idx) {{
+  mn = LpNormalization <axis = -1, p = 2> (metric)
+  a = Gather <axis = 1> (mn, src_idx)
+  b = Gather <axis = 1> (mn, dst_idx)
+  bt = Transpose <perm = [0, 2, 1]> (b)
+  scores = MatMul (a, bt)
+  k1 = Constant <value_ints = [1]> ()
+  best_v, best_i = TopK <axis = -1, largest = 1, sorted = 1> (scores, k1)
+  mm1 = Constant <value_ints = [-1]> ()
+  node_max = Squeeze (best_v, mm1)
+  node_idx = Squeeze (best_i, mm1)
+  ns = Shape (src_idx)
+  sorted_v, order = TopK <axis = -1, largest = 1, sorted = 1> (node_max, ns)
+{common}{body}}}
+"""
+
+_MERGE_SHARED = """
+<domain: "{domain}", opset_import: ["" : {opset}]>
+TomeMergeShared <r> (x, src_idx, dst_idx, order, node_idx) => (merged) {{
+{common}{body}}}
 """
 
 _UNMERGE = """
@@ -122,7 +139,14 @@ def make_tome_functions(opset: int) -> tuple[onnx.FunctionProto, onnx.FunctionPr
     """(TomeMerge, TomeUnmerge) function protos importing the default domain at ``opset``."""
     if opset < MIN_OPSET:
         raise ValueError(f"TomeMerge/TomeUnmerge need opset >= {MIN_OPSET}")
-    fmt = dict(domain=CANONICAL_DOMAIN, opset=opset, common=_COMMON)
+    fmt = dict(domain=CANONICAL_DOMAIN, opset=opset, common=_COMMON, body=_MERGE_BODY)
     merge = onnx.parser.parse_function(_MERGE.format(**fmt))
     unmerge = onnx.parser.parse_function(_UNMERGE.format(**fmt))
     return merge, unmerge
+
+
+def make_tome_shared_function(opset: int) -> onnx.FunctionProto:
+    """The TomeMergeShared function proto (the merge of TomeMerge, given its order/node_idx)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"TomeMergeShared needs opset >= {MIN_OPSET}")
+    return onnx.parser.parse_function(_MERGE_SHARED.format(domain=CANONICAL_DOMAIN, opset=opset, common=_COMMON, body=_MERGE_BODY))

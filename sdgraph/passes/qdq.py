@@ -14,7 +14,10 @@ from sdgraph.errors import PassError, UsageError
 from sdgraph.passes.base import Option, Pass, PassResult, register
 from sdgraph.quant.scope import activation_matmuls, quantized_nodes, resolve_scope, watched_tensors
 
-__all__ = ["Qdq", "quantized_nodes"]
+__all__ = ["Qdq", "quantized_nodes", "UNET_METHOD", "OTHER_METHOD"]
+
+UNET_METHOD = "entropy"  # met held-back cosine >= 0.99 on the full-size SD1.5 UNet (docs/passes/qdq-calibration.md)
+OTHER_METHOD = "minmax"
 
 
 @register
@@ -35,6 +38,9 @@ class Qdq(Pass):
       6. ``sensitivity=K``: per-layer error with only that layer quantized, for K sampled layers.
       7. ``auto_exclude=true`` with ``min_cosine``: keeps the most sensitive layers in float until
          the held-back cosine reaches ``min_cosine``.
+      8. ``method=auto`` (the default): entropy ranges for the UNet (the method that met held-back
+         cosine >= 0.99 on the full-size SD1.5 UNet), minmax for the other submodels; the method
+         used is in the stats.
     """
 
     name = "qdq"
@@ -43,7 +49,8 @@ class Qdq(Pass):
     roles = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
     options = (
         Option("calib", int, 16, "calibration samples", positional=True, min=1),
-        Option("method", str, "minmax", "range estimation", choices=("minmax", "percentile", "entropy")),
+        Option("method", str, "auto", "range estimation (auto: entropy for the UNet, minmax for the others)",
+               choices=("auto", "minmax", "percentile", "entropy")),
         Option("per_channel", bool, True, "per-output-channel weight scales"),
         Option("symmetric", bool, False, "symmetric int8 activations (default: asymmetric uint8)"),
         Option("exclude", list, ["default"], "node names/fragments kept in float; 'default' = SD scope, 'none' = nothing"),
@@ -59,6 +66,12 @@ class Qdq(Pass):
         Option("min_cosine", float, None, "fail (and steer auto_exclude) below this held-back cosine", min=-1, max=1),
         Option("cache", bool, True, "reuse cached calibration inputs and ranges"),
     )
+
+    def method(self, model) -> str:
+        """The range estimation used on ``model``: the option, or by role for ``auto``."""
+        if self.opts.method != "auto":
+            return self.opts.method
+        return UNET_METHOD if model.role == "unet" else OTHER_METHOD
 
     def requires(self, model) -> None:
         if model.role not in self.roles:
@@ -90,13 +103,14 @@ class Qdq(Pass):
         from sdgraph.quant.sensitivity import Fidelity, auto_exclude, sensitivity
 
         model.name_unnamed_nodes()
+        method = self.method(model)
         excluded, notes = resolve_scope(model, self.opts.exclude)
         feeds, held, feed_notes = self._feeds(model)
         notes += feed_notes
         work = workdir()
         src = model.save_to_dir_unchecked(work, "float.onnx")
         key = hashlib.sha256(model.to_proto().SerializeToString())
-        key.update(repr((sorted(excluded), self.opts.calib, self.opts.method, self.opts.symmetric, self.opts.steps, self.opts.act_matmul, self.opts.prompt_file,
+        key.update(repr((sorted(excluded), self.opts.calib, method, self.opts.symmetric, self.opts.steps, self.opts.act_matmul, self.opts.prompt_file,
                          [sorted(f) for f in feeds[:1]], [float(np.asarray(v).ravel()[:8].sum()) for f in feeds for v in f.values()])).encode())
         ranges = cache_dir() / f"ranges-{key.hexdigest()[:24]}.json"
         if not self.opts.cache:
@@ -104,15 +118,15 @@ class Qdq(Pass):
         ranges.parent.mkdir(parents=True, exist_ok=True)
         fidelity = Fidelity(model, held)
         if not ranges.is_file():
-            calibrate_ranges(src, feeds, watched_tensors(model.graph, excluded, self.opts.act_matmul), self.opts.method, ranges)
+            calibrate_ranges(src, feeds, watched_tensors(model.graph, excluded, self.opts.act_matmul), method, ranges)
 
-        cfg = QuantConfig(self.opts.method, bool(self.opts.per_channel), bool(self.opts.symmetric), bool(self.opts.reduce_range))
+        cfg = QuantConfig(method, bool(self.opts.per_channel), bool(self.opts.symmetric), bool(self.opts.reduce_range))
         # ORT's MatMulConstBOnly is not honoured in QDQ mode: leave activation x activation MatMuls here.
         act_mm = [] if self.opts.act_matmul else activation_matmuls(model.graph)
         dst = work / "int8.onnx"
         insert_qdq(src, dst, cfg, ranges, excluded + act_mm)
         numbers = fidelity(dst)
-        stats: dict = {"calib_samples": len(feeds), "excluded": len(excluded)}
+        stats: dict = {"method": method, "calib_samples": len(feeds), "excluded": len(excluded)}
         ranked: list[tuple[str, dict]] = []
         if self.opts.sensitivity or self.opts.auto_exclude:
             layers = [n.name for n in quantized_nodes(Model.load(dst).graph)]

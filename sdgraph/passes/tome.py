@@ -11,12 +11,14 @@ import onnx_graphsurgeon as gs
 
 from sdgraph.errors import PassError, UnsupportedError
 from sdgraph.ir.axes import AxisPlan
-from sdgraph.ir.canonical_tome import MIN_OPSET, TOME_MERGE, TOME_UNMERGE, make_tome_functions
+from sdgraph.ir.build import GraphBuilder
+from sdgraph.ir.canonical_tome import (MIN_OPSET, TOME_MERGE, TOME_MERGE_SHARED, TOME_UNMERGE, make_tome_functions,
+                                       make_tome_shared_function)
 from sdgraph.ir.model import CANONICAL_DOMAIN
 from sdgraph.ir.shapes import infer_shapes, static_shape
 from sdgraph.passes.base import Option, Pass, PassResult, register
 
-__all__ = ["Tome", "TomeBlock", "find_blocks", "tome_indices", "estimate"]
+__all__ = ["Tome", "TomeBlock", "find_blocks", "select_blocks", "tome_indices", "estimate"]
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +145,46 @@ def find_blocks(model) -> tuple[list[TomeBlock], list[tuple[str, str]], int]:
     return blocks, misses, candidates
 
 
-def _latent_hw(model, blocks: list[TomeBlock]) -> tuple[int, int]:
+def _latent_hw(model, blocks: list[TomeBlock], who: str = "tome") -> tuple[int, int]:
     for t in model.graph.inputs:
         if t.shape is not None and len(t.shape) == 4:
             hw = t.shape[2:]
             if all(isinstance(d, (int, np.integer)) and d > 0 for d in hw):
                 return int(hw[0]), int(hw[1])
             raise UnsupportedError(
-                f"tome needs a static latent height/width; input {t.name} has shape {list(t.shape)} "
-                "(tome does not compute sizes in-graph: export or fix the UNet at the size you run)"
+                f"{who} needs a static latent height/width; input {t.name} has shape {list(t.shape)} "
+                f"({who} does not compute sizes in-graph: export or fix the UNet at the size you run)"
             )
     n0 = max(b.tokens for b in blocks)
     side = math.isqrt(n0)
     if side * side != n0:
-        raise UnsupportedError(f"tome cannot tell the latent height/width (no 4-D input; {n0} tokens is not square)")
+        raise UnsupportedError(f"{who} cannot tell the latent height/width (no 4-D input; {n0} tokens is not square)")
     return side, side
+
+
+def select_blocks(model, blocks: list[TomeBlock], n: int, max_downsample: int, who: str = "tome") -> tuple[list[TomeBlock], str]:
+    """Set each block's downsample and token grid (tomesd's rule) and pick blocks as ``who:N{max_downsample=}``.
+
+    ``n`` > 0: the first n blocks, highest resolution first (graph order within one); else all with
+    downsample <= ``max_downsample`` (0: 1). Returns (chosen, a note when none qualifies).
+    """
+    lh, lw = _latent_hw(model, blocks, who)
+    n0 = lh * lw
+    for b in blocks:
+        b.downsample = int(math.ceil(math.sqrt(n0 // b.tokens))) if b.tokens <= n0 else 1
+        b.h, b.w = int(math.ceil(lh / b.downsample)), int(math.ceil(lw / b.downsample))
+    max_ds = max_downsample or (1 if n == 0 else 1 << 30)
+    chosen = [b for b in blocks if b.downsample <= max_ds]
+    chosen.sort(key=lambda b: b.downsample)  # stable: graph order within a resolution
+    if n:
+        chosen = chosen[:n]
+    note = ""
+    if not chosen:
+        lowest = min(b.downsample for b in blocks)
+        note = (f"no transformer block at downsample <= {max_ds} (this UNet's attention starts at downsample "
+                f"{lowest}, as SDXL's); {'tomesd' if who == 'tome' else 'ToDo'} with the same max_downsample changes none either: "
+                f"use {who}{{max_downsample={lowest}}} or {who}:N")
+    return chosen, note
 
 
 def tome_indices(h: int, w: int, sx: int, sy: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +220,10 @@ class Tome(Pass):
     2. Picks blocks by resolution: ``tome:N`` the first N blocks, highest resolution first (the
        Ascend seed's TOME_num); ``tome`` alone all blocks with downsample <= ``max_downsample``.
     3. Inserts TomeMerge after the LayerNorm (metric = block input, as tomesd) and TomeUnmerge in
-       front of the residual Add, for self-attention and optionally cross-attention / MLP. Inside
+       front of the residual Add, for self-attention and optionally cross-attention / MLP. The
+       sub-layers of one block share one similarity (tomesd's ``compute_merge`` once per block): the
+       first merged sub-layer's TomeMerge computes the matching, the others' TomeMergeShared reuse
+       its ``order`` / ``node_idx``. Inside
        the merged sub-layer the token axis is followed op by op (never guessed from sizes) and
        every Reshape on it gets an explicit target with the merged token count.
     4. Destinations are constants: the first token of each sx*sy cell (tomesd, use_rand=False)
@@ -240,27 +270,16 @@ class Tome(Pass):
         if not blocks:
             result.matched = 0
             return result
-        lh, lw = _latent_hw(model, blocks)
-        n0 = lh * lw
-        for b in blocks:
-            b.downsample = int(math.ceil(math.sqrt(n0 // b.tokens))) if b.tokens <= n0 else 1
-            b.h, b.w = int(math.ceil(lh / b.downsample)), int(math.ceil(lw / b.downsample))
-        max_ds = self.opts.max_downsample or (1 if self.opts.blocks == 0 else 1 << 30)
-        chosen = [b for b in blocks if b.downsample <= max_ds]
-        chosen.sort(key=lambda b: b.downsample)  # stable: graph order within a resolution
-        if self.opts.blocks:
-            chosen = chosen[: self.opts.blocks]
-        if not chosen:
-            lowest = min(b.downsample for b in blocks)
-            result.notes.append(
-                f"no transformer block at downsample <= {max_ds} (this UNet's attention starts at downsample "
-                f"{lowest}, as SDXL's); tomesd with the same max_downsample merges none either: "
-                f"use tome{{max_downsample={lowest}}} or tome:N")
+        chosen, note = select_blocks(model, blocks, self.opts.blocks, self.opts.max_downsample)
+        if note:
+            result.notes.append(note)
         result.expected = len(chosen)
         merge_fn, unmerge_fn = make_tome_functions(model.opset)
         rng = np.random.default_rng(self.opts.seed) if self.opts.random else None
         kinds = [k for k in ("attn", "crossattn", "mlp") if getattr(self.opts, k)]
         merged = 0
+        builder = GraphBuilder(model.graph)
+        shared = 0
         for b in chosen:
             if b.h * b.w != b.tokens:
                 misses.append((b.name, f"{b.tokens} tokens do not form the {b.h}x{b.w} grid of the latent"))
@@ -270,15 +289,19 @@ class Tome(Pass):
             if r <= 0 or len(dst) == 0:
                 misses.append((b.name, f"ratio {self.opts.ratio} merges no token of {b.tokens}"))
                 continue
-            done = self._merge_block(model, b, kinds, src, dst, r, position, misses)
+            done = self._merge_block(builder, b, kinds, src, dst, r, position, misses)
             if done:
                 merged += 1
+                shared += done - 1
                 result.stats["tokens_removed"] += r * done
         result.matched = merged
         result.stats["blocks_merged"] = merged
+        result.stats["similarities"] = merged  # one per merged block, shared by its sub-layers
         if merged:
             model.add_function(merge_fn)
             model.add_function(unmerge_fn)
+            if shared:
+                model.add_function(make_tome_shared_function(model.opset))
             model.graph.cleanup().toposort()
             infer_shapes(model)
             result.modified = True
@@ -287,12 +310,13 @@ class Tome(Pass):
         log.info("tome: merged %d of %d blocks (ratio %s)", merged, len(chosen), self.opts.ratio)
         return result
 
-    def _merge_block(self, model, b: TomeBlock, kinds: list[str], src: np.ndarray, dst: np.ndarray, r: int,
+    def _merge_block(self, builder: GraphBuilder, b: TomeBlock, kinds: list[str], src: np.ndarray, dst: np.ndarray, r: int,
                      position: dict[int, int], misses: list) -> int:
-        graph = model.graph
+        """Merge the block's ``kinds`` sub-layers; the first computes the matching, the others share it."""
         base = b.name.replace("/", "_").strip("_") + "_tome"
-        src_c = gs.Constant(f"{base}_src_idx", src)
-        dst_c = gs.Constant(f"{base}_dst_idx", dst)
+        src_c = builder.const(f"{base}_src_idx", src)
+        dst_c = builder.const(f"{base}_dst_idx", dst)
+        match: list[gs.Variable] = []  # (order, node_idx) of the block's TomeMerge
         count = 0
         for kind in kinds:
             reg = b.regions.get(kind)
@@ -308,23 +332,24 @@ class Tome(Pass):
             plan.apply("tome_shape")
             dtype = y.dtype
             bsz, chans = b.hidden.shape[0], b.hidden.shape[2]
-            merged = gs.Variable(f"{base}_{kind}_merged", dtype=dtype, shape=[bsz, b.tokens - r, chans])
-            order = gs.Variable(f"{base}_{kind}_order", dtype=np.int64, shape=[bsz, len(src)])
-            node_idx = gs.Variable(f"{base}_{kind}_node_idx", dtype=np.int64, shape=[bsz, len(src)])
+            merged = builder.var(f"{base}_{kind}_merged", dtype=dtype, shape=[bsz, b.tokens - r, chans])
             for c in list(y.outputs):
                 for i, t in enumerate(c.inputs):
                     if t is y:
                         c.inputs[i] = merged
-            graph.nodes.append(gs.Node(TOME_MERGE, f"{base}_{kind}_merge", attrs={"r": r},
-                                       inputs=[y, b.hidden, src_c, dst_c], outputs=[merged, order, node_idx],
-                                       domain=CANONICAL_DOMAIN))
+            if not match:
+                match = [builder.var(f"{base}_{what}", dtype=np.int64, shape=[bsz, len(src)]) for what in ("order", "node_idx")]
+                builder.node(TOME_MERGE, [y, b.hidden, src_c, dst_c], [merged, *match], name=f"{base}_{kind}_merge",
+                             attrs={"r": r}, domain=CANONICAL_DOMAIN)
+            else:
+                builder.node(TOME_MERGE_SHARED, [y, src_c, dst_c, *match], [merged], name=f"{base}_{kind}_merge",
+                             attrs={"r": r}, domain=CANONICAL_DOMAIN)
             for n in reg.nodes:
                 for o in n.outputs:
                     o.shape = None
-            out = gs.Variable(f"{base}_{kind}_unmerged", dtype=dtype, shape=list(b.hidden.shape))
-            graph.nodes.append(gs.Node(TOME_UNMERGE, f"{base}_{kind}_unmerge", attrs={"r": r},
-                                       inputs=[reg.branch, src_c, dst_c, order, node_idx], outputs=[out],
-                                       domain=CANONICAL_DOMAIN))
+            out = builder.var(f"{base}_{kind}_unmerged", dtype=dtype, shape=list(b.hidden.shape))
+            builder.node(TOME_UNMERGE, [reg.branch, src_c, dst_c, *match], [out], name=f"{base}_{kind}_unmerge",
+                         attrs={"r": r}, domain=CANONICAL_DOMAIN)
             for i, t in enumerate(reg.add.inputs):
                 if t is reg.branch:
                     reg.add.inputs[i] = out

@@ -196,6 +196,20 @@ def test_manager_verify_reports_and_min_cosine_fails(sd):
     assert "QuantizeLinear" not in m2.op_histogram()  # rolled back
 
 
+def test_default_method_is_entropy_for_the_unet_in_the_manifest(sd, tmp_path):
+    """`qdq` with its default method on a model dir: the manifest records entropy for the UNet, minmax for the text encoder."""
+    from sdgraph.manifest import read_manifest
+    from sdgraph.passes.manager import optimize_path
+
+    out = tmp_path / "int8"
+    optimize_path(sd, "qdq{calib=2 steps=2 held_out=0}", out, submodels=["unet", "text_encoder"])
+    subs = read_manifest(out)["passes"][-1]["submodels"]
+    methods = {name: rec["records"][0]["stats"]["method"] for name, rec in subs.items()}
+    assert methods == {"unet": "entropy", "text_encoder": "minmax"}
+    assert create_pass("qdq").spec() == "qdq"  # the default is not written out
+    assert create_pass("qdq", named={"method": "minmax"}).method(Model.load(sd / "unet" / "model.onnx")) == "minmax"
+
+
 def test_bad_options():
     with pytest.raises(UsageError):
         create_pass("qdq", named={"method": "kl"})

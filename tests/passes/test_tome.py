@@ -67,9 +67,9 @@ def exported(tmp_path_factory):
     return out
 
 
-def _tomesd_reference(h: int, w: int, ratio: float) -> np.ndarray:
+def _tomesd_reference(h: int, w: int, ratio: float, **kw) -> np.ndarray:
     unet = _unet()
-    tomesd.apply_patch(unet, ratio=ratio, use_rand=False, max_downsample=1, sx=2, sy=2)
+    tomesd.apply_patch(unet, ratio=ratio, use_rand=False, max_downsample=1, sx=2, sy=2, **kw)
     f = _feeds(h, w)
     with torch.no_grad():
         out = unet(torch.from_numpy(f["sample"]), torch.from_numpy(f["timestep"]),
@@ -108,6 +108,30 @@ def test_matches_tomesd(exported, hw, ratio):
     assert float(np.abs(plain - ref).max()) > 100 * err
 
 
+def test_one_similarity_per_block_shared_by_its_sublayers(exported):
+    """attn1, attn2 and ff of a block share one matching (tomesd's compute_merge once per block)."""
+    from sdgraph.ir.canonical import inline_functions
+
+    hw = (16, 16)
+    m, report = _apply(exported[hw], "tome{ratio=0.5 attn=true crossattn=true mlp=true}")
+    rec = report.records[0]
+    assert rec.stats["blocks_merged"] == 3 and rec.stats["similarities"] == 3
+    ops = m.op_histogram()
+    assert ops["ai.sdgraph::TomeMerge"] == 3 and ops["ai.sdgraph::TomeMergeShared"] == 6
+    assert ops["ai.sdgraph::TomeUnmerge"] == 9
+    topk_before = ops.get("TopK", 0)
+    plain_mm = Model.load(exported[hw]).op_histogram()["MatMul"]
+    inline_functions(m)
+    after = m.op_histogram()
+    # 2 TopK (best destination, source order) and 1 similarity MatMul per block, not per sub-layer
+    assert after.get("TopK", 0) - topk_before == 2 * 3
+    assert after["MatMul"] - plain_mm == 3
+    got = runtime.run(m, _feeds(*hw))["out_sample"]
+    ref = _tomesd_reference(*hw, 0.5, merge_attn=True, merge_crossattn=True, merge_mlp=True)
+    cos, err = _cos(got, ref), float(np.abs(got - ref).max())
+    assert cos >= 0.999999 and err < 1e-4, (cos, err)
+
+
 def test_indices_follow_tomesd_layout():
     src, dst = tome_indices(4, 6, 2, 2)
     assert dst.tolist() == [0, 2, 4, 12, 14, 16]
@@ -134,7 +158,7 @@ def test_block_count_and_options(exported):
     m, rep = _apply(path, "tome{max_downsample=2}")
     assert rep.records[0].stats["blocks_merged"] == 4
     m, rep = _apply(path, "tome:1{attn=true crossattn=true mlp=true}")
-    assert m.op_histogram()["ai.sdgraph::TomeMerge"] == 3
+    assert m.op_histogram()["ai.sdgraph::TomeMerge"] == 1 and m.op_histogram()["ai.sdgraph::TomeMergeShared"] == 2
     assert rep.records[0].stats["tokens_removed"] == 3 * 128
     out = runtime.run(m, _feeds(16, 16))["out_sample"]
     assert np.isfinite(out).all()
