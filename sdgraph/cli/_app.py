@@ -51,6 +51,7 @@ def run_app(prog_name: str = "sdgraph", args: list[str] | None = None) -> int:
         from click import echo
         from click import exceptions as ce
 
+    _ABORT = tuple(c for c in (getattr(ce, "Abort", None),) if c is not None)
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=args, prog_name=prog_name, standalone_mode=False)
@@ -63,7 +64,7 @@ def run_app(prog_name: str = "sdgraph", args: list[str] | None = None) -> int:
             hint = f" (see '{exc.ctx.command_path} --help')"
         err_console.print(f"error: {exc.format_message()}{hint}".replace("\n", " "), markup=False, soft_wrap=True)
         return 2
-    except ce.Abort:
+    except (KeyboardInterrupt, *_ABORT):  # typer's vendored click has no Abort: Ctrl-C arrives as itself
         err_console.print("error: interrupted", markup=False)
         return 130
     except ce.ClickException as exc:  # e.g. a FileError from a click type

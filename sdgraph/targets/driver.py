@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError, UnsupportedError, UsageError
@@ -133,6 +134,18 @@ _QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QL
                         "ConvInteger", "DynamicQuantizeLinear"})
 
 
+_FLOAT_NAMES = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
+
+
+def _dtype_name(dtype) -> str:
+    """A constant's element type by name; onnx-graphsurgeon leaves types numpy lacks (bfloat16 read back
+    from disk) as the ONNX enum value."""
+    if isinstance(dtype, (int, np.integer)):
+        return {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.FLOAT: "float32",
+                onnx.TensorProto.BFLOAT16: "bfloat16"}.get(int(dtype), onnx.TensorProto.DataType.Name(int(dtype)).lower())
+    return np.dtype(dtype).name
+
+
 def graph_precision(model: Model) -> str:
     """The precision a graph carries: ``int8`` (quantize/dequantize nodes), ``fp16``/``bf16`` (most of its
     float weights), else ``fp32``."""
@@ -141,9 +154,7 @@ def graph_precision(model: Model) -> str:
     sizes: dict[str, int] = {}
     for t in model.graph.tensors().values():
         if isinstance(t, gs.Constant) and t.dtype is not None:
-            name = {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32"}.get(np.dtype(t.dtype))
-            if name is None and "bfloat16" in str(t.dtype):
-                name = "bf16"
+            name = _FLOAT_NAMES.get(_dtype_name(t.dtype))
             if name:
                 sizes[name] = sizes.get(name, 0) + int(np.prod(t.shape or [1]))
     return max(sizes, key=sizes.get) if sizes else "fp32"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
 from sdgraph.cli import app
-from sdgraph.targets.driver import submodel_precision
+from sdgraph.ir.model import Model
+from sdgraph.targets.driver import graph_precision, submodel_precision
 
 
 def _cli(*args):
@@ -58,3 +61,17 @@ def test_int8_of_a_dir_without_quantized_graphs_is_refused(tiny_sd15_onnx, tmp_p
     res = _cli("lower", tiny_sd15_onnx, "--target", "ort", "--precision", "int8", "--submodels", "unet",
                "-o", tmp_path / "x")
     assert res.exit_code == 4 and "QDQ" in res.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("elem, name", [(onnx.TensorProto.BFLOAT16, "bf16"), (onnx.TensorProto.FLOAT16, "fp16"),
+                                        (onnx.TensorProto.FLOAT, "fp32")])
+def test_graph_precision_of_a_graph_read_back_from_disk(tmp_path, elem, name):
+    """bfloat16 weights come back from disk as the ONNX enum (numpy has no bfloat16): still ``bf16``."""
+    w = onnx.helper.make_tensor("w", elem, [4, 4], np.ones(16, np.float32).tolist() if elem != onnx.TensorProto.BFLOAT16
+                                else [0x3F80] * 16)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", elem, [1, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", elem, [1, 4])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph), path)
+    assert graph_precision(Model.load(path)) == name
