@@ -1,6 +1,6 @@
 """Graph passes, one per module, registered by name (see ``sdgraph passes``)."""
 
-from sdgraph.passes.base import Option, Pass, PassResult, create_pass, get_pass, register, registry
+from sdgraph.passes.base import Option, Pass, PassResult, Variant, create_pass, get_pass, register, registry
 from sdgraph.passes.manager import PassManager, Report
 from sdgraph.passes.pipeline import PRESETS, format_pipeline, parse_pipeline
 
