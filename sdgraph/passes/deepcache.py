@@ -176,7 +176,7 @@ class DeepCache(Pass):
         base = model.metadata.get("sdgraph.role", "unet") or "unet"
         name = f"{base}_{SHALLOW}"
         entry = {"pass": self.spec(), "branch": self.opts.branch, "branches": len(branches),
-                 "feature": {"input": FEATURE, "from": base, "channels": channels, "downscale": downscale},
+                 "feature": {"input": FEATURE, "output": FEATURE, "from": base, "channels": channels, "downscale": downscale},
                  "nodes": len(sg.nodes), "conv": conv["shallow"]}
         schedule = deepcache_schedule(base, name, self.opts.interval, self.opts.schedule)
         return PassResult(
