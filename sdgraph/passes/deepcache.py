@@ -95,24 +95,28 @@ def find_branches(graph: gs.Graph) -> list[Branch]:
     return [Branch(i, node, hidden, skip) for i, (_, node, hidden, skip) in enumerate(found)]
 
 
-def _probe_shape(model, tensor_name: str) -> tuple[int, ...] | None:
-    """[C, H, W] of the 4-D tensor ``tensor_name`` on a copy whose symbolic input dims are fixed
-    (its batch may stay unknown behind a Reshape); None when inference does not reach it."""
+def _probe_shapes(model, names: list[str]) -> dict[str, tuple[int, ...] | None]:
+    """[C, H, W] of 4-D tensors on a copy whose symbolic input dims are fixed (a batch may stay
+    unknown behind a Reshape); None for a tensor inference does not reach."""
     probe = model.copy()
     for t in probe.graph.inputs:
         if t.shape is None:
             continue
         t.shape = [d if isinstance(d, (int, np.integer)) and d > 0 else
                    (1 if i == 0 else _PROBE if len(t.shape) == 4 and i >= 2 else 77) for i, d in enumerate(t.shape)]
-    for t in probe.graph.tensors().values():
-        if isinstance(t, gs.Variable) and t not in probe.graph.inputs:
+    inputs = {id(t) for t in probe.graph.inputs}
+    tensors = probe.graph.tensors()
+    for t in tensors.values():  # recorded symbolic shapes would win over the fixed ones
+        if isinstance(t, gs.Variable) and id(t) not in inputs:
             t.shape = None
     infer_shapes(probe)
-    t = probe.graph.tensors().get(tensor_name)
-    if t is None or t.shape is None or len(t.shape) != 4:
-        return None
-    rest = t.shape[1:]
-    return tuple(int(d) for d in rest) if all(isinstance(d, (int, np.integer)) and d > 0 for d in rest) else None
+    out: dict[str, tuple[int, ...] | None] = {}
+    for name in names:
+        t = tensors.get(name)
+        rest = t.shape[1:] if t is not None and t.shape is not None and len(t.shape) == 4 else None
+        ok = rest is not None and all(isinstance(d, (int, np.integer)) and d > 0 for d in rest)
+        out[name] = tuple(int(d) for d in rest) if ok else None
+    return out
 
 
 @register
@@ -145,8 +149,8 @@ class DeepCache(Pass):
         branches = find_branches(graph)
         br = branches[self.opts.branch]
         sample = _sample_input(graph)
-        s_shape = _probe_shape(model, sample.name) or (4, _PROBE, _PROBE)
-        h_shape = _probe_shape(model, br.hidden.name)
+        probed = _probe_shapes(model, [sample.name, br.hidden.name])
+        s_shape, h_shape = probed[sample.name] or (4, _PROBE, _PROBE), probed[br.hidden.name]
         if h_shape is None:
             raise PassError(f"cannot infer the shape of the cached feature {br.hidden.name!r}")
         channels, downscale = h_shape[0], max(1, int(round(s_shape[1] / h_shape[1])))
