@@ -186,3 +186,26 @@ def test_single_file_and_bad_inputs(tiny_unet_onnx, tiny_text_encoder_onnx, tmp_
         create_pass("deepcache", positional=0)
     report = PassManager("deepcache").run(Model.load(tiny_text_encoder_onnx))  # a text encoder: skipped by role
     assert report.records[0].skipped and not report.variants
+
+
+@pytest.mark.slow  # exports the tiny SDXL and InstructPix2Pix UNets (~40 s)
+@pytest.mark.parametrize("arch", ["sdxl", "pix2pix"])
+def test_other_archs_split_exactly(arch, tiny_onnx):
+    """SDXL (text_embeds/time_ids, no attention at the top level) and pix2pix (8-channel sample): the shallow
+    graph fed the full graph's feature gives the full graph's prediction, for the shallowest and deepest branch."""
+    root = tiny_onnx(arch, "legacy", submodels="unet")
+    base = Model.load(root / "unet" / "model.onnx")
+    n = len(find_branches(base.graph))
+    assert n == 4
+    feeds = runtime.seeded_inputs(base, 0)
+    if arch == "pix2pix":
+        assert feeds["sample"].shape[1] == 8
+    for branch in (0, n - 1):
+        full = base.copy()
+        result = create_pass("deepcache", named={"branch": branch})(full)
+        shallow = result.variants["unet_shallow"].model
+        assert 0 < _ops(shallow, "Conv") < _ops(full, "Conv")
+        out = runtime.run(full, feeds)
+        cut = runtime.run(shallow, {**feeds, FEATURE: out[FEATURE]})
+        ref = out["out_sample"]
+        assert np.abs(cut["out_sample"] - ref).max() <= 1e-5 * np.abs(ref).max()
