@@ -53,7 +53,7 @@ def test_branches_found_structurally(exporter, tiny_sd15_onnx, tiny_sd15_onnx_dy
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-@pytest.mark.parametrize("branch, conv, attn", [(0, 7, 2), (1, 16, 6), (3, 27, 6)])
+@pytest.mark.parametrize("branch, conv, attn", [(0, 7, 2), (3, 27, 6)])
 def test_shallow_graph_structure(exporter, branch, conv, attn, tiny_sd15_onnx, tiny_sd15_onnx_dynamo):
     root = tiny_sd15_onnx if exporter == "legacy" else tiny_sd15_onnx_dynamo
     full, result = _run(root / "unet" / "model.onnx", branch)
