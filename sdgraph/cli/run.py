@@ -156,7 +156,8 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
         t.add_row(n, f"{r['e2e_s']:.3f}", f"{r['ratios']['e2e_speedup']:.2f}x", f"{r['unet_its']:.2f}",
                   "-" if unet_mb is None else f"{unet_mb:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
-    subs = [s for s in ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
+    variants = sorted({k for r in res for k in r["submodel_ms"] if k.startswith("unet_")})  # deepcache's unet_shallow
+    subs = [s for s in ("text_encoder", "text_encoder_2", "controlnet", "unet", *variants, "vae_encoder", "vae_decoder")
             if any(s in r["submodel_ms"] for r in res)]
     t2 = Table(title="latency per call (ms)")
     t2.add_column("dir")

@@ -25,6 +25,7 @@ __all__ = [
     "Options",
     "Pass",
     "PassResult",
+    "Variant",
     "register",
     "registry",
     "get_pass",
@@ -136,11 +137,26 @@ def parse_value(opt: Option, raw: Any, pass_name: str) -> Any:
 
 
 @dataclasses.dataclass
+class Variant:
+    """A second graph a pass made from the one it ran on (``deepcache``'s shallow UNet).
+
+    ``entry`` is its record in the model directory's manifest under ``"variants"`` (the manager
+    adds ``"of"``: the submodel it was made from).
+    """
+
+    model: Any  # sdgraph.ir.model.Model
+    entry: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class PassResult:
     """What a pass did: whether the graph changed, and counts the pass kept itself.
 
     ``expected``/``matched`` are filled by pattern passes (e.g. Softmax count vs fused
     attentions); ``near_misses`` hold (node name, reason) pairs for ``--debug``.
+    ``variants`` are extra named graphs (written as sibling submodel folders of a model
+    directory), ``schedule`` the per-step schedule of the submodel and its variants
+    (``sdgraph.schedule``), ``new_outputs`` graph outputs the pass added on purpose.
     """
 
     modified: bool
@@ -149,6 +165,9 @@ class PassResult:
     matched: int | None = None
     near_misses: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    variants: dict[str, Variant] = dataclasses.field(default_factory=dict)
+    schedule: dict[str, Any] | None = None
+    new_outputs: list[str] = dataclasses.field(default_factory=list)
 
 
 class Options:

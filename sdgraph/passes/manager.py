@@ -60,6 +60,12 @@ class Report:
     ops_after: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     numbers: dict[str, float] | None = None  # final graph vs the input graph
+    # variant graphs passes made (name -> manifest entry, with "report": the passes run on it after)
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    schedule: dict[str, Any] | None = None  # the per-step schedule a pass set (sdgraph.schedule)
+
+    def __post_init__(self):
+        self.variant_models: dict[str, Model] = {}  # not a field: to_dict() never copies graphs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,7 +139,7 @@ class PassManager:
                 inst.before_pass(index, p, model)
             try:
                 result = p(model)  # requires -> run -> result check -> ensures
-                verify_structure(model, expected_outputs)
+                verify_structure(model, expected_outputs + [n for n in result.new_outputs if n not in expected_outputs])
             except SdgraphError as exc:
                 _restore(model, snapshot)
                 raise type(exc)(_failed(index, p, done, str(exc))) from None
@@ -174,11 +180,36 @@ class PassManager:
             for inst in instruments:
                 inst.after_pass(index, p, model, rec)
             done.append(p.spec())
+            expected_outputs += [n for n in result.new_outputs if n not in expected_outputs]
+            self._take_variants(report, index, result, model, feeds)
         if self.verify and previous is not reference:
             report.numbers = runtime.worst(runtime.compare(reference, previous))
         report.seconds = time.perf_counter() - t_start
         report.ops_after = dict(model.op_histogram())
         return report
+
+
+    def _take_variants(self, report: Report, index: int, result, model: Model, feeds) -> None:
+        """Keep the variant graphs and schedule a pass made; the passes after it run on each variant too."""
+        from sdgraph.schedule import feature_shape
+
+        if result.schedule is not None:
+            report.schedule = dict(result.schedule)
+        rest = self.passes[index:]
+        for name, variant in result.variants.items():
+            entry = dict(variant.entry)
+            if rest:
+                shapes = dict(self.shapes or {})
+                feat = entry.get("feature")
+                if isinstance(feat, dict) and feeds is not None:
+                    sample = feeds.get("sample")
+                    if sample is not None:
+                        shapes[feat["input"]] = feature_shape(sample.shape, feat)
+                sub = PassManager(rest, verify=self.verify, strict=self.strict, debug=self.debug, seed=self.seed,
+                                  shapes=shapes or None, instruments=self.instruments)
+                entry["report"] = _summary(sub.run(variant.model))
+            report.variants[name] = entry
+            report.variant_models[name] = variant.model
 
 
 def _failed(index: int, p: Pass, done: list[str], why: str) -> str:
@@ -224,11 +255,19 @@ def optimize_path(
         check_shape_names([shapes], {model.role: input_dims(model)})
         pm.shapes = shapes_for(shapes, model.role, input_dims(model)) or None
         report = pm.run(model)
+        if report.variants:
+            raise UsageError(f"{', '.join(sorted(report.variants))}: a pass made variant graphs, which live in a model "
+                             f"directory: optimize the directory that holds {src} instead of the file")
         model.save(out, force=force)
         return {model.name: report}
     wanted = set(select_submodels(src, list(submodels) if submodels else None))
     # load (and check) every submodel before any work: a bad one is refused before the first pass
     models = {name: Model.load(src / name / "model.onnx") for name in select_submodels(src, None)}
+    source_manifest = read_manifest(src)
+    for name, of in _variant_folders(src, source_manifest).items():  # variants get the passes of their submodel
+        models[name] = Model.load(src / name / "model.onnx")
+        if of in wanted:
+            wanted.add(name)
     check_shape_names([shapes], {name: input_dims(m) for name, m in models.items() if name in wanted})
     reports: dict[str, Report] = {}
     with io.atomic_dir(out, force=force) as tmp:
@@ -245,12 +284,40 @@ def optimize_path(
                                             instruments=pm.instruments).run(model)
             (tmp / name).mkdir()
             model.save_to_dir_unchecked(tmp / name)
-        manifest = read_manifest(src)
+        manifest = source_manifest
+        _write_variants(tmp, manifest, reports)
         history = list(manifest.get("passes", []))
         history.append({"pipeline": pm.pipeline, "submodels": {k: _summary(r) for k, r in reports.items()}})
         manifest["passes"] = history
         write_manifest(tmp, manifest)
     return reports
+
+
+def _variant_folders(src: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """The source dir's variant folders (manifest ``"variants"``): name -> the submodel it is a variant of."""
+    from sdgraph.schedule import variants_of
+
+    out = {}
+    for base in {str(e.get("of")) for e in (manifest.get("variants") or {}).values() if isinstance(e, dict)}:
+        for name in variants_of(manifest, base):
+            if (src / name / "model.onnx").is_file():
+                out[name] = base
+    return out
+
+
+def _write_variants(tmp: Path, manifest: dict[str, Any], reports: dict[str, Report]) -> None:
+    """Each variant a pass made becomes a sibling folder; the manifest names it and the schedule."""
+    for base, report in reports.items():
+        for name, model in report.variant_models.items():
+            if (tmp / name).exists():
+                raise UsageError(f"a pass made the variant {name!r} of {base}, and the model dir already has {name}/")
+            (tmp / name).mkdir()
+            model.metadata = dict(model.metadata, **{"sdgraph.role": base})
+            model.save_to_dir_unchecked(tmp / name)
+            entry = {k: v for k, v in report.variants[name].items() if k != "report"}
+            manifest.setdefault("variants", {})[name] = {"of": base, **entry}
+        if report.schedule is not None:
+            manifest.setdefault("schedule", {})[base] = report.schedule
 
 
 def _summary(r: Report) -> dict[str, Any]:
@@ -260,4 +327,5 @@ def _summary(r: Report) -> dict[str, Any]:
         "nodes_before": sum(r.ops_before.values()),
         "nodes_after": sum(r.ops_after.values()),
         "numbers": r.numbers,
+        **({"variants": {k: v.get("report") for k, v in r.variants.items()}} if r.variants else {}),
     }

@@ -270,6 +270,7 @@ class Generation:
     stats: dict[str, dict]  # per submodel: calls, seconds, first
     steps_run: int
     timesteps: list[float] = dataclasses.field(default_factory=list)  # the UNet's timesteps, in order
+    unet_calls: list[str] = dataclasses.field(default_factory=list)  # the UNet variant called at each step
 
 
 def _find_key(obj: Any, key: str):
@@ -412,6 +413,12 @@ class Pipeline(_ControlMixin):
         self.scheduler_config = read_json_object(sched_cfg, "scheduler config") if sched_cfg.is_file() else {}
         self.vae_scale = _vae_scale_factor(path, manifest)
         self._init_control()
+        self.variant_entries, self.schedule = _unet_schedule(path, manifest, self.instances)
+        self.feature_outputs = {str(f.get("from", "unet")): str(f.get("output", f["input"]))
+                                for e in self.variant_entries.values() if isinstance(f := e.get("feature"), Mapping)}
+        self._plan: list[str] = []
+        self._cached: list[np.ndarray] | None = None
+        self._calls: list[str] = []
 
     # -- helpers ---------------------------------------------------------------------------
     def _tokenizer(self, sub: str):
@@ -526,12 +533,17 @@ class Pipeline(_ControlMixin):
         pooled = _pick(out2, ("text_embeds", "pooler_output"), 0)
         return np.concatenate([h1, h2], axis=-1), pooled
 
-    def _unet(self, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        """Run the UNet on guidance chunks: one batched call, or split across device instances."""
-        insts = self.instances["unet"]
+    def _unet(self, chunks: list[dict[str, np.ndarray]], variant: str = "unet",
+              keep: str | None = None) -> list[np.ndarray]:
+        """Run the UNet (or one of its variants) on guidance chunks: one batched call, or split across
+        device instances. ``keep``: an extra output to keep per chunk (``self._kept``)."""
+        insts = self.instances[variant]
+        kept: dict[int, np.ndarray] = {}
 
         def call(runner, feeds):
             outs = runner(feeds)
+            if keep is not None:
+                kept[id(feeds)] = np.asarray(outs[keep])
             return _pick(outs, ("out_sample", "noise_pred", "sample"), 0)
 
         sample = self._unet_name("sample")
@@ -541,12 +553,40 @@ class Pipeline(_ControlMixin):
             with concurrent.futures.ThreadPoolExecutor(len(insts)) as ex:
                 futs = [ex.submit(lambda r, c: call(_BatchedRunner(self, r, sample), c), insts[i % len(insts)], c)
                         for i, c in enumerate(chunks)]
-                return [f.result() for f in futs]
+                res = [f.result() for f in futs]
+            self._kept = [kept[id(c)] for c in chunks] if keep is not None else None
+            return res
         merged = {k: np.concatenate([c[k] for c in chunks], axis=0) if chunks[0][k].ndim else chunks[0][k]
                   for k in chunks[0]}
         res = call(_BatchedRunner(self, insts[0], sample), merged)
         sizes = np.cumsum([c[sample].shape[0] for c in chunks])[:-1]
+        self._kept = np.split(kept[id(merged)], sizes, axis=0) if keep is not None else None
         return np.split(res, sizes, axis=0)
+
+    # -- per-step UNet schedules (sdgraph.schedule): which variant runs at which step --------
+    def _start_schedule(self, total: int) -> None:
+        """Plan the UNet variant of every step (the manifest's schedule; plain ``unet`` without one)."""
+        self._plan = self.schedule.plan(total) if self.schedule is not None else ["unet"] * total
+        self._cached, self._calls = None, []
+
+    def _unet_step(self, step: int, chunks: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """The UNet call of denoising step ``step``: the planned variant; a variant that produces a
+        cached feature (DeepCache's full graph) keeps it, one that reads it gets it as an input."""
+        variant = self._plan[step] if step < len(self._plan) else "unet"
+        self._calls.append(variant)
+        entry = self.variant_entries.get(variant) or {}
+        feature = entry.get("feature") if isinstance(entry.get("feature"), Mapping) else None
+        if feature is not None:
+            if self._cached is None:
+                raise InputError(f"{self.path}: step {step} calls {variant!r} before its cached feature exists")
+            chunks = [dict(c, **{feature["input"]: f}) for c, f in zip(chunks, self._cached)]
+            return self._unet(chunks, variant)
+        produces = self.feature_outputs.get(variant)
+        if produces is None:
+            return self._unet(chunks, variant)
+        out = self._unet(chunks, variant, keep=produces)
+        self._cached = self._kept
+        return out
 
     def _timestep(self, t, batch: int) -> np.ndarray:
         name = self._unet_name("timestep")
@@ -669,6 +709,7 @@ class Pipeline(_ControlMixin):
                 d["time_ids"] = np.repeat(time_ids, x.shape[0], axis=0)
             return d
 
+        self._start_schedule(len(timesteps))
         for i, t in enumerate(track(timesteps, "denoising")):
             x = sched.scale_model_input(latents, t).numpy()
             if self.is_pix2pix:
@@ -676,16 +717,16 @@ class Pipeline(_ControlMixin):
                 parts = [(np.concatenate([x, image_latents], 1), cond), (np.concatenate([x, image_latents], 1), uncond),
                          (np.concatenate([x, zeros], 1), uncond)]
                 if cfg:
-                    preds = self._unet([chunk(a, c, None, t) for a, c in parts])
+                    preds = self._unet_step(i, [chunk(a, c, None, t) for a, c in parts])
                     p_text, p_img, p_unc = preds
                     eps = p_unc + guidance * (p_text - p_img) + image_guidance * (p_img - p_unc)
                 else:
-                    eps = self._unet([chunk(*parts[0], None, t)])[0]
+                    eps = self._unet_step(i, [chunk(*parts[0], None, t)])[0]
             elif cfg:
-                p_unc, p_text = self._unet([chunk(x, uncond, upooled, t), chunk(x, cond, pooled, t)])
+                p_unc, p_text = self._unet_step(i, [chunk(x, uncond, upooled, t), chunk(x, cond, pooled, t)])
                 eps = p_unc + guidance * (p_text - p_unc)
             else:
-                eps = self._unet([chunk(x, cond, pooled, t)])[0]
+                eps = self._unet_step(i, [chunk(x, cond, pooled, t)])[0]
             latents = sched.step(torch.from_numpy(np.ascontiguousarray(eps)), t, latents, **extra).prev_sample
             if callback:
                 callback(i)
@@ -697,7 +738,30 @@ class Pipeline(_ControlMixin):
             notes.append("the decoded image has NaN/Inf values")
         return Generation(images=images, seconds=time.perf_counter() - t_start, notes=notes,
                           stats={k: dict(v) for k, v in self.stats.items()}, steps_run=len(timesteps),
-                          timesteps=[float(t) for t in timesteps])
+                          timesteps=[float(t) for t in timesteps], unet_calls=list(self._calls))
+
+
+def schedule_manifest(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Where a dir's UNet variants and schedule are recorded: its own manifest, or (an artifact
+    lowered before they were copied up) the source manifest it keeps."""
+    if "variants" in manifest or "schedule" in manifest:
+        return manifest
+    src = manifest.get("source_manifest")
+    return src if isinstance(src, Mapping) else {}
+
+
+def _unet_schedule(path: Path, manifest: Mapping[str, Any], instances: Mapping[str, list]):
+    """(variant entries, Schedule or None) of the UNet; a schedule naming a variant that is not here is refused."""
+    from sdgraph.schedule import read_schedule, variants_of
+
+    m = schedule_manifest(manifest)
+    entries = variants_of(m, "unet")
+    schedule = read_schedule(m, "unet")
+    if schedule is not None:
+        missing = sorted({r.variant for r in schedule.rules} - set(instances))
+        if missing:
+            raise InputError(f"{path}: the UNet schedule calls {', '.join(missing)}, which is not in this dir")
+    return entries, schedule
 
 
 class _BatchedRunner:
@@ -777,8 +841,8 @@ def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None
         except ImportError as exc:  # pragma: no cover
             raise TargetUnavailable(f"cannot load artifacts: {exc}") from None
         artifact = load_artifact(path, target=target)
-        for name in _SUBMODELS:
-            for _ in range(devices if name == "unet" else 1):
+        for name in (*_SUBMODELS, *_variant_names(manifest)):
+            for _ in range(devices if name.startswith("unet") else 1):
                 t0 = time.perf_counter()
                 r = _load_artifact_submodel(artifact, path, name)
                 if r is None:
@@ -791,12 +855,12 @@ def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None
             raise InputError(f"{path}: a plain model dir runs on ONNX Runtime only; lower it with "
                              f"`sdgraph lower {path} --target {target}` first")
         found = False
-        for name in _SUBMODELS:
+        for name in (*_SUBMODELS, *_variant_names(manifest)):
             f = path / name / "model.onnx"
             if not f.is_file():
                 continue
             found = True
-            n = devices if name == "unet" else 1
+            n = devices if name.startswith("unet") else 1
             for _ in range(n):
                 t0 = time.perf_counter()
                 runners.setdefault(name, []).append(OrtRunner(f, threads=threads))
@@ -805,6 +869,13 @@ def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None
             raise InputError(f"{path}: no <submodel>/model.onnx here (not an exported model dir or artifact dir)")
         tgt = "onnxruntime"
     return Pipeline(path, runners, manifest, "artifact" if is_artifact else "model", tgt, load_seconds)
+
+
+def _variant_names(manifest: Mapping[str, Any]) -> list[str]:
+    """The UNet variant folders a dir's manifest names (``deepcache``'s ``unet_shallow``)."""
+    from sdgraph.schedule import variants_of
+
+    return sorted(variants_of(schedule_manifest(manifest), "unet"))
 
 
 def _io_info(path: Path, manifest: dict, name: str) -> tuple[dict, dict]:

@@ -235,11 +235,13 @@ def lower(
 
     # 1. load every submodel and check it: all problems, before any work
     jobs: list[tuple[str, Model, LowerContext]] = []
+    variants: dict[str, str] = {}  # variant folder -> the submodel it is a variant of (its shapes follow)
     if model_dir:
         for name in select_submodels(src, list(submodels) if submodels else None):
             m = Model.load(src / name / "model.onnx")
             m.metadata.setdefault("sdgraph.role", name)
             jobs.append((name, m, None))
+        variants = _variant_jobs(src, src_manifest, [name for name, _, _ in jobs], jobs)
     else:
         if submodels:
             raise UsageError("--submodels applies to a model directory, not to a single model file")
@@ -256,9 +258,13 @@ def lower(
     problems: list[str] = []
     own = {name: graph_precision(m) for name, m, _ in jobs}
     any_int8 = "int8" in own.values()
+    base_shapes: dict[str, list] = {}
     for i, (name, m, _) in enumerate(jobs):
         prec = submodel_precision(precision, own[name], tgt.capability.precisions, any_int8)
-        ctx = LowerContext(precision=prec, shapes=_buckets_for(m, buckets, name), options=opts, role=m.role, submodel=name)
+        shapes_here = (_variant_buckets(m, base_shapes.get(variants[name], []), src_manifest, name) if name in variants
+                       else _buckets_for(m, buckets, name))
+        base_shapes[name] = shapes_here
+        ctx = LowerContext(precision=prec, shapes=shapes_here, options=opts, role=m.role, submodel=name)
         jobs[i] = (name, m, ctx)
         found = generic_problems(m, tgt, ctx) + list(tgt.check(m, ctx))
         problems += [f"{name}: {p}" if len(jobs) > 1 or model_dir else str(p) for p in found]
@@ -305,7 +311,8 @@ def lower(
     with io.atomic_dir(out, force=force) as tmp:
         if model_dir:
             for item in sorted(src.iterdir()):
-                if item.name in SUBMODELS and (item / "model.onnx").is_file() or item.name == "sdgraph.json":
+                if (item.name in SUBMODELS or item.name in variants) and (item / "model.onnx").is_file() \
+                        or item.name == "sdgraph.json":
                     continue
                 io.copy_inside(item, tmp / item.name, src)
         for name, m, ctx in track(jobs, f"lower {target}"):
@@ -338,12 +345,59 @@ def lower(
             "source_manifest": {k: v for k, v in src_manifest.items() if k not in ("submodels",)},
             "tool_versions": tools,
             "submodels": entries,
+            **_variant_manifest(src_manifest, variants),
             **dict(annotations or {}),
         }
         write_manifest(tmp, manifest)
     secs = time.perf_counter() - t0
     _say(progress, f"wrote {out} ({target}, {precision}) in {secs:.1f} s")
     return LowerResult(out=out, target=target, precision=precision, submodels=results, manifest=manifest, seconds=secs)
+
+
+# -- UNet variants (deepcache's unet_shallow): lowered beside their submodel, shapes derived from it -------
+def _variant_jobs(src: Path, manifest: Mapping[str, Any], selected: list[str], jobs: list) -> dict[str, str]:
+    """Append a job for each variant folder of a selected submodel (manifest ``"variants"``); name -> base."""
+    from sdgraph.schedule import variants_of
+
+    found: dict[str, str] = {}
+    for base in selected:
+        for name in sorted(variants_of(manifest, base)):
+            f = src / name / "model.onnx"
+            if not f.is_file():
+                raise InputError(f"{src}: the manifest names the variant {name!r} of {base} and {name}/model.onnx is missing")
+            m = Model.load(f)
+            m.metadata.setdefault("sdgraph.role", base)
+            jobs.append((name, m, None))
+            found[name] = base
+    return found
+
+
+def _variant_buckets(m: Model, base: list[dict[str, tuple[int, ...]]], manifest: Mapping[str, Any],
+                     name: str) -> list[dict[str, tuple[int, ...]]]:
+    """A variant's buckets: its base submodel's, plus the cached feature's dims derived from ``sample``."""
+    from sdgraph.schedule import feature_shape
+
+    entry = (manifest.get("variants") or {}).get(name) or {}
+    feat = entry.get("feature") if isinstance(entry, Mapping) else None
+    inputs = {t.name for t in m.graph.inputs}
+    out = []
+    for b in base:
+        sub = {k: v for k, v in b.items() if k in inputs}
+        if isinstance(feat, Mapping) and "sample" in b and feat.get("input") in inputs:
+            sub[feat["input"]] = feature_shape(b["sample"], feat)
+        out.append(sub)
+    return out
+
+
+def _variant_manifest(src_manifest: Mapping[str, Any], variants: Mapping[str, str]) -> dict[str, Any]:
+    """The artifact's copy of the variants it lowered and the schedules over them."""
+    if not variants:
+        return {}
+    out: dict[str, Any] = {"variants": {k: v for k, v in (src_manifest.get("variants") or {}).items() if k in variants}}
+    sched = {k: v for k, v in (src_manifest.get("schedule") or {}).items() if k in set(variants.values())}
+    if sched:
+        out["schedule"] = sched
+    return out
 
 
 def _restore_or_build(store: ArtifactCache, tgt: Target, m: Model, ctx: LowerContext, sub: Path, target: str,
