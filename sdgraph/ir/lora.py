@@ -223,11 +223,53 @@ def _pattern(patterns: Any, module: str, default: Any) -> float | None:
 # -- finding weights in a graph -----------------------------------------------------------------
 @dataclasses.dataclass
 class WeightRef:
-    """Where a module's weight lives: the Constant, whether it is stored transposed, how it was found."""
+    """Where a module's weight lives: the Constant, whether it is stored transposed, how it was found, and
+    for an INT8 (QDQ) graph the DequantizeLinear that reads it (the Constant then holds the int8 values)."""
 
     tensor: gs.Constant
     transposed: bool
     how: str  # map | name | position
+    dq: gs.Node | None = None
+
+    def tensors(self) -> list[gs.Constant]:
+        """The initializers a refit of this weight may change (an INT8 weight's scale too)."""
+        return [self.tensor] + ([self.dq.inputs[1]] if self.dq is not None else [])
+
+    def as_float(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """The weight in float32 from the initializers' ``values`` (dequantized for INT8)."""
+        w = values[self.tensor.name]
+        if self.dq is None:
+            return w.astype(np.float32)
+        scale, zp, axis = self._qparams(values, w)
+        return ((w.astype(np.float32) - zp) * scale).astype(np.float32)
+
+    def materialize(self, value: np.ndarray, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """New initializer values for the float weight ``value``: as is (in the graph's dtype), or for INT8
+        requantized with the base scales, widened per channel only where the new weight needs more range
+        (activation scales are untouched: they keep the calibration)."""
+        base = values[self.tensor.name]
+        if self.dq is None:
+            return {self.tensor.name: value.astype(base.dtype)}
+        scale, zp, axis = self._qparams(values, base)
+        info = np.iinfo(base.dtype)
+        used = float(np.abs(base.astype(np.int32) - zp).max()) or float(info.max)
+        reduce = tuple(i for i in range(base.ndim) if i != axis) if np.ndim(values[self.dq.inputs[1].name]) else None
+        need = np.abs(value).max(axis=reduce, keepdims=True) / used if reduce is not None else np.abs(value).max() / used
+        new_scale = np.maximum(scale, need).astype(np.float32)
+        q = np.clip(np.rint(value / new_scale) + zp, info.min, info.max).astype(base.dtype)
+        s_name = self.dq.inputs[1].name
+        return {self.tensor.name: q, s_name: new_scale.reshape(np.shape(values[s_name])).astype(values[s_name].dtype)}
+
+    def _qparams(self, values: dict[str, np.ndarray], w: np.ndarray):
+        s = values[self.dq.inputs[1].name].astype(np.float32)
+        zp_t = self.dq.inputs[2] if len(self.dq.inputs) > 2 else None
+        zp = np.asarray(zp_t.values, np.float32) if isinstance(zp_t, gs.Constant) else np.zeros_like(s)
+        axis = int(self.dq.attrs.get("axis", 1)) % w.ndim
+        if s.ndim:
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            s, zp = s.reshape(shape), zp.reshape(shape)
+        return s, zp, axis
 
 
 @dataclasses.dataclass
@@ -247,20 +289,27 @@ _LEAF_ORDER = ("conv1", "time_emb_proj", "conv2", "conv_shortcut", "proj_in", "a
                "to_k", "k_proj", "to_v", "v_proj", "to_out", "out_proj", "ff", "fc1", "fc2", "proj_out", "conv")
 
 
-def _candidates(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Node, bool]]:
-    """Float weights of MatMul/Gemm/Conv (input 1), with the reader and whether the weight is [in, out]."""
+def _candidates(graph: gs.Graph) -> list[tuple[gs.Constant, gs.Node, bool, gs.Node | None]]:
+    """Weights of MatMul/Gemm/Conv (input 1): float Constants, or int8 ones behind a DequantizeLinear (QDQ),
+    with the reader, whether the weight is [in, out], and the DequantizeLinear."""
     out, seen = [], set()
     for node in graph.nodes:
         if node.op not in _WEIGHT_OPS or len(node.inputs) < 2:
             continue
-        w = node.inputs[1]
+        w, dq = node.inputs[1], None
+        if not isinstance(w, gs.Constant) and len(w.inputs) == 1 and w.inputs[0].op == "DequantizeLinear":
+            dq = w.inputs[0]
+            w = dq.inputs[0]
+            if not isinstance(dq.inputs[1], gs.Constant):
+                continue
         if not isinstance(w, gs.Constant) or len(w.shape or ()) not in (2, 4) or id(w) in seen:
             continue
-        if np.dtype(w.dtype).kind != "f":
+        kind = np.dtype(w.dtype).kind
+        if (dq is None and kind != "f") or (dq is not None and kind not in "iu"):
             continue
         seen.add(id(w))
         transposed = node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0))
-        out.append((w, node, transposed))
+        out.append((w, node, transposed, dq))
     return out
 
 
@@ -294,7 +343,9 @@ def _order_key(module: str) -> list:
 def match_weights(graph: gs.Graph, metadata: dict[str, str], modules: list[LoraModule]) -> Matching:
     """Find the weight of every LoRA module in ``graph`` (see the module docstring for the order)."""
     cands = _candidates(graph)
-    by_name = {w.name: (w, t) for w, _, t in cands}
+    by_name = {w.name: (w, t, dq) for w, _, t, dq in cands}
+    by_name.update({w.name[: -len("_quantized")]: (w, t, dq) for w, _, t, dq in cands if w.name.endswith("_quantized")})
+    dqs = {id(w): dq for w, _, _, dq in cands}
     known: dict[str, tuple[gs.Constant, bool, str]] = {}  # module path -> weight
     try:
         pmap = json.loads(metadata.get(PARAMS_KEY, "{}")).get("params", {})
@@ -303,8 +354,9 @@ def match_weights(graph: gs.Graph, metadata: dict[str, str], modules: list[LoraM
     for param, (init, transposed) in pmap.items():
         if init in by_name:
             known[_param_module(param)] = (by_name[init][0], bool(transposed), "map")
-    for w, node, transposed in cands:
-        for mod in (_param_module(w.name) if w.name.endswith(".weight") else None, _scope(node.name or "")):
+    for w, node, transposed, _ in cands:
+        wname = w.name.removesuffix("_quantized")
+        for mod in (_param_module(wname) if wname.endswith(".weight") else None, _scope(node.name or "")):
             if mod and mod not in known:
                 known[mod] = (w, transposed, "name")
     kohya_names = {m.replace(".", "_"): m for m in known}
@@ -326,7 +378,7 @@ def match_weights(graph: gs.Graph, metadata: dict[str, str], modules: list[LoraM
             raise InputError(f"LoRA {lm.component}.{lm.module} has weight shape {list(lm.weight_shape)}, the graph's "
                              f"{w.name} is {list(shape)}: a LoRA for another architecture or model size")
         lm.module = mod
-        matched[lm.module] = WeightRef(w, transposed, how)
+        matched[lm.module] = WeightRef(w, transposed, how, dqs.get(id(w)))
         claimed.add(id(w))
     # position: per weight shape, LoRA modules in module order against graph weights in order of appearance
     rest = [lm for lm in modules if lm.module not in matched]
@@ -334,7 +386,7 @@ def match_weights(graph: gs.Graph, metadata: dict[str, str], modules: list[LoraM
     for lm in rest:
         groups.setdefault(lm.weight_shape, []).append(lm)
     for shape, lms in groups.items():
-        free = [(w, t) for w, _, t in cands if id(w) not in claimed
+        free = [(w, t) for w, _, t, _ in cands if id(w) not in claimed
                 and (tuple(w.shape[::-1]) if t and len(w.shape) == 2 else tuple(w.shape)) == shape]
         if len(free) != len(lms):
             for lm in lms:
@@ -342,7 +394,7 @@ def match_weights(graph: gs.Graph, metadata: dict[str, str], modules: list[LoraM
                                         f"{list(shape)} for {len(lms)} LoRA module(s): position is ambiguous")
             continue
         for lm, (w, t) in zip(sorted(lms, key=lambda m: _order_key(m.module)), free):
-            matched[lm.module] = WeightRef(w, t, "position")
+            matched[lm.module] = WeightRef(w, t, "position", dqs.get(id(w)))
             claimed.add(id(w))
     return Matching(matched, unmatched)
 

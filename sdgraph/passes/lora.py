@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from sdgraph.errors import PassError, UsageError
 from sdgraph.ir.lora import check_matching, folded, load_lora, match_weights
 from sdgraph.limits import check
@@ -25,6 +27,8 @@ class Lora(Pass):
          and position (``sdgraph.ir.lora``); the stats count each way, unmatched modules are notes
          (``strict=true``: an error). Nothing matched at all, or a weight of another shape: bad input.
       4. Repeat the pass for several LoRAs, each with its scale: the deltas add up.
+      5. An INT8 (QDQ) graph: the weight is dequantized, the delta added, and it is quantized again with
+         its scales (widened per channel only where needed); activation scales keep their calibration.
     """
 
     name = "lora"
@@ -56,7 +60,10 @@ class Lora(Pass):
         by_module = {m.module: m for m in modules}
         for module, ref in matching.matched.items():
             delta = by_module[module].delta(self.opts.scale, lora.rslora.get(role, False))
-            ref.tensor.values = folded(ref.tensor.values, delta, ref.transposed)
+            values = {t.name: np.asarray(t.values) for t in ref.tensors()}
+            new = ref.materialize(folded(ref.as_float(values), delta, ref.transposed), values)
+            for t in ref.tensors():
+                t.values = new[t.name]
         notes = [f"{module}: unmatched ({why})" for module, why in matching.unmatched.items()]
         stats = {"modules": len(modules), "matched": len(matching.matched), "unmatched": len(matching.unmatched),
                  **{f"by_{k}": v for k, v in matching.counts().items()}, "format": lora.format}

@@ -8,7 +8,8 @@ The generic part, shared by every target:
    ``sdgraph.ir.lora``, exactly as the ``lora`` pass does;
 3. the base value of every touched initializer is kept in ``<submodel>/lora-base.npz`` the first time
    it changes; the new value is always base + the deltas of every LoRA now applied, so ``--remove``
-   writes the base back bit for bit and refits do not drift;
+   writes the base back bit for bit and refits do not drift (an INT8 weight is requantized from its base
+   int8 values and scale: its activation scales keep the calibration);
 4. the target's ``refit(sub_dir, entry, changes, ctx)`` writes the changed tensors into its files
    (``changes``: initializer name -> (value in the artifact now, new value));
 5. the manifest records the LoRAs applied (file, sha256, scale) and the files' new sizes.
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdgraph.errors import InputError, UsageError
-from sdgraph.ir.lora import COMPONENTS, LoraFile, check_matching, folded, load_lora, match_weights
+from sdgraph.ir.lora import COMPONENTS, LoraFile, WeightRef, check_matching, folded, load_lora, match_weights
 from sdgraph.ir.model import Model
 from sdgraph.limits import check
 from sdgraph.manifest import file_hash, write_manifest
@@ -114,7 +115,7 @@ def refit(artifact, loras: list[tuple[str, float]], out, *, remove: bool = False
             for tname in set(current) | set(new) | set(backup):
                 base = backup.get(tname)
                 if base is None:
-                    base = current.get(tname, new.get(tname))[2]
+                    base = current.get(tname, new.get(tname))[1]
                     backup[tname] = base
                 cur = current[tname][0] if tname in current else base
                 nxt = new[tname][0] if tname in new else base
@@ -145,9 +146,11 @@ def refit(artifact, loras: list[tuple[str, float]], out, *, remove: bool = False
 
 
 def _deltas(model: Model, loras: list[tuple[LoraFile, float]], component: str, backup: dict[str, np.ndarray], *,
-            strict: bool, report: dict | None = None) -> dict[str, tuple[np.ndarray, bool, np.ndarray]]:
-    """initializer name -> (base + every LoRA's delta, transposed, base) for the LoRAs of ``component``."""
-    out: dict[str, tuple[np.ndarray, bool, np.ndarray]] = {}
+            strict: bool, report: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """initializer name -> (value with every LoRA of ``component`` folded in, base value). The base comes from
+    the backup where a refit kept it, else from the graph; the LoRAs are added one after the other in float32,
+    as the ``lora`` pass does, then each weight is written back in its dtype (INT8: requantized once)."""
+    acc: dict[str, tuple[WeightRef, np.ndarray, dict[str, np.ndarray]]] = {}
     for lf, scale in loras:
         modules = lf.for_component(component)
         if not modules:
@@ -162,8 +165,14 @@ def _deltas(model: Model, loras: list[tuple[LoraFile, float]], component: str, b
         by = {m.module: m for m in modules}
         for module, ref in matching.matched.items():
             name = ref.tensor.name
-            base = backup[name] if name in backup else (out[name][2] if name in out else np.asarray(ref.tensor.values))
-            value = out[name][0] if name in out else base
-            out[name] = (folded(value, by[module].delta(scale, lf.rslora.get(component, False)), ref.transposed),
-                         ref.transposed, base)
+            if name not in acc:
+                base = {t.name: backup[t.name] if t.name in backup else np.asarray(t.values) for t in ref.tensors()}
+                acc[name] = (ref, ref.as_float(base), base)
+            r, value, base = acc[name]
+            delta = by[module].delta(scale, lf.rslora.get(component, False))
+            acc[name] = (r, folded(value, delta, ref.transposed), base)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for ref, value, base in acc.values():
+        for tname, v in ref.materialize(value, base).items():
+            out[tname] = (v, base[tname])
     return out
