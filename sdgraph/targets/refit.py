@@ -60,7 +60,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 def _graph_for(artifact: Path, name: str, entry: dict, manifest: dict) -> Model:
     """The ONNX graph the submodel was built from: the artifact's own, else the source model directory's."""
-    own = entry.get("model")
+    own = entry.get("model") or dict(dict(entry.get("models", {})).get("model", {})).get("onnx")  # ort/torch; ascend
     if own and (artifact / name / own).is_file():
         return Model.load(artifact / name / own)
     src = Path(str(manifest.get("source", {}).get("path", "")))

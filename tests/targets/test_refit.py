@@ -156,3 +156,27 @@ def test_int8_refit_within_a_fresh_quantization(work):
     assert cos["q-refit"] >= cos["fq-ort"] - 0.002, cos
     refit(d / "q-refit", [], d / "q-removed", remove=True)
     assert (d / "q-ort" / "unet" / "model.onnx_data").read_bytes() == (d / "q-removed" / "unet" / "model.onnx_data").read_bytes()
+
+
+@pytest.mark.slow
+def test_ascend_refit_runs_the_recorded_atc(work, tmp_path, monkeypatch):
+    """Ascend: the refitted ONNX equals lowering the fused graph; a new .om comes from the same atc command."""
+    import os
+
+    from tests.seeds.test_seed_002_ascend import _fake_atc
+
+    bindir, log = _fake_atc(tmp_path)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    d = work["dir"]
+    kw = {"submodels": ["unet"], "cache": False, "options": {"tome": "false"}}
+    lower(work["src"], "ascend310p", tmp_path / "base", **kw)
+    lower(d / "fused", "ascend310p", tmp_path / "fused", **kw)
+    first = [json.loads(x) for x in log.read_text().splitlines()]
+    res = refit(tmp_path / "base", [(str(work["lora"]), 0.8)], tmp_path / "refit")
+    assert res.submodels["unet"]["tensors"] == 44
+    calls = [json.loads(x) for x in log.read_text().splitlines()][len(first):]
+    assert [c["args"] for c in calls] == [c["args"] for c in first[: len(calls)]] and calls
+    for f in ("model.onnx_data",):
+        assert (tmp_path / "refit" / "unet" / f).read_bytes() == (tmp_path / "fused" / "unet" / f).read_bytes()
+    entry = json.loads((tmp_path / "refit" / "sdgraph.json").read_text())["submodels"]["unet"]
+    assert entry["converted"] and entry["refit"]["atc"][0].startswith("atc --framework=5 --model=model.onnx")
