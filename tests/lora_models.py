@@ -16,7 +16,7 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
 def make_lora(pipeline_dir: Path, out: Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0, kohya: bool = False,
-              unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS) -> Path:
+              unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS, strength: float = 0.2) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -36,7 +36,7 @@ def make_lora(pipeline_dir: Path, out: Path, *, rank: int = 4, alpha: float = 8.
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if "lora_" in pname:
-                    p.copy_(torch.randn_like(p) * 0.2)
+                    p.copy_(torch.randn_like(p) * strength)
         layers[name] = get_peft_model_state_dict(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {f"{name}_lora_adapter_metadata": cfg for name, cfg in configs.items()}
