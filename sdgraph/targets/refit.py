@@ -59,10 +59,17 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 def _graph_for(artifact: Path, name: str, entry: dict, manifest: dict) -> Model:
-    """The ONNX graph the submodel was built from: the artifact's own, else the source model directory's."""
+    """The ONNX graph the submodel was built from: the artifact's own, else the source model directory's.
+    Only its initializers and names are read: the external data is validated (``load_proto``), the graph
+    structure check of ``Model.load`` (a cycle search, most of a refit's time) is skipped."""
+    from sdgraph.ir.io import load_proto
+
     own = entry.get("model") or dict(dict(entry.get("models", {})).get("model", {})).get("onnx")  # ort/torch; ascend
     if own and (artifact / name / own).is_file():
-        return Model.load(artifact / name / own)
+        proto, base = load_proto(artifact / name / own)
+        model = Model.from_proto(proto, base_dir=base)
+        model.path = artifact / name / own
+        return model
     src = Path(str(manifest.get("source", {}).get("path", "")))
     f = src / name / "model.onnx" if (src / name / "model.onnx").is_file() else src
     if not f.is_file():
