@@ -21,6 +21,7 @@ def refit_cmd(
     remove: bool = typer.Option(False, "--remove", help="Take out the LoRAs applied before (restores the base weights exactly)"),
     strict: bool = typer.Option(False, "--strict", help="Fail on any LoRA module that matches no weight"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ) -> None:
     """Fold LoRAs into a lowered artifact's weights (or remove them) without re-running passes or lowering."""
     from sdgraph.cli._paths import default_output
@@ -29,7 +30,13 @@ def refit_cmd(
     loras = [parse_lora_arg(x) for x in lora or []]
     out = default_output(artifact, "lora", force) if out is None and artifact.exists() else out
     res = refit(artifact, loras, out if out is not None else artifact, remove=remove, strict=strict, force=force,
-                progress=lambda m: err_console.print(m, markup=False, style="dim"))
+                progress=None if as_json else lambda m: err_console.print(m, markup=False, style="dim"))
+    if as_json:
+        from sdgraph.cli._conventions import print_json
+
+        print_json({"artifact": str(artifact), "out": str(res.out), "target": res.target, "seconds": round(res.seconds, 3),
+                    "applied": res.applied, "submodels": res.submodels})
+        return
     table = Table(title=f"{artifact} -> {res.out} ({res.target})", title_justify="left")
     for col in ("submodel", "tensors", "matched", "unmatched", "s"):
         table.add_column(col)

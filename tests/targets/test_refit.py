@@ -111,6 +111,14 @@ def test_refit_command(work, tmp_path):
                         "-o", str(tmp_path / "new")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "LoRAs applied: a.safetensors:0.8" in " ".join(p.stdout.split())
+    from tests.test_cli_json import check
+
+    p = subprocess.run([sys.executable, "-m", "sdgraph", "refit", str(tmp_path / "new"), "--remove", "--json",
+                        "-o", str(tmp_path / "removed")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    check("sdgraph refit --json", data)
+    assert data["applied"] == [] and data["submodels"]["unet"]["tensors"] == 44
     applied = json.loads((tmp_path / "new" / "sdgraph.json").read_text())["lora"]["applied"]
     assert applied[0]["sha256"].startswith("sha256:") and applied[0]["scale"] == 0.8
 
