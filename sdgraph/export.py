@@ -762,6 +762,7 @@ def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict,
     sub = tmp / name
     sub.mkdir()
     info = _finalize(raw, sub / "model.onnx", name, opset, exporter)
+    info["params_mapped"] = _record_param_map(module, sub / "model.onnx")
     seconds = time.perf_counter() - t0
     shutil.rmtree(work)
     (sub / "config.json").write_text(json.dumps(_jsonable(config), indent=2, default=str) + "\n")
@@ -786,6 +787,40 @@ def _export_one(src: _Source, name: str, tmp: Path, geo: dict, tokenizers: dict,
     del spec, wrapper, module
     gc.collect()  # a full-size UNet is 3.4 GB of torch weights: free it before the next submodel
     return info
+
+
+def _record_param_map(module, model_file: Path) -> int:
+    """Write which torch parameter became which initializer (and whether transposed) into the model's
+    ``sdgraph.params`` metadata, matched by content; the ``lora`` pass and ``refit`` read it. Returns the count."""
+    import hashlib
+
+    import onnx
+
+    from sdgraph.ir import io
+    from sdgraph.ir.lora import PARAMS_KEY
+    from sdgraph.ir.proto import is_external
+
+    proto = onnx.load(str(model_file), load_external_data=False)
+    by_content: dict[tuple, str] = {}
+    for t in proto.graph.initializer:
+        if len(t.dims) in (2, 4) and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            raw = io.read_external(t, model_file.parent) if is_external(t) else t.raw_data
+            by_content.setdefault((tuple(t.dims), t.data_type, hashlib.sha1(raw).digest()), t.name)
+    params: dict[str, list] = {}
+    for pname, p in module.named_parameters():
+        if p.dim() not in (2, 4):
+            continue
+        w = p.detach().cpu().numpy()
+        dtype = onnx.TensorProto.FLOAT16 if w.dtype == np.float16 else onnx.TensorProto.FLOAT
+        layouts = [(w, False)] + ([(np.ascontiguousarray(w.T), True)] if w.ndim == 2 else [])
+        for arr, transposed in layouts:
+            hit = by_content.get((arr.shape, dtype, hashlib.sha1(arr.tobytes()).digest()))
+            if hit is not None:
+                params[pname] = [hit, transposed]
+                break
+    proto.metadata_props.add(key=PARAMS_KEY, value=json.dumps({"version": 1, "params": params}, separators=(",", ":")))
+    onnx.save(proto, str(model_file))
+    return len(params)
 
 
 def _jsonable(cfg: dict) -> dict:

@@ -38,6 +38,7 @@ __all__ = [
     "read_external",
     "resolve_model_file",
     "write_proto",
+    "rewrite_initializers",
 ]
 
 log = logging.getLogger(__name__)
@@ -316,3 +317,43 @@ def _copy_inside(src: Path, dst: Path, root: Path, ancestors: tuple[Path, ...]) 
     else:
         raise InputError(f"{src}: not a regular file or folder (a FIFO, socket or device); refusing to copy it")
 
+
+
+def rewrite_initializers(model_file: str | os.PathLike, values: dict[str, np.ndarray],
+                         expect: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Overwrite initializers of ``model_file`` in place, external ones in their data file (only their bytes),
+    inline ones in the graph message; returns the names not written (absent, another size or dtype, or,
+    with ``expect``, not holding the expected bytes now). Used by ``sdgraph refit``."""
+    model_file = Path(model_file)
+    proto = onnx.load(str(model_file), load_external_data=False)
+    missed, dirty = [], False
+    by_name = {t.name: t for t in proto.graph.initializer}
+    for name, value in values.items():
+        t = by_name.get(name)
+        arr = np.ascontiguousarray(value)
+        if t is None or tuple(t.dims) != arr.shape or onnx.helper.tensor_dtype_to_np_dtype(t.data_type) != arr.dtype:
+            missed.append(name)
+            continue
+        if is_external(t):
+            file, offset, length = check_external(t, model_file.parent, model_file)
+            if length != arr.nbytes:
+                missed.append(name)
+                continue
+            with open(file, "r+b") as f:
+                if expect is not None and name in expect:
+                    f.seek(offset)
+                    if f.read(length) != np.ascontiguousarray(expect[name]).tobytes():
+                        missed.append(name)
+                        continue
+                f.seek(offset)
+                f.write(arr.tobytes())
+        else:
+            if expect is not None and name in expect and not np.array_equal(numpy_helper.to_array(t), expect[name]):
+                missed.append(name)
+                continue
+            t.CopyFrom(numpy_helper.from_array(arr, name))
+            dirty = True
+    if dirty:
+        with open(model_file, "wb") as f:
+            f.write(proto.SerializeToString())
+    return missed

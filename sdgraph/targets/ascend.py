@@ -609,6 +609,35 @@ class AscendTarget(Target):
             "dynamic": False,
         }
 
+    def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes, ctx: LowerContext) -> dict[str, Any]:
+        """The changed tensors' bytes in each variant's ONNX, then a new ``.om`` per variant through the
+        recorded atc command (logged; with no atc here the stale ``.om`` files go and convert.sh stays right)."""
+        from sdgraph.ir.io import rewrite_initializers
+
+        models = dict(entry.get("models", {}))
+        for stem, m in models.items():
+            missed = rewrite_initializers(sub_dir / m["onnx"], {k: v[1] for k, v in changes.items()})
+            if len(missed) == len(changes):
+                raise UnsupportedError(f"{sub_dir}: the {stem} graph holds none of the LoRA'd weights under their names "
+                                       "(renamed while legalizing): lower the LoRA-fused model instead")
+        exe = shutil.which(shlex.split(next(iter(models.values()))["atc"])[0]) if models and ctx.options.get("run_atc", True) else None
+        ran = []
+        for m in models.values():
+            (sub_dir / m["om"]).unlink(missing_ok=True)  # built from the old weights
+            if exe is None:
+                continue
+            cmd = shlex.split(m["atc"])
+            log.info("%s: %s", ctx.submodel, m["atc"])
+            proc = subprocess.run([exe, *cmd[1:]], cwd=sub_dir, capture_output=True, text=True)
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+            ran.append({"returncode": proc.returncode, "tail": tail, "command": m["atc"]})
+            if proc.returncode != 0:
+                raise PassError(f"{ctx.submodel}: atc exited {proc.returncode}: {' | '.join(tail) or 'no output'}")
+        if exe is None:
+            log.warning("%s: atc not found on PATH; run %s/convert.sh for the new .om files", ctx.submodel, sub_dir.name)
+        return {"atc_ran": ran, "converted": bool(ran), "format": "om" if ran else "onnx+convert.sh",
+                "refit": {"tensors": len(changes), "atc": [m["atc"] for m in models.values()]}}
+
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext):
         om = Path(artifact_dir) / entry.get("models", {}).get("model", {}).get("om", "model.om")
         if not om.is_file():

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Mapping, Protocol
 
 import numpy as np
 
-from sdgraph.errors import TargetUnavailable, UsageError
+from sdgraph.errors import TargetUnavailable, UnsupportedError, UsageError
 from sdgraph.passes.base import Option, parse_value
 
 __all__ = [
@@ -87,7 +87,10 @@ class Target:
     - ``legalize(model, ctx) -> None``: canonical ``ai.sdgraph`` ops to native forms, in place;
     - ``build(model, out_dir, ctx) -> dict``: write one submodel's artifacts, return its manifest entry;
     - ``load(artifact_dir, entry, ctx) -> Runner``: load a built submodel for run/bench/verify;
-    - ``tool_versions() -> dict``: versions that go into the cache key.
+    - ``tool_versions() -> dict``: versions that go into the cache key;
+    - ``refit(sub_dir, entry, changes, ctx) -> dict``: write new values of some initializers into a built
+      submodel (``changes``: name -> (value now, new value)); returns manifest entry updates
+      (``sdgraph refit``; the generic part is ``sdgraph.targets.refit``).
     """
 
     name: ClassVar[str] = ""
@@ -129,6 +132,11 @@ class Target:
     def tool_versions(self) -> dict[str, str]:
         return {}
 
+    def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes: Mapping[str, tuple[np.ndarray, np.ndarray]],
+              ctx: LowerContext) -> dict[str, Any]:
+        raise UnsupportedError(f"target {self.name!r} cannot refit weights yet: lower the LoRA-fused model again "
+                               "(sdgraph optimize --passes lora{file=...}, then sdgraph lower)")
+
 
 _TARGETS: dict[str, type[Target]] = {}
 _DISCOVERED = False
@@ -149,7 +157,7 @@ def _discover() -> None:
     _DISCOVERED = True
     # This module's own folder: importing the package here would make base depend on its API.
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if not info.name.startswith("_") and info.name not in ("base", "driver", "cache"):
+        if not info.name.startswith("_") and info.name not in ("base", "driver", "cache", "refit"):
             importlib.import_module(f"sdgraph.targets.{info.name}")
 
 

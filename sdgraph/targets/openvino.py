@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from sdgraph.errors import InputError
+from sdgraph.errors import InputError, UnsupportedError
 from sdgraph.ir.canonical import inline_functions
 from sdgraph.ir.model import Model
 from sdgraph.passes.base import Option
@@ -196,6 +196,12 @@ class OpenVinoTarget(Target):
                                  "dynamic": not ctx.shapes or bool(ctx.options.get("dynamic")),
                                  "inputs": [t.name for t in model.graph.inputs],  # OV ports answer to every tensor name
                                  "outputs": [t.name for t in model.graph.outputs], "blobs": []}
+        self._compile_and_export(core, out_dir, entry, config, ctx)
+        return entry
+
+    def _compile_and_export(self, core, out_dir: Path, entry: dict[str, Any], config: dict[str, str], ctx: LowerContext) -> None:
+        """Compile the saved IR per shape bucket (the check), export each compiled model as a blob."""
+        entry["blobs"] = []
         variants = [None] if not ctx.shapes else list(range(len(ctx.shapes)))
         saved = core.read_model(str(out_dir / "model.xml"))
         for i in variants:
@@ -218,7 +224,44 @@ class OpenVinoTarget(Target):
                     blob = compiled.export_model()
                     fh.write(blob.getvalue() if hasattr(blob, "getvalue") else blob)
                 entry["blobs"].append(name)
-        return entry
+
+    def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes, ctx: LowerContext) -> dict[str, Any]:
+        """Each changed weight is found among the IR's Const layers by its bytes (as stored, transposed, or
+        compressed to f16), overwritten in ``model.bin`` in the same layout, then the blobs are exported again."""
+        import mmap
+        import xml.etree.ElementTree as ET
+
+        import openvino as ov
+
+        xml, binf = sub_dir / entry.get("xml", "model.xml"), sub_dir / entry.get("bin", "model.bin")
+        consts: dict[int, list[tuple[int, int, str]]] = {}
+        for layer in ET.parse(xml).getroot().iter("layer"):
+            if layer.get("type") == "Const":
+                data = layer.find("data")
+                if data is not None and data.get("offset") is not None:
+                    size = int(data.get("size"))
+                    consts.setdefault(size, []).append((int(data.get("offset")), size, data.get("element_type", "")))
+        missed = []
+        with open(binf, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            for name, (cur, new) in changes.items():
+                layouts = [(cur, new)] + ([(cur.T, new.T)] if cur.ndim == 2 else [])
+                layouts += [(a.astype(np.float16), b.astype(np.float16)) for a, b in layouts if a.dtype == np.float32]
+                done = 0
+                for a, b in layouts:
+                    want = np.ascontiguousarray(a).tobytes()
+                    for off, size, _ in consts.get(len(want), []):
+                        if mm[off:off + size] == want:
+                            mm[off:off + size] = np.ascontiguousarray(b).tobytes()
+                            done += 1
+                if not done:
+                    missed.append(name)
+            mm.flush()
+        if missed:
+            raise UnsupportedError(f"{sub_dir}: OpenVINO transformed {len(missed)} weight(s) such as {missed[0]!r} while "
+                                   "converting (no Const holds their bytes): lower the LoRA-fused model instead")
+        out = dict(entry)
+        self._compile_and_export(ov.Core(), sub_dir, out, dict(entry.get("config", {})), ctx)
+        return {"blobs": out["blobs"], "refit": {"tensors": len(changes)}}
 
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> OpenVinoRunner:
         import openvino as ov

@@ -116,20 +116,12 @@ class OrtTarget(Target):
         return so
 
     def build(self, model: Model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:
-        import onnxruntime as ort
 
         model.save_to_dir_unchecked(out_dir)
         entry: dict[str, Any] = {"model": "model.onnx", "dynamic": True}
         level = ctx.options.get("opt_level", "all")
         if ctx.options.get("optimized", True) and level != "disabled":
-            so = self._session_options(ort, ctx, level)
-            so.optimized_model_filepath = str(out_dir / "model.opt.onnx")
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.opt.onnx_data")
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            try:
-                ort.InferenceSession(str(out_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise InputError(f"{ctx.submodel}: ONNX Runtime cannot load the legalized graph: {str(exc).splitlines()[0]}") from None
+            self._write_optimized(out_dir, ctx, level)
             entry["optimized"] = "model.opt.onnx"
         settings = {"threads": int(ctx.options.get("threads") or 0), "opt_level": level,
                     "load_opt_level": "disabled" if "optimized" in entry else level,
@@ -137,6 +129,41 @@ class OrtTarget(Target):
         (out_dir / "session.json").write_text(json.dumps(settings, indent=2) + "\n")
         entry["session"] = settings
         return entry
+
+    def _write_optimized(self, out_dir: Path, ctx: LowerContext, level: str) -> None:
+        """``model.opt.onnx`` (+ data): the graph as ONNX Runtime optimized it at ``level``, for fast loading."""
+        import onnxruntime as ort
+
+        so = self._session_options(ort, ctx, level)
+        so.optimized_model_filepath = str(out_dir / "model.opt.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.opt.onnx_data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            ort.InferenceSession(str(out_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InputError(f"{ctx.submodel}: ONNX Runtime cannot load the legalized graph: {str(exc).splitlines()[0]}") from None
+
+    def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes, ctx: LowerContext) -> dict[str, Any]:
+        """Only the changed tensors' bytes are rewritten, in ``model.onnx``'s data file and in the optimized
+        file's where ONNX Runtime kept them as they were; an optimized file that transformed one (a layout
+        change, a fusion) is optimized again from the refitted ``model.onnx``."""
+        from sdgraph.ir.io import rewrite_initializers
+
+        missed = rewrite_initializers(sub_dir / entry.get("model", "model.onnx"), {k: v[1] for k, v in changes.items()})
+        if missed:
+            raise InputError(f"{sub_dir}: corrupted artifact ({len(missed)} weight(s) such as {missed[0]!r} are not in "
+                             f"{entry.get('model', 'model.onnx')} as lowered)")
+        how = "none"
+        if entry.get("optimized"):
+            opt = sub_dir / entry["optimized"]
+            missed = rewrite_initializers(opt, {k: v[1] for k, v in changes.items()}, expect={k: v[0] for k, v in changes.items()})
+            how = "rewritten"
+            if missed:  # ORT transformed some of them: optimize the refitted graph again
+                for f in (opt, opt.with_name(opt.name + "_data")):
+                    f.unlink(missing_ok=True)
+                self._write_optimized(sub_dir, ctx, dict(entry.get("session", {})).get("opt_level", "all"))
+                how = f"optimized again ({len(missed)} tensor(s) transformed by ONNX Runtime)"
+        return {"refit": {"tensors": len(changes), "optimized_file": how}}
 
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> OrtRunner:
         import onnxruntime as ort

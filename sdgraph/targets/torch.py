@@ -186,6 +186,17 @@ class TorchTarget(Target):
         outs = getattr(gm, "output_names", None) or [t.name for t in model_or_names.graph.outputs]
         return TorchRunner(gm, fn, ins, outs, precision, bool(settings.get("channels_last")), device)
 
+    def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes, ctx: LowerContext) -> dict[str, Any]:
+        """The state dict is the artifact's ``model.onnx`` (the GraphModule's buffers are read from it at load):
+        only the changed tensors' bytes are rewritten."""
+        from sdgraph.ir.io import rewrite_initializers
+
+        missed = rewrite_initializers(sub_dir / entry.get("model", "model.onnx"), {k: v[1] for k, v in changes.items()})
+        if missed:
+            raise InputError(f"{sub_dir}: corrupted artifact ({len(missed)} weight(s) such as {missed[0]!r} are not in "
+                             f"{entry.get('model', 'model.onnx')} as lowered)")
+        return {"refit": {"tensors": len(changes)}}
+
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> TorchRunner:
         try:
             model = Model.load(artifact_dir / entry.get("model", "model.onnx"))

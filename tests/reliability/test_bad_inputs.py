@@ -295,6 +295,32 @@ case("usage-bad-pipeline-text", 2, "unbalanced")(lambda c: ["optimize", c.mlp(),
 case("usage-unknown-pass", 2, "nosuchpass")(lambda c: ["optimize", c.mlp(), "-p", "nosuchpass", "-o", c.tmp / "o"])
 
 
+# -- LoRA files (lora pass, refit) --------------------------------------------------------------
+def _lora_file(path: Path, tensors: dict) -> Path:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+case("lora-corrupt-safetensors", 2, "not a valid safetensors file")(
+    lambda c: ["optimize", c.sd15 / "unet" / "model.onnx", "-p", f"lora:{_write(c.tmp / 'l' / 'x.safetensors', b'{}garbage')}",
+               "-o", c.tmp / "o"])
+case("lora-rank-mismatch", 2, "rank mismatch")(
+    lambda c: ["optimize", c.sd15 / "unet" / "model.onnx", "-p", "lora:" + str(_lora_file(c.tmp / "l" / "r.safetensors", {
+        "unet.conv_in.lora_A.weight": np.ones((4, 4, 3, 3), np.float32),
+        "unet.conv_in.lora_B.weight": np.ones((32, 8, 1, 1), np.float32)})), "-o", c.tmp / "o"])
+case("lora-other-architecture", 2, "another architecture")(
+    lambda c: ["optimize", c.sd15 / "unet" / "model.onnx", "-p", "lora:" + str(_lora_file(c.tmp / "l" / "a.safetensors", {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": np.ones((4, 320), np.float32),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": np.ones((320, 4), np.float32)})),
+               "-o", c.tmp / "o"])
+case("refit-not-an-artifact", 2, "not an sdgraph artifact")(
+    lambda c: ["refit", c.sd15, "--lora", _write(c.tmp / "l" / "x.safetensors", b"x"), "-o", c.tmp / "o"])
+case("refit-nothing-to-do", 2, "nothing to do")(lambda c: ["refit", c.sd15, "-o", c.tmp / "o"])
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
