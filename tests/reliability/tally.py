@@ -8,6 +8,7 @@ modified (a byte of the work folder or a shared fixture changed) and partial or 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +71,7 @@ def main(argv: list[str]) -> int:
             cols["partial or stray output"] += 1
             bad.append("output written")
         print(f"{cid:45s} {'ok' if not bad else '; '.join(bad)}", flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # each case's work folder: nothing left in /tmp
     print(" | ".join(f"{k}: {v}" for k, v in cols.items()))
     return 0
 
