@@ -177,6 +177,9 @@ class OpenVinoTarget(Target):
     def _native(ctx: LowerContext, op: str) -> bool:
         return bool(ctx.options.get("native", True)) and op in NATIVE_OPS
 
+    def supports_precision_mode(self, precision: str) -> bool:
+        return precision == "bf16"  # INFERENCE_PRECISION_HINT=bf16, keep list as per-layer "precise" rt_info
+
     def legalize(self, model: Model, ctx: LowerContext) -> None:
         if ctx.options.get("native", True):
             inline_functions(model, keep={(CANONICAL_DOMAIN, op) for op in NATIVE_OPS})
@@ -205,13 +208,19 @@ class OpenVinoTarget(Target):
             except Exception as exc:
                 raise InputError(f"{ctx.submodel}: OpenVINO could not convert the graph: {_first(exc)}") from None
         compress = _PRECISION[ctx.precision][1]
+        precise = _keep_layers(ov_model, model, ctx.precision_keep) if ctx.precision_keep is not None else set()
         ov.save_model(ov_model, str(out_dir / "model.xml"), compress_to_fp16=compress)
+        if precise:
+            _mark_precise(out_dir / "model.xml", precise)
         config = self._config(ctx, ctx.precision)
         core = ov.Core()
         entry: dict[str, Any] = {"xml": "model.xml", "bin": "model.bin", "config": config, "compress_to_fp16": compress,
                                  "dynamic": not ctx.shapes or bool(ctx.options.get("dynamic")),
                                  "inputs": [t.name for t in model.graph.inputs],  # OV ports answer to every tensor name
                                  "outputs": [t.name for t in model.graph.outputs], "blobs": [],
+                                 "precision_mode": None if ctx.precision_keep is None else {
+                                     "precision": ctx.precision, "kept_nodes": len(ctx.precision_keep),
+                                     "precise_layers": len(precise)},
                                  "native": {op: {"count": c, "openvino_op": NATIVE_OV_TYPES[op]} for op, c in sorted(native.items())}}
         self._compile_and_export(core, out_dir, entry, config, ctx)
         return entry
@@ -292,3 +301,50 @@ class OpenVinoTarget(Target):
 def _first(exc: Exception) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith(("Check ", "FrontEnd API"))]
     return lines[0] if lines else type(exc).__name__
+
+
+def _keep_layers(ov_model, model: Model, keep) -> set[str]:
+    """OpenVINO layer names that implement the ONNX nodes in ``keep``.
+
+    The ONNX frontend names a node's ops after the node (or, for a graph output, its tensor) and
+    gives the op that produces a node output that tensor's name; the ops of a decomposition in
+    between carry no tensor name. So: the op producing a kept node's output, plus its producers
+    upward while they have no tensor name of their own (Constants and Parameters excepted).
+    """
+    keep = set(keep)
+    outs = {o.name for n in model.graph.nodes if n.name in keep for o in n.outputs}
+    marked: set[str] = set()
+    stack = []
+    for op in ov_model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if op.get_type_name() in ("Parameter", "Constant", "Result"):
+            continue
+        if name in keep or name.split("/")[0] in keep or any(o.get_names() & outs for o in op.outputs()):
+            stack.append(op)
+    while stack:
+        op = stack.pop()
+        if op.get_friendly_name() in marked:
+            continue
+        marked.add(op.get_friendly_name())
+        for inp in op.inputs():
+            src = inp.get_source_output().get_node()
+            if src.get_type_name() not in ("Parameter", "Constant") and not inp.get_source_output().get_names():
+                stack.append(src)
+    return marked
+
+
+def _mark_precise(xml: Path, layers: set[str]) -> None:
+    """Add OpenVINO's ``precise`` rt_info (``ov::disable_fp16_compression``) to these layers of the IR:
+    the CPU plugin then runs them in f32 under a bf16 inference precision. (Python cannot make this
+    typed rt_info attribute; the IR reader builds it from the serialized form.)"""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(xml)
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("name") in layers:
+            rt = layer.find("rt_info")
+            if rt is None:
+                rt = ET.SubElement(layer, "rt_info")
+            if not any(a.get("name") == "precise" for a in rt.iter("attribute")):
+                ET.SubElement(rt, "attribute", name="precise", version="0")
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
