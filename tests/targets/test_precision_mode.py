@@ -1,6 +1,6 @@
 """Precision as a target mode: ``bf16{mode=target}`` leaves the graph float32 with a recorded keep list;
 OpenVINO lowers it to its bf16 inference precision with the keep list as per-layer ``precise`` rt_info,
-a target without a bf16 mode gets the cast graph at lowering."""
+torch runs it under autocast with the keep list outside it; a target without a mode gets the cast graph at lowering."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
+
+from tests.graphs import mlp_model
 
 from sdgraph.ir import runtime
 from sdgraph.ir.model import Model
@@ -31,7 +33,7 @@ def graphs(tiny_sd15_onnx, tmp_path_factory):
 
 @pytest.mark.slow  # tiny UNet fusions and three lowerings: ~40 s on a busy 2-core machine
 def test_openvino_bf16_mode_keeps_list_in_f32(graphs, tmp_path):
-    import openvino as ov
+    ov = pytest.importorskip("openvino")
 
     fa, mode = Model.load(graphs / "fa" / "unet" / "model.onnx"), Model.load(graphs / "mode" / "unet" / "model.onnx")
     rec = json.loads(mode.metadata[PRECISION_MODE_KEY])
@@ -77,16 +79,51 @@ def test_openvino_bf16_mode_keeps_list_in_f32(graphs, tmp_path):
     assert runtime.worst(runtime.compare(own_out, got))["cosine"] >= 0.999
 
 
-@pytest.mark.slow
-def test_target_without_bf16_mode_gets_cast_graph(graphs, tmp_path):
-    """torch has no per-node precision mechanism here: the recorded mode becomes the cast graph."""
-    res = lower(graphs / "mode", "torch", tmp_path / "art", submodels=["unet"], options={"mode": "eager"}, cache=False)
-    lowered = Model.load(tmp_path / "art" / "unet" / "model.onnx")
-    assert PRECISION_MODE_KEY not in lowered.metadata
-    hist = lowered.op_histogram()
-    assert hist["Cast"] > Model.load(graphs / "fa" / "unet" / "model.onnx").op_histogram()["Cast"]
-    assert res.manifest["submodels"]["unet"]["graph_precision"] == "bf16"
-    fa = Model.load(graphs / "fa" / "unet" / "model.onnx")
-    feeds = runtime.seeded_inputs(fa, 0, SHAPE)
-    got = load_artifact(tmp_path / "art").runner("unet")(feeds)
-    assert runtime.worst(runtime.compare(runtime.run(fa, feeds), got))["cosine"] >= 0.999
+def _mlp(spec: str) -> Model:
+    from sdgraph.passes.manager import PassManager
+
+    m = Model.from_proto(mlp_model())
+    PassManager(spec).run(m)
+    return m
+
+
+def test_pass_records_mode_and_target_without_one_gets_cast_graph():
+    from sdgraph.targets.base import LowerContext, Target
+    from sdgraph.targets.driver import _precision_mode, graph_precision
+    from sdgraph.targets.torch import TorchTarget
+
+    m = _mlp("bf16{mode=target keep=mm2}")
+    assert json.loads(m.metadata[PRECISION_MODE_KEY]) == {"precision": "bf16", "keep": ["mm2"]}
+    assert m.op_histogram()["Cast"] == 0 and graph_precision(m) == "bf16"
+    ctx = LowerContext(precision="bf16")
+    _precision_mode(m, TorchTarget(), ctx, None)  # has a bf16 mode: graph untouched, keep list handed over
+    assert ctx.precision_keep == ("mm2",) and m.op_histogram()["Cast"] == 0
+    ctx = LowerContext(precision="fp32")
+    _precision_mode(m, Target(), ctx, None)  # no mode: the cast graph, mm2 kept in float32
+    assert ctx.precision_keep is None and PRECISION_MODE_KEY not in m.metadata
+    low = {n.name for n in m.graph.nodes if any("bfloat16" in str(o.dtype) for o in n.outputs)}
+    assert "mm1" in low and "mm2" not in low and m.op_histogram()["Cast"] >= 2
+    m2 = _mlp("bf16{mode=target}")
+    _precision_mode(m2, Target(), LowerContext(precision="fp32"), "fp32")  # --precision fp32 asked: stays float32
+    assert m2.op_histogram()["Cast"] == 0
+
+
+def test_torch_autocast_mode_runs_keep_list_in_float32(tmp_path):
+    """torch: the float32 graph under bf16 autocast; kept nodes with autocast disabled. Keeping both MatMuls
+    of the MLP gives float32's numbers, keeping none gives bf16's."""
+    base = Model.from_proto(mlp_model())
+    feeds = runtime.seeded_inputs(base, 0)
+    ref = runtime.run(base, feeds)
+    errs = {}
+    for spec in ("bf16{mode=target}", "bf16{mode=target keep=mm1|mm2}"):
+        f = tmp_path / f"m{len(spec)}.onnx"
+        _mlp(spec).save(f)
+        res = lower(f, "torch", tmp_path / f"a{len(spec)}", options={"mode": "eager"}, cache=False)
+        entry = res.manifest["submodels"]["model"]
+        assert entry["precision"] == "bf16"
+        got = load_artifact(tmp_path / f"a{len(spec)}").runner()(feeds)
+        errs[len(entry["precision_keep"])] = runtime.worst(runtime.compare(ref, got))
+    assert errs[0]["cosine"] >= 0.999 and errs[0]["max_rel"] > 1e-4  # really bf16
+    assert errs[2]["max_rel"] <= 1e-5  # both matmuls kept: float32
+    code = (tmp_path / f"a{len('bf16{mode=target keep=mm1|mm2}')}" / "model" / "module.py").read_text()
+    assert code.count("_enter_autocast(") == 2
