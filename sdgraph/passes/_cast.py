@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import ClassVar
 
@@ -13,7 +14,7 @@ from sdgraph.errors import UsageError, VerificationError
 from sdgraph.passes._precision import match_names, probe_activations, time_embedding_nodes
 from sdgraph.passes.base import Option, Pass, PassResult
 
-__all__ = ["CastPass", "DEFAULT_BLOCK_OPS", "cast_graph"]
+__all__ = ["CastPass", "DEFAULT_BLOCK_OPS", "cast_graph", "PRECISION_MODE_KEY", "recorded_precision_mode", "apply_cast_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ _FP32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 # Nodes that only look at a tensor's shape may read the low-precision copy directly.
 _SHAPE_ONLY = ("Shape", "Size")
 _F32 = np.dtype(np.float32)
+# graph metadata written by ``mode=target``: {"precision": "bf16"|"fp16", "keep": [node names kept in float32]}
+PRECISION_MODE_KEY = "sdgraph.precision_mode"
 
 
 def _low_dtype(kind: str):
@@ -165,6 +168,9 @@ class CastPass(Pass):
         Option("nan_scan", bool, True, "after casting, run sample inputs and fail on NaN/Inf naming the node"),
         Option("samples", int, 1, "sample inputs for the overflow check and the NaN scan", min=1),
         Option("min_cosine", float, None, "fail under --verify below this cosine", min=-1, max=1),
+        Option("mode", str, "cast", "cast: Cast nodes in the graph; target: leave it float32 and record the precision "
+               "and keep list for a target with its own reduced-precision mode (others get the casts at lowering)",
+               choices=("cast", "target")),
     )
 
     def _samples(self, model):
@@ -203,6 +209,10 @@ class CastPass(Pass):
                 low = [n for n in low if n.name not in kept]
             stats["overflow_nodes"] = len(producers)
             stats["overflow_checked"] = sum(1 for n in low for o in n.outputs if _is_f32(o))
+        if self.opts.mode == "target":
+            model.metadata[PRECISION_MODE_KEY] = json.dumps({"precision": self.kind, "keep": sorted(kept)})
+            stats.update({"mode": "target", "low_nodes": len(low), "kept_nodes": len(kept)})
+            return PassResult(modified=True, stats=stats, notes=notes)
         stats.update(cast_graph(model, low, self.kind))
         stats["low_nodes"] = len(low)
         stats["kept_nodes"] = len(kept)
@@ -239,3 +249,24 @@ def nan_scan(model, feeds, ignore: set[str] = frozenset()) -> tuple[gs.Node | No
             if o.name in acts and not acts[o.name][1] and base not in ignore and o.name not in ignore:
                 return n, runtime
     return None, runtime
+
+
+def recorded_precision_mode(model) -> tuple[str, list[str]] | None:
+    """(precision, node names kept in float32) recorded by a precision pass run with ``mode=target``."""
+    raw = model.metadata.get(PRECISION_MODE_KEY)
+    if not raw:
+        return None
+    try:
+        rec = json.loads(raw)
+        return str(rec["precision"]), [str(k) for k in rec.get("keep", [])]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{model.name}: metadata {PRECISION_MODE_KEY!r} is not valid ({raw[:60]!r})") from None
+
+
+def apply_cast_mode(model, precision: str, keep: list[str]) -> dict[str, int]:
+    """The cast graph for a recorded precision mode (targets without their own): the recorded keep
+    list stays float32, every other candidate is cast; the record is removed."""
+    low, _ = plan(model, set(DEFAULT_BLOCK_OPS), set(keep))
+    stats = cast_graph(model, low, precision)
+    model.metadata.pop(PRECISION_MODE_KEY, None)
+    return stats

@@ -74,6 +74,8 @@ class LowerContext:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     role: str = "unknown"
     submodel: str = "model"
+    # precision kept by the target's own mode (``supports_precision_mode``): node names that stay float32
+    precision_keep: tuple[str, ...] | None = None
 
 
 class Target:
@@ -128,6 +130,11 @@ class Target:
 
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> Runner:  # pragma: no cover
         raise NotImplementedError
+
+    def supports_precision_mode(self, precision: str) -> bool:
+        """Whether a float32 graph with a recorded precision and keep list (``bf16{mode=target}``) runs in
+        this target's own reduced-precision mode; False: the driver lowers the cast graph instead."""
+        return False
 
     def tool_versions(self) -> dict[str, str]:
         return {}

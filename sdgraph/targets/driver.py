@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
+from sdgraph.passes._cast import apply_cast_mode, recorded_precision_mode
 from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
 from sdgraph.progress import track
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
@@ -151,6 +152,9 @@ def graph_precision(model: Model) -> str:
     float weights), else ``fp32``."""
     if any(n.op in _QUANT_OPS for n in model.graph.nodes):
         return "int8"
+    recorded = recorded_precision_mode(model)  # bf16{mode=target}: a float32 graph meant to run in bf16
+    if recorded is not None:
+        return recorded[0]
     sizes: dict[str, int] = {}
     for t in model.graph.tensors().values():
         if isinstance(t, gs.Constant) and t.dtype is not None:
@@ -176,6 +180,20 @@ def submodel_precision(requested: str | None, own: str, takes: tuple[str, ...], 
     if requested is None or requested == "int8":
         return own if own in takes and own != "int8" else "fp32"
     return requested
+
+
+def _precision_mode(m: Model, tgt: Target, ctx: LowerContext, requested: str | None) -> None:
+    """A recorded precision mode (``bf16{mode=target}``): the target's own mode with the keep list, or,
+    for a target without one, the cast graph now (unless another precision was asked for)."""
+    recorded = recorded_precision_mode(m)
+    if recorded is None:
+        return
+    prec, keep = recorded
+    if ctx.precision == prec and tgt.supports_precision_mode(prec):
+        ctx.precision_keep = tuple(keep)
+    elif requested in (None, prec):
+        stats = apply_cast_mode(m, prec, keep)
+        log.info("%s: %s has no %s mode: cast graph (%s)", ctx.submodel, tgt.name, prec, stats)
 
 
 def _say(progress: Callable[[str], None] | None, msg: str) -> None:
@@ -265,6 +283,7 @@ def lower(
                        else _buckets_for(m, buckets, name))
         base_shapes[name] = shapes_here
         ctx = LowerContext(precision=prec, shapes=shapes_here, options=opts, role=m.role, submodel=name)
+        _precision_mode(m, tgt, ctx, precision)
         jobs[i] = (name, m, ctx)
         found = generic_problems(m, tgt, ctx) + list(tgt.check(m, ctx))
         problems += [f"{name}: {p}" if len(jobs) > 1 or model_dir else str(p) for p in found]

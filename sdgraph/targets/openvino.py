@@ -13,8 +13,9 @@ import onnx
 
 from sdgraph.errors import InputError, UnsupportedError
 from sdgraph.ir.canonical import inline_functions
-from sdgraph.ir.model import Model
+from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.passes.base import Option
+from sdgraph.targets._ov_native import NATIVE_OPS, NATIVE_OV_TYPES, extensions
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
 
 __all__ = ["OpenVinoTarget", "OpenVinoRunner", "ov_has_rule"]
@@ -115,8 +116,10 @@ class OpenVinoTarget(Target):
     """OpenVINO on CPU.
 
     1. check: every node's op has a conversion rule in OpenVINO's ONNX frontend (probed per op).
-    2. legalize: canonical functions are inlined (the ONNX frontend has no rule for model-local
-       functions: "No conversion rule found for operations: ai.sdgraph.*").
+    2. legalize: canonical Attention/GroupNorm/GeGLU stay (``native=true``, the default) and become
+       OpenVINO's own ScaledDotProductAttention / GroupNormalization / Gelu through ONNX-frontend
+       conversion extensions (``sdgraph.targets._ov_native``); every other model-local function is
+       inlined (the frontend has no rule for them: "No conversion rule found for operations: ai.sdgraph.*").
     3. build: ``openvino.convert_model`` -> ``model.xml``/``model.bin`` (fp16 weight compression for
        precision fp16; QDQ graphs become FakeQuantize and run int8), compiled on CPU with an explicit
        INFERENCE_PRECISION_HINT (this CPU's default is bf16), exported as a blob per shape bucket.
@@ -128,7 +131,7 @@ class OpenVinoTarget(Target):
     extra = "openvino"
     capability = Capability(
         ops=None,  # probed per op against OpenVINO's ONNX frontend
-        canonical_ops=frozenset(),
+        canonical_ops=NATIVE_OPS,  # with native=true (the default)
         dtypes=frozenset({"float32", "float16", "int64", "int32", "int8", "uint8", "bool"}),
         precisions=("fp32", "bf16", "fp16", "int8"),
         static_shapes=False,
@@ -138,6 +141,8 @@ class OpenVinoTarget(Target):
         Option("hint", str, "auto", "PERFORMANCE_HINT", choices=("auto", "latency", "throughput")),
         Option("blob", bool, True, "export the compiled model per shape bucket for fast loading"),
         Option("dynamic", bool, False, "with shape buckets, run undeclared shapes on a dynamic compile instead of failing"),
+        Option("native", bool, True, "canonical Attention/GroupNorm/GeGLU as OpenVINO's ScaledDotProductAttention/"
+               "GroupNormalization/Gelu (false: inline their function bodies)"),
     )
 
     def available(self) -> tuple[bool, str]:
@@ -156,8 +161,8 @@ class OpenVinoTarget(Target):
         problems = []
         for n in model.graph.nodes:
             d = n.domain or ""
-            if (d, n.op) in model.functions:
-                continue  # inlined in legalize
+            if (d, n.op) in model.functions or (d == CANONICAL_DOMAIN and self._native(ctx, n.op)):
+                continue  # inlined in legalize, or converted natively
             ok, why = ov_has_rule("" if d == "ai.onnx" else d, n.op, model.opset if d in ("", "ai.onnx") else 1,
                                   len(n.inputs), len(n.outputs))
             if not ok:
@@ -168,8 +173,18 @@ class OpenVinoTarget(Target):
                                     "run the qdq pass first (sdgraph optimize --passes qdq)"))
         return problems
 
+    @staticmethod
+    def _native(ctx: LowerContext, op: str) -> bool:
+        return bool(ctx.options.get("native", True)) and op in NATIVE_OPS
+
+    def supports_precision_mode(self, precision: str) -> bool:
+        return precision == "bf16"  # INFERENCE_PRECISION_HINT=bf16, keep list as per-layer "precise" rt_info
+
     def legalize(self, model: Model, ctx: LowerContext) -> None:
-        inline_functions(model)
+        if ctx.options.get("native", True):
+            inline_functions(model, keep={(CANONICAL_DOMAIN, op) for op in NATIVE_OPS})
+        else:
+            inline_functions(model)
 
     def _config(self, ctx: LowerContext, precision: str) -> dict[str, str]:
         cfg = {"INFERENCE_PRECISION_HINT": _PRECISION[precision][0]}
@@ -185,17 +200,28 @@ class OpenVinoTarget(Target):
         with tempfile.TemporaryDirectory(prefix="sdgraph-ov-", dir=out_dir.parent) as d:
             f = model.save_to_dir_unchecked(Path(d))
             try:
-                ov_model = ov.convert_model(str(f))
+                native = {n.op: 0 for n in model.graph.nodes if n.domain == CANONICAL_DOMAIN and self._native(ctx, n.op)}
+                for n in model.graph.nodes:
+                    if n.op in native and n.domain == CANONICAL_DOMAIN:
+                        native[n.op] += 1
+                ov_model = ov.convert_model(str(f), extension=extensions() if native else None)
             except Exception as exc:
                 raise InputError(f"{ctx.submodel}: OpenVINO could not convert the graph: {_first(exc)}") from None
         compress = _PRECISION[ctx.precision][1]
+        precise = _keep_layers(ov_model, model, ctx.precision_keep) if ctx.precision_keep is not None else set()
         ov.save_model(ov_model, str(out_dir / "model.xml"), compress_to_fp16=compress)
+        if precise:
+            _mark_precise(out_dir / "model.xml", precise)
         config = self._config(ctx, ctx.precision)
         core = ov.Core()
         entry: dict[str, Any] = {"xml": "model.xml", "bin": "model.bin", "config": config, "compress_to_fp16": compress,
                                  "dynamic": not ctx.shapes or bool(ctx.options.get("dynamic")),
                                  "inputs": [t.name for t in model.graph.inputs],  # OV ports answer to every tensor name
-                                 "outputs": [t.name for t in model.graph.outputs], "blobs": []}
+                                 "outputs": [t.name for t in model.graph.outputs], "blobs": [],
+                                 "precision_mode": None if ctx.precision_keep is None else {
+                                     "precision": ctx.precision, "kept_nodes": len(ctx.precision_keep),
+                                     "precise_layers": len(precise)},
+                                 "native": {op: {"count": c, "openvino_op": NATIVE_OV_TYPES[op]} for op, c in sorted(native.items())}}
         self._compile_and_export(core, out_dir, entry, config, ctx)
         return entry
 
@@ -275,3 +301,50 @@ class OpenVinoTarget(Target):
 def _first(exc: Exception) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith(("Check ", "FrontEnd API"))]
     return lines[0] if lines else type(exc).__name__
+
+
+def _keep_layers(ov_model, model: Model, keep) -> set[str]:
+    """OpenVINO layer names that implement the ONNX nodes in ``keep``.
+
+    The ONNX frontend names a node's ops after the node (or, for a graph output, its tensor) and
+    gives the op that produces a node output that tensor's name; the ops of a decomposition in
+    between carry no tensor name. So: the op producing a kept node's output, plus its producers
+    upward while they have no tensor name of their own (Constants and Parameters excepted).
+    """
+    keep = set(keep)
+    outs = {o.name for n in model.graph.nodes if n.name in keep for o in n.outputs}
+    marked: set[str] = set()
+    stack = []
+    for op in ov_model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if op.get_type_name() in ("Parameter", "Constant", "Result"):
+            continue
+        if name in keep or name.split("/")[0] in keep or any(o.get_names() & outs for o in op.outputs()):
+            stack.append(op)
+    while stack:
+        op = stack.pop()
+        if op.get_friendly_name() in marked:
+            continue
+        marked.add(op.get_friendly_name())
+        for inp in op.inputs():
+            src = inp.get_source_output().get_node()
+            if src.get_type_name() not in ("Parameter", "Constant") and not inp.get_source_output().get_names():
+                stack.append(src)
+    return marked
+
+
+def _mark_precise(xml: Path, layers: set[str]) -> None:
+    """Add OpenVINO's ``precise`` rt_info (``ov::disable_fp16_compression``) to these layers of the IR:
+    the CPU plugin then runs them in f32 under a bf16 inference precision. (Python cannot make this
+    typed rt_info attribute; the IR reader builds it from the serialized form.)"""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(xml)
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("name") in layers:
+            rt = layer.find("rt_info")
+            if rt is None:
+                rt = ET.SubElement(layer, "rt_info")
+            if not any(a.get("name") == "precise" for a in rt.iter("attribute")):
+                ET.SubElement(rt, "attribute", name="precise", version="0")
+    tree.write(xml, encoding="utf-8", xml_declaration=True)

@@ -129,6 +129,9 @@ class TorchTarget(Target):
                                             f"op inside function {domain}::{name} has no torch mapping"))
         return problems
 
+    def supports_precision_mode(self, precision: str) -> bool:
+        return precision == "bf16"  # the runner's bf16 autocast; the keep list runs with autocast disabled
+
     def legalize(self, model: Model, ctx: LowerContext) -> None:
         from sdgraph.ir.canonical import inline_functions
 
@@ -137,13 +140,14 @@ class TorchTarget(Target):
     def build(self, model: Model, out_dir: Path, ctx: LowerContext) -> dict[str, Any]:
         model.save_to_dir_unchecked(out_dir)
         t0 = time.perf_counter()
-        gm = emit(model)
+        keep = sorted(ctx.precision_keep or ())
+        gm = emit(model, keep)
         emit_s = time.perf_counter() - t0
         (out_dir / "module.py").write_text(gm.code)
         settings = {k: ctx.options[k] for k in ("mode", "channels_last", "dynamic", "device")}
         (out_dir / "torch.json").write_text(json.dumps(settings, indent=2) + "\n")
         entry: dict[str, Any] = {"model": "model.onnx", "module": "module.py", "settings": settings,
-                                 "dynamic": True, "emit_s": round(emit_s, 3),
+                                 "dynamic": True, "emit_s": round(emit_s, 3), "precision_keep": keep,
                                  "canonical_native": sorted({n.op for n in model.graph.nodes if (n.domain or "") == CANONICAL_DOMAIN})}
         if settings["mode"] != "eager" and ctx.options.get("warmup", True) and ctx.shapes:
             from sdgraph.ir.runtime import seeded_inputs
@@ -202,5 +206,5 @@ class TorchTarget(Target):
             model = Model.load(artifact_dir / entry.get("model", "model.onnx"))
         except InputError as exc:
             raise InputError(f"{artifact_dir}: corrupted artifact ({exc})") from None
-        gm = emit(model)
+        gm = emit(model, entry.get("precision_keep", ()))
         return self._runner(gm, model, artifact_dir, dict(entry.get("settings", {})), ctx.precision)

@@ -78,11 +78,12 @@ class NodeArgs:
 class Emitter:
     """Builds one ``torch.fx`` graph: constants as buffers, small int constants as Python values."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, keep_fp32: frozenset[str] = frozenset()):
         import torch.fx as fx
 
         self.torch = torch_mod()
         self.model = model
+        self.keep_fp32 = keep_fp32  # node names run with autocast disabled, on float32 inputs
         self.root = self.torch.nn.Module()
         self.g = fx.Graph()
         self.env: dict[str, Val] = {}
@@ -148,6 +149,8 @@ class Emitter:
         if conv is None:
             raise UnsupportedError(f"{n.name} ({n.op}): no torch converter for this op")
         x = NodeArgs(n, [self.val(t) for t in n.inputs])
+        if n.name in self.keep_fp32:
+            return self._fp32_region(conv, x)
         if conv.shape is not None:
             present = [v for v in x.ins if v is not None]
             if present and all(v.shape_like for v in present) and (x.out_rank is None or x.out_rank <= 1):
@@ -155,6 +158,18 @@ class Emitter:
                 if r is not None:
                     return r
         return conv.emit(self, x)
+
+    def _fp32_region(self, conv, x: NodeArgs) -> list[Val | None]:
+        """A kept node under bf16 autocast: autocast disabled around it, its float inputs back in float32."""
+        from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+
+        f32 = np.dtype(np.float32)
+        x.ins = [Val(self.method("float", v.v), False, v.dtype) if v is not None and not v.shape_like and v.dtype == f32
+                 else v for v in x.ins]
+        ctx = self.call(_enter_autocast, "cpu", None, False, None)
+        outs = conv.emit(self, x)
+        self.call(_exit_autocast, ctx)
+        return outs
 
     def run(self):
         import torch.fx as fx
@@ -182,7 +197,7 @@ class Emitter:
         return gm
 
 
-def emit(model: Model):
+def emit(model: Model, keep_fp32=()):
     """A ``torch.fx.GraphModule`` computing ``model``: positional inputs in graph-input order, a tuple out.
 
     Canonical ``ai.sdgraph`` Attention maps to ``scaled_dot_product_attention``; other canonical ops
@@ -192,4 +207,4 @@ def emit(model: Model):
     bad = unsupported_nodes(model)
     if bad:
         raise UnsupportedError(f"{len(bad)} node(s) have no torch mapping", [f"{a} ({b}): {c}" for a, b, c in bad])
-    return Emitter(model).run()
+    return Emitter(model, frozenset(keep_fp32)).run()

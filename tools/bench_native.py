@@ -1,0 +1,148 @@
+"""Native lowering and precision-as-target-mode benchmark: full-size SD1.5-architecture UNet on OpenVINO.
+
+Usage (under the heavy-job lock; every figure is timed side by side in this one process):
+
+    flock /tmp/sdgraph-heavy.lock .venv/bin/python tools/bench_native.py [--src /tmp/sdgraph-full/sd15-onnx] \\
+        [--work /tmp/sdgraph-native-bench] [--rounds 3] [--size 512] [--profile] [--json OUT.json]
+
+The source is the random-weight full-size export of tools/build_full_model.py (built when missing).
+Rows, each a `sdgraph lower` artifact of the UNet at one static shape (batch 1):
+  ov-fp32            plain export, OpenVINO fp32
+  native-fp32        fold,fa,gn,geglu lowered with native=true (SDPA, GroupNormalization, Gelu), fp32
+  ov-bf16            plain export in OpenVINO's own bf16 mode (INFERENCE_PRECISION_HINT=bf16)
+  native-bf16-mode   fold,fa,gn,geglu,bf16{mode=target}: bf16 as a target mode with the keep list
+Calls alternate between the two rows of a pair (fp32 pair, then bf16 pair) round by round; the ratios are of medians. --profile adds
+OpenVINO's PERF_COUNT per layer type (one extra call per row).
+Goals (issue 16): native-fp32 <= 0.90x ov-fp32; native-bf16-mode <= 1.0x ov-bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROWS = ("ov-fp32", "native-fp32", "ov-bf16", "native-bf16-mode")
+
+
+def _feeds(size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    lat = size // 8
+    return {"sample": rng.standard_normal((1, 4, lat, lat), dtype=np.float32),
+            "timestep": np.array([999], dtype=np.int64),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 768), dtype=np.float32)}
+
+
+def _fit(runner, feeds):
+    out = {}
+    for name in runner.input_names:
+        dt = getattr(runner, "input_dtypes", {}).get(name, feeds[name].dtype)
+        out[name] = feeds[name].astype(dt)
+    return out
+
+
+def _profile(art: Path) -> dict[str, float]:
+    """ms per OpenVINO layer type over one call (PERF_COUNT), largest first."""
+    import openvino as ov
+
+    from sdgraph.manifest import read_manifest
+
+    entry = read_manifest(art)["submodels"]["unet"]
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(art / "unet" / entry["xml"])), "CPU",
+                                  {**entry["config"], "PERF_COUNT": "YES"})
+    req = compiled.create_infer_request()
+    feeds = {p.any_name: np.zeros([d.get_length() for d in p.get_partial_shape()], p.get_element_type().to_dtype())
+             for p in compiled.inputs}
+    req.infer(feeds)
+    per: dict[str, float] = collections.defaultdict(float)
+    for info in req.profiling_info:
+        per[f"{info.node_type}:{info.exec_type.split('_')[-1]}"] += info.real_time.total_seconds() * 1e3
+    return dict(sorted(((k, round(v, 1)) for k, v in per.items()), key=lambda kv: -kv[1])[:15])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=Path("/tmp/sdgraph-full/sd15-onnx"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sdgraph-native-bench"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from sdgraph.passes.manager import optimize_path
+    from sdgraph.targets import load_artifact, lower
+
+    if not (args.src / "unet" / "model.onnx").is_file():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("build_full_model.py")), "--arch", "sd15",
+                        "--out", str(args.src.parent)], check=True)
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages = {}
+    if not (w / "fused" / "unet" / "model.onnx").is_file():
+        optimize_path(args.src, "fold,fa,gn,geglu", w / "fused", submodels=["unet"])
+    stages["fused_s"] = round(time.perf_counter() - t0, 1)
+    if not (w / "fused-bf16mode" / "unet" / "model.onnx").is_file():
+        optimize_path(w / "fused", "bf16{mode=target}", w / "fused-bf16mode", submodels=["unet"])
+    stages["bf16mode_s"] = round(time.perf_counter() - t0, 1)
+    lat = args.size // 8
+    shapes = [{"sample": (1, 4, lat, lat), "timestep": (1,), "encoder_hidden_states": (1, 77, 768)}]
+    plan = {"ov-fp32": (args.src, "fp32"), "native-fp32": (w / "fused", "fp32"),
+            "ov-bf16": (args.src, "bf16"), "native-bf16-mode": (w / "fused-bf16mode", None)}
+    feeds = _feeds(args.size)
+    manifests: dict = {}
+    times: dict[str, list[float]] = {r: [] for r in ROWS}
+    # two phases (fp32 pair, bf16 pair) so that at most two full-size compiled UNets are in memory
+    for pair in (ROWS[:2], ROWS[2:]):
+        runners = {}
+        for row in pair:
+            src, prec = plan[row]
+            art = w / f"art-{row}-{args.size}"
+            if not (art / "sdgraph.json").is_file():
+                lower(src, "openvino", art, precision=prec, shapes=shapes, submodels=["unet"],
+                      options={"blob": "false"}, cache=False, force=True)
+            a = load_artifact(art)
+            runners[row], manifests[row] = a.runner("unet"), a.manifest["submodels"]["unet"]
+            runners[row](_fit(runners[row], feeds))  # warm-up call
+        for _ in range(args.rounds):
+            for row in pair:
+                f = _fit(runners[row], feeds)
+                t = time.perf_counter()
+                runners[row](f)
+                times[row].append(time.perf_counter() - t)
+        del runners, a
+        stages[f"{pair[0]}_pair_done_s"] = round(time.perf_counter() - t0, 1)
+    med = {r: statistics.median(v) for r, v in times.items()}
+    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]
+                    if f.startswith(("avx512", "amx"))})
+    result = {
+        "size": args.size, "rounds": args.rounds, "stages": stages, "cpu_flags": flags,
+        "ms": {r: round(m * 1e3, 1) for r, m in med.items()},
+        "calls_ms": {r: [round(x * 1e3, 1) for x in v] for r, v in times.items()},
+        "native_vs_ov_fp32": round(med["native-fp32"] / med["ov-fp32"], 3),
+        "bf16_mode_vs_ov_bf16": round(med["native-bf16-mode"] / med["ov-bf16"], 3),
+        "native_ops": manifests["native-fp32"].get("native"),
+        "precision_mode": manifests["native-bf16-mode"].get("precision_mode"),
+    }
+    if args.profile:
+        result["profile_ms"] = {row: _profile(w / f"art-{row}-{args.size}") for row in ROWS}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
