@@ -309,12 +309,11 @@ def build_demo_pipeline(out_dir: str | os.PathLike, arch: str = "sd15", size: st
                                StableDiffusionXLPipeline)
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise TargetUnavailable(f"demo-model needs the export extra ({exc.name} missing): pip install 'sdgraph[export]'") from None
-    from sdgraph.export import _open_mode
-    from sdgraph.ir.io import atomic_dir
+    from sdgraph.ir.modeldir import ModelDir
 
     out = Path(out_dir)
-    with atomic_dir(out, force=force) as tmp:
-        _open_mode(tmp)
+    with ModelDir.create(out, force=force) as new:  # a diffusers pipeline folder, committed the same way
+        tmp = new.path
         comps = _components(arch, size, seed)
         if _BASE_ARCH.get(arch, arch) == "sdxl":
             pipe = StableDiffusionXLPipeline(**comps)
@@ -364,13 +363,12 @@ def demo_controlnet(unet, size: str = "tiny", seed: int = 0):
 def _build_controlnet_pipeline(out: Path, arch: str, size: str, seed: int, force: bool) -> Path:
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    from sdgraph.export import _open_mode
-    from sdgraph.ir.io import atomic_dir
+    from sdgraph.ir.modeldir import ModelDir
 
     if arch == "pix2pix":
         raise UsageError("--controlnet: diffusers has no InstructPix2Pix ControlNet pipeline; use sd15, sd21, sdxl or turbo")
-    with atomic_dir(out, force=force) as tmp:
-        _open_mode(tmp)
+    with ModelDir.create(out, force=force) as new:  # a diffusers pipeline folder, committed the same way
+        tmp = new.path
         comps = _components(arch, size, seed)
         comps["controlnet"] = demo_controlnet(comps["unet"], size, seed)
         if _BASE_ARCH.get(arch, arch) == "sdxl":
@@ -401,11 +399,9 @@ def build_demo_controlnet(out_dir: str | os.PathLike, arch: str = "sd15", size: 
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdgraph.export import _open_mode
-    from sdgraph.ir.io import atomic_dir
+    from sdgraph.ir.outputs import atomic_dir
 
     with atomic_dir(Path(out_dir), force=force) as tmp:
-        _open_mode(tmp)
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**_UNET[(_BASE_ARCH.get(arch, arch), size)]).eval()
         demo_controlnet(unet, size, seed).save_pretrained(tmp, safe_serialization=True)
@@ -422,11 +418,9 @@ def build_demo_vae(out_dir: str | os.PathLike, kind: str = "taesd", size: str = 
     import torch
     from diffusers import AutoencoderTiny
 
-    from sdgraph.export import _open_mode
-    from sdgraph.ir.io import atomic_dir
+    from sdgraph.ir.outputs import atomic_dir
 
     with atomic_dir(Path(out_dir), force=force) as tmp:
-        _open_mode(tmp)
         torch.manual_seed(seed)
         AutoencoderTiny(**_TAESD[size]).eval().save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)

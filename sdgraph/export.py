@@ -47,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UnsupportedError, UsageError, VerificationError
+from sdgraph.ir.modeldir import SUBMODELS, ModelDir
 from sdgraph.manifest import read_json_object
 from sdgraph.progress import task as progress_task
 
@@ -64,7 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("legacy", "dynamo")
-SUBMODELS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
 DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
 LEGACY_MAX_OPSET = 20
 SDPA_MIN_OPSET = 14  # torch's legacy exporter has scaled_dot_product_attention from opset 14
@@ -610,10 +610,8 @@ def export_pipeline(
     prediction = _scheduler_config(source).get("prediction_type", "epsilon")
     notify = progress or (lambda *a: None)
     manifest: dict[str, Any] = {}
-    from sdgraph.ir.io import atomic_dir
-
-    with atomic_dir(out, force=force) as tmp:
-        _open_mode(tmp)
+    with ModelDir.create(out, force=force) as new:
+        tmp = new.path
         tokenizers = _copy_assets(source, tmp, vae_override, vae_cfg, cn_override)
         results = {}
         with progress_task("export", total=len(names)) as bar:
@@ -629,18 +627,9 @@ def export_pipeline(
                              attention, tolerance, seed, vae_cfg, results, tokenizers)
         if geo.get("residuals"):
             manifest["controlnet"] = _controlnet_manifest(geo, cn_override)
-        from sdgraph.manifest import write_manifest
-
-        write_manifest(tmp, manifest)
+        new.write_manifest(manifest)
     log.info("exported %s (%s) to %s", src, family, out)
     return manifest
-
-
-def _open_mode(path: Path) -> None:
-    """mkdtemp makes 0700 folders; give the output directory the mode a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
 
 
 def _geometry(src: _Source, unet_cfg: dict, vae_cfg: dict, height: int | None, width: int | None) -> dict:
@@ -681,7 +670,7 @@ def _copy_assets(src: _Source, tmp: Path, vae_override: str | None, vae_cfg: dic
         if src.local and (Path(src.root) / folder).is_dir():
             from sdgraph.ir.io import copy_inside
 
-            copy_inside(Path(src.root) / folder, tmp / folder, Path(src.root))
+            copy_inside(Path(src.root) / folder, tmp / folder, Path(src.root))  # a diffusers folder, not a ModelDir
         if folder.startswith("tokenizer"):
             tok = _load_tokenizer(src, folder)
             if tok is not None:

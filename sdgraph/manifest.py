@@ -12,28 +12,11 @@ from typing import Any
 
 from sdgraph.errors import InputError
 
-__all__ = ["MANIFEST", "select_submodels", "read_json_object", "read_manifest", "write_manifest", "file_hash", "package_versions", "SUBMODELS"]
+__all__ = ["MANIFEST", "read_json_object", "read_manifest", "write_manifest", "file_hash", "package_versions"]
 
 MANIFEST = "sdgraph.json"
-# Submodel folders of a model directory (optimum's ONNX layout), in pipeline order.
-SUBMODELS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
 _PACKAGES = ("sdgraph", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch", "diffusers",
              "transformers", "openvino", "onnxscript", "onnxsim")
-
-
-def select_submodels(src: str | os.PathLike, wanted: "list[str] | None", option: str = "--submodels") -> list[str]:
-    """The submodels of a model directory to work on: all present ones, or ``wanted`` (checked)."""
-    from sdgraph.errors import UsageError
-
-    src = Path(src)
-    names = [s for s in SUBMODELS if (src / s / "model.onnx").is_file()]
-    if not wanted:
-        return names
-    wanted = [w.strip() for w in wanted]
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        raise UsageError(f"{option}: {src} has no submodel {', '.join(map(repr, unknown))} (has {', '.join(names)})")
-    return [n for n in names if n in wanted]
 
 
 def read_manifest(directory: str | os.PathLike, required: bool = False) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from sdgraph.errors import UsageError
-from sdgraph.manifest import SUBMODELS
+from sdgraph.ir.modeldir import SUBMODELS
 
 __all__ = [
     "parse_shape_spec",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 Bucket = dict  # "input" or "submodel:input" -> dims
-_QUALIFIERS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder", "model")
+_QUALIFIERS = SUBMODELS + ("model",)
 _TEXT_SEQ = 77  # CLIP's context length: the tokenizers pad to it
 
 

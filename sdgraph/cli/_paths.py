@@ -6,7 +6,8 @@ from pathlib import Path
 
 from sdgraph.errors import InputError
 from sdgraph.ir.io import DATA_SUFFIX
-from sdgraph.manifest import SUBMODELS
+from sdgraph.ir.modeldir import GRAPH, ModelDir
+from sdgraph.manifest import MANIFEST
 
 __all__ = ["default_output", "default_source"]
 
@@ -40,8 +41,7 @@ def default_source(cwd: Path | None = None) -> Path:
     """
     explicit = cwd is not None
     cwd = Path(cwd) if explicit else Path.cwd()
-    if (cwd / "sdgraph.json").is_file() or (cwd / "model.onnx").is_file() or any(
-            (cwd / s / "model.onnx").is_file() for s in SUBMODELS):
+    if (cwd / MANIFEST).is_file() or (cwd / GRAPH).is_file() or ModelDir.is_model_dir(cwd):
         return cwd if explicit else Path(".")
     files = sorted(cwd.glob("*.onnx"))
     optimized = [f for f in files if f.name.endswith(".opt.onnx")]

@@ -31,6 +31,7 @@ def calib_data(
     """
     from sdgraph.ir.outputs import guard_output
     from sdgraph.ir.model import Model
+    from sdgraph.ir.modeldir import ModelDir
     from sdgraph.quant.calib_file import save_calib_data
     from sdgraph.quant.calibration import calibration_feeds
 
@@ -38,7 +39,7 @@ def calib_data(
         raise UsageError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
     if samples < 1 or steps < 1:
         raise UsageError("--samples and --steps need a value >= 1")
-    src = model_dir / role / "model.onnx"
+    src = ModelDir(model_dir).model_path(role)
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: not a directory (calib-data needs an exported model directory)")
     if not src.is_file():

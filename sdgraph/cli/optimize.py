@@ -101,14 +101,13 @@ def optimize(
 def _dry_run(src: Path, passes_: str, out: Path, submodels: str | None, verify: bool, as_json: bool) -> None:
     """What ``optimize`` would do: the canonical pipeline, the submodels (each loaded and checked), the output."""
     from sdgraph.ir.model import Model
-    from sdgraph.manifest import select_submodels
+    from sdgraph.ir.modeldir import ModelDir
     from sdgraph.passes.pipeline import build_pipeline, format_pipeline
 
     passes = build_pipeline(passes_)
-    model_dir = src.is_dir() and not (src / "model.onnx").is_file() and bool(select_submodels(src, None))
-    if model_dir:
-        names = select_submodels(src, submodels.split(",") if submodels else None)
-        files = {n: src / n / "model.onnx" for n in names}
+    if ModelDir.is_model_dir(src):
+        mdir = ModelDir(src)
+        files = {n: mdir.model_path(n) for n in mdir.select(submodels.split(",") if submodels else None)}
     else:
         if submodels:
             raise UsageError("--submodels applies to a model directory, not to a single model file")

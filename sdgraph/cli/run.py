@@ -143,6 +143,7 @@ def run_cmd(
 
 def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
     """Two tables: the headline numbers with ratios vs the first dir, and per-submodel latency."""
+    from sdgraph.ir.modeldir import SUBMODELS
     from sdgraph.pipeline.bench import split_results
 
     ran, failed = split_results(report, labels)
@@ -157,7 +158,7 @@ def bench_table(report: dict, labels: list[str] | None = None) -> list[Table]:
                   "-" if unet_mb is None else f"{unet_mb:.2f}",
                   f"{r['warmup_compile_s']:.2f}", f"{r['warmup_cache_s']:.2f}", f"{r['peak_rss_delta_mb']:.0f}")
     variants = sorted({k for r in res for k in r["submodel_ms"] if k.startswith("unet_")})  # deepcache's unet_shallow
-    subs = [s for s in ("text_encoder", "text_encoder_2", "controlnet", "unet", *variants, "vae_encoder", "vae_decoder")
+    subs = [s for s in (x for role in SUBMODELS for x in ((role, *variants) if role == "unet" else (role,)))
             if any(s in r["submodel_ms"] for r in res)]
     t2 = Table(title="latency per call (ms)")
     t2.add_column("dir")

@@ -325,6 +325,12 @@ def _umask_mode(base: int) -> int:
     return base & ~mask
 
 
+def _committed(final: Path) -> None:
+    """After the rename that commits ``final``: make it durable (fsync its folder)."""
+    _fsync_path(final.parent, directory=True)
+    pause_point("committed")
+
+
 def _commit(tmp: Path, final: Path, shown: Path, force: bool) -> None:
     """Under the folder lock: refuse an existing output without ``force``, then one rename."""
     with _folder_lock(final.parent):
@@ -334,21 +340,30 @@ def _commit(tmp: Path, final: Path, shown: Path, force: bool) -> None:
         pause_point("commit")
         if os.path.lexists(final) and (final.is_dir() or tmp.is_dir()):
             if _exchange(tmp, final):
-                _fsync_path(final.parent, directory=True)
-                pause_point("committed")
+                _committed(final)
                 _remove(tmp)  # now the old output
                 return
             old = temp_name(final, "old")
             os.rename(final, old)
             pause_point("swap")
             os.rename(tmp, final)
-            _fsync_path(final.parent, directory=True)
-            pause_point("committed")
+            _committed(final)
             _remove(old)
             return
         os.replace(tmp, final)
-        _fsync_path(final.parent, directory=True)
-        pause_point("committed")
+        _committed(final)
+
+
+def _file_output(path: str | os.PathLike, force: bool, what: str) -> tuple[Path, Path]:
+    """(shown, real) for a file output: refuse a directory, an existing one without ``force``; make its folder."""
+    shown = Path(path)
+    final = real_output(path)
+    if final.is_dir():
+        raise InputError(f"{shown}: is a directory, not {what}")
+    if final.exists() and _non_empty(final) and not force:
+        raise _exists(shown, final)
+    _mkdirs(final.parent, shown)
+    return shown, final
 
 
 @contextlib.contextmanager
@@ -380,13 +395,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file name beside ``path``; fsynced and renamed onto ``path`` only on success."""
-    shown = Path(path)
-    final = real_output(path)
-    if final.is_dir():
-        raise InputError(f"{shown}: is a directory, not a file")
-    if final.exists() and _non_empty(final) and not force:
-        raise _exists(shown, final)
-    _mkdirs(final.parent, shown)
+    shown, final = _file_output(path, force, "a file")
     tmp = temp_name(final)
     with _undo_on_failure(shown, [tmp]):
         yield tmp
@@ -407,13 +416,7 @@ def atomic_model_file(path: str | os.PathLike, force: bool = False,
     both visible at once; the data files of the replaced graph are removed afterwards, except any in
     ``protect`` (inputs). A kill at any point leaves the old pair or the new pair, never a mix.
     """
-    shown = Path(path)
-    final = real_output(path)
-    if final.is_dir():
-        raise InputError(f"{shown}: is a directory, not a .onnx file")
-    if final.exists() and _non_empty(final) and not force:
-        raise _exists(shown, final)
-    _mkdirs(final.parent, shown)
+    shown, final = _file_output(path, force, "a .onnx file")
     stem = final.name[:-5] if final.name.endswith(".onnx") else final.name
     data_name = f"{stem}.{secrets.token_hex(4)}.onnx_data"
     tmpdir = temp_name(final)
@@ -440,8 +443,7 @@ def atomic_model_file(path: str | os.PathLike, force: bool = False,
             pause_point("commit")
             os.replace(graph, final)
             del undo[1:]  # committed: the data file is the output's now
-            _fsync_path(final.parent, directory=True)
-            pause_point("committed")
+            _committed(final)
             for f in old_data:
                 if f not in keep and f.name != data_name:
                     with contextlib.suppress(OSError):

@@ -11,6 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from sdgraph.errors import UsageError, VerificationError
+from sdgraph.ir.build import GraphBuilder
 from sdgraph.passes._precision import match_names, probe_activations, time_embedding_nodes
 from sdgraph.passes.base import Option, Pass, PassResult
 
@@ -103,13 +104,14 @@ def cast_graph(model, low_nodes: list[gs.Node], kind: str) -> dict[str, int]:
     low_ids = {id(n) for n in low_nodes}
     alias: dict[str, gs.Variable] = {}  # float32 tensor -> its low-precision twin
     const_cache: dict[int, gs.Constant] = {}
-    casts_in = casts_out = weights = 0
-    new_nodes = []
+    weights = 0
+    b = GraphBuilder(graph)
+    made: dict[str, list[gs.Node]] = {"in": [], "out": []}
 
-    def cast_node(src, dst, to, name):
-        new_nodes.append(gs.Node("Cast", name, attrs={"to": to}, inputs=[src], outputs=[dst]))
+    def cast_node(src, dst, to, name, side):
+        made[side].append(b.node("Cast", [src], [dst], name=name, attrs={"to": to}))
 
-    for node in graph.toposort().nodes:
+    for node in list(graph.toposort().nodes):
         if id(node) not in low_ids:
             if node.op in _SHAPE_ONLY and node.inputs and node.inputs[0].name in alias:
                 node.inputs[0] = alias[node.inputs[0].name]
@@ -130,25 +132,22 @@ def cast_graph(model, low_nodes: list[gs.Node], kind: str) -> dict[str, int]:
                 node.inputs[i] = alias[t.name]
             else:
                 v = gs.Variable(f"{t.name}_{kind}", dtype=np_low, shape=t.shape)
-                cast_node(t, v, onnx_low, f"{t.name}_to_{kind}")
+                cast_node(t, v, onnx_low, f"{t.name}_to_{kind}", "in")
                 alias[t.name] = v
                 node.inputs[i] = v
-                casts_in += 1
         for j, o in enumerate(list(node.outputs)):
             if not _is_f32(o):
                 continue
             v = gs.Variable(f"{o.name}_{kind}", dtype=np_low, shape=o.shape)
             node.outputs[j] = v
             o.inputs.clear()
-            cast_node(v, o, onnx.TensorProto.FLOAT, f"{o.name}_from_{kind}")
+            cast_node(v, o, onnx.TensorProto.FLOAT, f"{o.name}_from_{kind}", "out")
             alias[o.name] = v
-            casts_out += 1
-    graph.nodes.extend(new_nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    live = {n.name for n in graph.nodes if n.op == "Cast"}
+    live = {id(n) for n in graph.nodes}
     return {
-        "casts_in": sum(1 for n in new_nodes if n.name in live and n.name.endswith(f"_to_{kind}")),
-        "casts_out": sum(1 for n in new_nodes if n.name in live and n.name.endswith(f"_from_{kind}")),
+        "casts_in": sum(id(n) in live for n in made["in"]),
+        "casts_out": sum(id(n) in live for n in made["out"]),
         "weights_cast": weights,
     }
 

@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from sdgraph.errors import InputError
+from sdgraph.ir.build import GraphBuilder
 from sdgraph.quant.scope import default_scope, match_names, reachable_from, time_embedding_nodes
 
 __all__ = [
@@ -42,28 +43,21 @@ def probe_activations(model, tensors: list[str], feeds_list: list[Mapping[str, n
     g = probe.graph
     tmap = g.tensors()
     outs: list[tuple[str, gs.Variable, gs.Variable]] = []
+    b = GraphBuilder(g)
+    f32, to_f32 = np.float32, {"to": onnx.TensorProto.FLOAT}
     for k, name in enumerate(tensors):
         t = tmap.get(name)
         if t is None or isinstance(t, gs.Constant):
             continue
-        f = gs.Variable(f"__probe{k}_f", dtype=np.float32)
-        a = gs.Variable(f"__probe{k}_a", dtype=np.float32)
-        mx = gs.Variable(f"__probe{k}_max", dtype=np.float32, shape=[])
-        isnan = gs.Variable(f"__probe{k}_isnan", dtype=np.bool_)
-        isinf = gs.Variable(f"__probe{k}_isinf", dtype=np.bool_)
-        bad = gs.Variable(f"__probe{k}_bad", dtype=np.bool_)
-        badf = gs.Variable(f"__probe{k}_badf", dtype=np.float32)
-        sm = gs.Variable(f"__probe{k}_nonfinite", dtype=np.float32, shape=[])
-        g.nodes += [
-            gs.Node("Cast", f"__probe{k}_cast", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[t], outputs=[f]),
-            gs.Node("Abs", f"__probe{k}_abs", inputs=[f], outputs=[a]),
-            gs.Node("ReduceMax", f"__probe{k}_rmax", attrs={"keepdims": 0}, inputs=[a], outputs=[mx]),
-            gs.Node("IsNaN", f"__probe{k}_nan", inputs=[f], outputs=[isnan]),
-            gs.Node("IsInf", f"__probe{k}_inf", inputs=[f], outputs=[isinf]),
-            gs.Node("Or", f"__probe{k}_or", inputs=[isnan, isinf], outputs=[bad]),
-            gs.Node("Cast", f"__probe{k}_castb", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[bad], outputs=[badf]),
-            gs.Node("ReduceMax", f"__probe{k}_rbad", attrs={"keepdims": 0}, inputs=[badf], outputs=[sm]),
-        ]
+        p = f"__probe{k}"
+        f = b.op("Cast", [t], name=f"{p}_cast", attrs=to_f32, out=b.var(f"{p}_f", f32))
+        a = b.op("Abs", [f], name=f"{p}_abs", out=b.var(f"{p}_a", f32))
+        mx = b.op("ReduceMax", [a], name=f"{p}_rmax", attrs={"keepdims": 0}, out=b.var(f"{p}_max", f32, []))
+        isnan = b.op("IsNaN", [f], name=f"{p}_nan", out=b.var(f"{p}_isnan", np.bool_))
+        isinf = b.op("IsInf", [f], name=f"{p}_inf", out=b.var(f"{p}_isinf", np.bool_))
+        bad = b.op("Or", [isnan, isinf], name=f"{p}_or", out=b.var(f"{p}_bad", np.bool_))
+        badf = b.op("Cast", [bad], name=f"{p}_castb", attrs=to_f32, out=b.var(f"{p}_badf", f32))
+        sm = b.op("ReduceMax", [badf], name=f"{p}_rbad", attrs={"keepdims": 0}, out=b.var(f"{p}_nonfinite", f32, []))
         outs.append((name, mx, sm))
     g.outputs = list(g.outputs) + [v for _, mx, sm in outs for v in (mx, sm)]
     stats: dict[str, tuple[float, bool]] = {name: (0.0, True) for name, _, _ in outs}

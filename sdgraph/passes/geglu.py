@@ -16,7 +16,7 @@ from sdgraph.ir.pattern import Mismatch, const_value, dims, eval_small, producer
 from sdgraph.ir.shapes import infer_shapes
 from sdgraph.passes.base import Pass, PassResult, register
 
-__all__ = ["FuseGeGLU", "GeGLUMatch", "match_geglu", "GATES", "HALVES"]
+__all__ = ["FuseGeGLU", "GeGLUMatch", "ErfGelu", "match_erf_gelu", "match_geglu", "GATES", "HALVES"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,20 @@ def _gelu_from_op(erf: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
     return erf.inputs[0], erf.outputs[0]
 
 
-def _gelu_from_erf(erf: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
-    """g · 0.5 · (1 + erf(g/√2)) around an Erf, the Muls in any order: (g, the product)."""
+@dataclasses.dataclass(frozen=True)
+class ErfGelu:
+    """One exact Gelu written with Erf: ``out`` = g · 0.5 · (1 + erf(g/√2)); ``nodes`` from the scaling of
+    g to the last Mul (a ``0.5 · g`` computed beside the chain is not among them)."""
+
+    g: gs.Tensor
+    out: gs.Tensor
+    nodes: tuple[gs.Node, ...]
+
+
+def match_erf_gelu(erf: gs.Node) -> ErfGelu:
+    """The exact Gelu around an ``Erf`` (g/√2 as Div or Mul, the Muls by g and by 0.5 in any order,
+    or 0.5 · g first), else Mismatch with the reason. The one matcher of the geglu pass and of
+    targets that lower Gelu whole (the Neural Engine)."""
     pre = producer(erf.inputs[0])
     if pre is None or pre.op not in ("Div", "Mul"):
         raise Mismatch("Erf input is not g/√2")
@@ -108,6 +120,7 @@ def _gelu_from_erf(erf: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
         raise Mismatch("Erf is not followed by + 1")
     # g * (1 + erf) * 0.5, the two Muls in either order
     t = add.outputs[0]
+    nodes = [pre, erf, add]
     seen_g = seen_half = False
     for _ in range(2):
         mul = single_consumer(t, "Mul")
@@ -117,18 +130,26 @@ def _gelu_from_erf(erf: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
         elif _close(scalar(o), 0.5) and not seen_half:
             seen_half = True
         else:
-            if not seen_g and producer(g) is not None and o is not g:
+            if not seen_g and o is not g:
                 # 0.5 * g computed first: Mul(g, 0.5) feeding this Mul
                 po = producer(o)
                 if po is not None and po.op == "Mul" and g in po.inputs and _close(scalar(_other(po, g)), 0.5):
                     seen_g = seen_half = True
                     t = mul.outputs[0]
+                    nodes.append(mul)
                     break
             raise Mismatch("the Gelu product is not g · 0.5 · (1 + erf)")
         t = mul.outputs[0]
+        nodes.append(mul)
     if not (seen_g and seen_half):
         raise Mismatch("the Gelu product is not g · 0.5 · (1 + erf)")
-    return g, t
+    return ErfGelu(g, t, tuple(nodes))
+
+
+def _gelu_from_erf(erf: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
+    """g · 0.5 · (1 + erf(g/√2)) around an Erf: (g, the product)."""
+    m = match_erf_gelu(erf)
+    return m.g, m.out
 
 
 # ... and how the Gelu of the gate is written (anchor op -> (g, Gelu(g))).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -237,18 +238,17 @@ def optimize_path(
     gains the passes applied with their stats. Inputs are never modified; ``out`` is written
     atomically; an existing non-empty ``out`` is replaced only with ``force``.
     """
-    from sdgraph.ir import io, outputs
-    from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
+    from sdgraph.ir import outputs
+    from sdgraph.ir.modeldir import ModelDir
     from sdgraph.shape_spec import check_shape_names, input_dims, shapes_for
 
     src, out = Path(src), Path(out)
     outputs.guard_output(out, outputs.model_inputs(src), force=force)
     shapes = manager_kwargs.pop("shapes", None) or {}
     pm = PassManager(passes, **manager_kwargs)
-    model_dir = src.is_dir() and not (src / "model.onnx").is_file() and any((src / s / "model.onnx").is_file() for s in SUBMODELS)
     if shapes and not pm.verify:
         raise UsageError("--shape sets the inputs of --verify; add --verify (or drop --shape)")
-    if not model_dir:
+    if not ModelDir.is_model_dir(src):
         if submodels:
             raise UsageError("--submodels applies to a model directory, not to a single model file")
         model = Model.load(src)
@@ -260,49 +260,30 @@ def optimize_path(
                              f"directory: optimize the directory that holds {src} instead of the file")
         model.save(out, force=force)
         return {model.name: report}
-    wanted = set(select_submodels(src, list(submodels) if submodels else None))
+    mdir = ModelDir(src)
+    wanted = set(mdir.select(list(submodels) if submodels else None))
     # load (and check) every submodel before any work: a bad one is refused before the first pass
-    models = {name: Model.load(src / name / "model.onnx") for name in select_submodels(src, None)}
-    source_manifest = read_manifest(src)
-    for name, of in _variant_folders(src, source_manifest).items():  # variants get the passes of their submodel
-        models[name] = Model.load(src / name / "model.onnx")
-        if of in wanted:
-            wanted.add(name)
+    models = {name: Model.load(mdir.model_path(name)) for name in mdir.submodels}
+    wanted |= {name for name, of in mdir.variants.items() if name in models and of in wanted}  # variants get their submodel's passes
     check_shape_names([shapes], {name: input_dims(m) for name, m in models.items() if name in wanted})
     reports: dict[str, Report] = {}
-    with io.atomic_dir(out, force=force) as tmp:
-        for item in sorted(src.iterdir()):
-            if item.name in models:
-                continue
-            if item.name != "sdgraph.json":
-                io.copy_inside(item, tmp / item.name, src)
+    with ModelDir.create(out, force=force) as new:
+        mdir.copy_assets_to(new.path)
         for name, model in models.items():
             if name in wanted:
                 model.metadata.setdefault("sdgraph.role", name)
                 reports[name] = PassManager(pm.passes, verify=pm.verify, strict=pm.strict, debug=pm.debug, seed=pm.seed,
                                             shapes=shapes_for(shapes, name, input_dims(model)) or None,
                                             instruments=pm.instruments).run(model)
-            (tmp / name).mkdir()
-            model.save_to_dir_unchecked(tmp / name)
-        manifest = source_manifest
-        _write_variants(tmp, manifest, reports)
+            (new.path / name).mkdir()
+            model.save_to_dir_unchecked(new.path / name)
+        manifest = copy.deepcopy(mdir.manifest)
+        _write_variants(new.path, manifest, reports)
         history = list(manifest.get("passes", []))
         history.append({"pipeline": pm.pipeline, "submodels": {k: _summary(r) for k, r in reports.items()}})
         manifest["passes"] = history
-        write_manifest(tmp, manifest)
+        new.write_manifest(manifest)
     return reports
-
-
-def _variant_folders(src: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """The source dir's variant folders (manifest ``"variants"``): name -> the submodel it is a variant of."""
-    from sdgraph.schedule import variants_of
-
-    out = {}
-    for base in {str(e.get("of")) for e in (manifest.get("variants") or {}).values() if isinstance(e, dict)}:
-        for name in variants_of(manifest, base):
-            if (src / name / "model.onnx").is_file():
-                out[name] = base
-    return out
 
 
 def _write_variants(tmp: Path, manifest: dict[str, Any], reports: dict[str, Report]) -> None:

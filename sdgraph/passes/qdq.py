@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 
 from sdgraph.errors import PassError, UsageError
+from sdgraph.ir.model import ROLES
 from sdgraph.passes.base import Option, Pass, PassResult, register
 from sdgraph.quant.scope import activation_matmuls, quantized_nodes, resolve_scope, watched_tensors
 
@@ -46,7 +47,7 @@ class Qdq(Pass):
     name = "qdq"
     summary = "Static INT8 quantization (QDQ) calibrated on Stable Diffusion trajectories"
     exact = False
-    roles = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+    roles = ROLES
     options = (
         Option("calib", int, 16, "calibration samples", positional=True, min=1),
         Option("method", str, "auto", "range estimation (auto: entropy for the UNet, minmax for the others)",

@@ -139,11 +139,11 @@ _NOT_WEIGHTS = (".blob", ".xml", ".json", ".yaml", ".yml", ".sh", ".txt", ".log"
 def _submodel_mb(path: Path) -> dict[str, float]:
     """Weights on disk per submodel folder, in MB (OpenVINO's .bin, the engine's model.bin, ONNX's
     model.onnx + data): the size half of a size/latency table, as the OpenVINO seed compares .bin files."""
-    from sdgraph.manifest import SUBMODELS
+    from sdgraph.ir.modeldir import ModelDir
 
     return {s: sum(f.stat().st_size for f in (path / s).rglob("*")
                    if f.is_file() and f.suffix.lower() not in _NOT_WEIGHTS) / 1e6
-            for s in SUBMODELS if (path / s).is_dir()}
+            for s in ModelDir(path).names if (path / s).is_dir()}
 
 
 def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | None = None, width: int | None = None,

@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from sdgraph.errors import InputError, SdgraphError, TargetUnavailable, UsageError
+from sdgraph.ir.modeldir import ModelDir
 from sdgraph.ir.runtime import penultimate_hidden_state as _penultimate, pick_output as _pick
-from sdgraph.manifest import read_json_object, read_manifest
+from sdgraph.manifest import read_json_object
 from sdgraph.progress import track
 
 __all__ = [
@@ -44,7 +45,6 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "lcm": "LCMScheduler",
 }
-_SUBMODELS = ("text_encoder", "text_encoder_2", "controlnet", "unet", "vae_encoder", "vae_decoder")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
@@ -829,7 +829,8 @@ def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None
         raise InputError(f"{path}: not a directory (need an exported model dir or a lowered artifact dir)")
     if devices < 1:
         raise UsageError(f"--devices {devices}: must be >= 1")
-    manifest = read_manifest(path)
+    mdir = ModelDir(path)
+    manifest = mdir.manifest
     is_artifact = manifest.get("kind") == ARTIFACT_KIND
     if devices > 1 and threads is None:
         threads = max(1, (os.cpu_count() or 2) // devices)
@@ -841,7 +842,7 @@ def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None
         except ImportError as exc:  # pragma: no cover
             raise TargetUnavailable(f"cannot load artifacts: {exc}") from None
         artifact = load_artifact(path, target=target)
-        for name in (*_SUBMODELS, *_variant_names(manifest)):
+        for name in ModelDir(path, dict(schedule_manifest(manifest))).names:  # the variants of older artifacts too
             for _ in range(devices if name.startswith("unet") else 1):
                 t0 = time.perf_counter()
                 r = _load_artifact_submodel(artifact, path, name)
@@ -854,28 +855,17 @@ def open_pipeline(path: str | os.PathLike, devices: int = 1, threads: int | None
         if target not in (None, "onnxruntime", "ort"):
             raise InputError(f"{path}: a plain model dir runs on ONNX Runtime only; lower it with "
                              f"`sdgraph lower {path} --target {target}` first")
-        found = False
-        for name in (*_SUBMODELS, *_variant_names(manifest)):
-            f = path / name / "model.onnx"
-            if not f.is_file():
-                continue
-            found = True
+        for name in mdir.submodels:
+            f = mdir.model_path(name)
             n = devices if name.startswith("unet") else 1
             for _ in range(n):
                 t0 = time.perf_counter()
                 runners.setdefault(name, []).append(OrtRunner(f, threads=threads))
                 load_seconds[name] = load_seconds.get(name, 0.0) + time.perf_counter() - t0
-        if not found:
+        if not runners:
             raise InputError(f"{path}: no <submodel>/model.onnx here (not an exported model dir or artifact dir)")
         tgt = "onnxruntime"
     return Pipeline(path, runners, manifest, "artifact" if is_artifact else "model", tgt, load_seconds)
-
-
-def _variant_names(manifest: Mapping[str, Any]) -> list[str]:
-    """The UNet variant folders a dir's manifest names (``deepcache``'s ``unet_shallow``)."""
-    from sdgraph.schedule import variants_of
-
-    return sorted(variants_of(schedule_manifest(manifest), "unet"))
 
 
 def _io_info(path: Path, manifest: dict, name: str) -> tuple[dict, dict]:

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from sdgraph.errors import InputError
-from sdgraph.ir.model import ROLES
+from sdgraph.ir.modeldir import ModelDir
 from sdgraph.paths import cache_dir as cache_root
 
 __all__ = ["cache_dir", "model_dir", "load_prompts", "need", "NO_SOURCE_HINT"]
@@ -26,8 +26,7 @@ def model_dir(model) -> Path:
     if model.path is None:
         raise InputError(f"calibration needs the model's pipeline directory, but this model was not loaded from a file "
                          f"({NO_SOURCE_HINT})")
-    parent = Path(model.path).resolve().parent
-    return parent.parent if parent.name in ROLES else parent
+    return ModelDir.around(model.path)
 
 
 def load_prompts(prompt_file: str | os.PathLike | None = None) -> list[str]:

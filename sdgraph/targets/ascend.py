@@ -181,7 +181,7 @@ def timestep_to_int32(model: Model) -> str | None:
                 if o is t:  # pragma: no cover - an identity graph
                     model.graph.outputs[i] = inner
             to = onnx.helper.np_dtype_to_tensor_dtype(old)
-            model.graph.nodes.insert(0, gs.Node("Cast", f"{t.name}/Cast_int32_to_{old.name}", {"to": to}, [t], [inner]))
+            GraphBuilder(model.graph).node("Cast", [t], [inner], name=f"{t.name}/Cast_int32_to_{old.name}", attrs={"to": to})
             t.dtype = np.dtype(np.int32)
             return t.name
     return None

@@ -17,7 +17,8 @@ from sdgraph.errors import InputError, UnsupportedError, UsageError
 from sdgraph.ir import io
 from sdgraph.ir.model import CANONICAL_DOMAIN, ROLES, Model
 from sdgraph.passes._cast import apply_cast_mode, recorded_precision_mode
-from sdgraph.manifest import SUBMODELS, read_manifest, select_submodels, write_manifest
+from sdgraph.ir.modeldir import ModelDir
+from sdgraph.manifest import read_manifest
 from sdgraph.progress import track
 from sdgraph.targets.base import ARTIFACT_KIND, LowerContext, Problem, Target, get_target
 from sdgraph.shape_spec import (check_shape_names, derive_shapes, input_dims, normalize_shapes, parse_shape_args,
@@ -112,13 +113,9 @@ def generic_problems(model: Model, target: Target, ctx: LowerContext) -> list[Pr
 
 
 # -- inputs -------------------------------------------------------------------------------------
-def _is_model_dir(p: Path) -> bool:
-    return p.is_dir() and not (p / "model.onnx").is_file() and any((p / s / "model.onnx").is_file() for s in SUBMODELS)
-
-
-def _source_manifest(src: Path, model_dir: bool) -> dict[str, Any]:
-    if model_dir:
-        return read_manifest(src)
+def _source_manifest(src: Path, mdir: ModelDir | None) -> dict[str, Any]:
+    if mdir is not None:
+        return mdir.manifest
     f = io.resolve_model_file(src)
     for d in (f.parent, f.parent.parent):
         m = read_manifest(d)
@@ -247,19 +244,19 @@ def lower(
     if not src.exists():
         raise InputError(f"{src}: no such file or directory")
     outputs.guard_output(out, outputs.model_inputs(src), force=force)
-    model_dir = _is_model_dir(src)
-    src_manifest = _source_manifest(src, model_dir)
+    mdir = ModelDir(src) if ModelDir.is_model_dir(src) else None
+    src_manifest = _source_manifest(src, mdir)
     pipeline = _pipeline_text(src_manifest)
 
     # 1. load every submodel and check it: all problems, before any work
     jobs: list[tuple[str, Model, LowerContext]] = []
     variants: dict[str, str] = {}  # variant folder -> the submodel it is a variant of (its shapes follow)
-    if model_dir:
-        for name in select_submodels(src, list(submodels) if submodels else None):
-            m = Model.load(src / name / "model.onnx")
+    if mdir is not None:
+        for name in mdir.select(list(submodels) if submodels else None):
+            m = Model.load(mdir.model_path(name))
             m.metadata.setdefault("sdgraph.role", name)
             jobs.append((name, m, None))
-        variants = _variant_jobs(src, src_manifest, [name for name, _, _ in jobs], jobs)
+        variants = _variant_jobs(mdir, [name for name, _, _ in jobs], jobs)
     else:
         if submodels:
             raise UsageError("--submodels applies to a model directory, not to a single model file")
@@ -286,7 +283,7 @@ def lower(
         _precision_mode(m, tgt, ctx, precision)
         jobs[i] = (name, m, ctx)
         found = generic_problems(m, tgt, ctx) + list(tgt.check(m, ctx))
-        problems += [f"{name}: {p}" if len(jobs) > 1 or model_dir else str(p) for p in found]
+        problems += [f"{name}: {p}" if len(jobs) > 1 or mdir is not None else str(p) for p in found]
     if problems:
         raise UnsupportedError(f"{len(problems)} problem(s) keep the graph from lowering to {target!r} (listed above)"
                                if len(problems) > 1 else f"cannot lower to {target!r}: {problems[0]}", problems)
@@ -327,13 +324,10 @@ def lower(
                            submodels=plan, manifest={}, seconds=time.perf_counter() - t0, dry_run=True)
     results: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
-    with io.atomic_dir(out, force=force) as tmp:
-        if model_dir:
-            for item in sorted(src.iterdir()):
-                if (item.name in SUBMODELS or item.name in variants) and (item / "model.onnx").is_file() \
-                        or item.name == "sdgraph.json":
-                    continue
-                io.copy_inside(item, tmp / item.name, src)
+    with ModelDir.create(out, force=force) as new:
+        tmp = new.path
+        if mdir is not None:
+            mdir.copy_assets_to(tmp)
         for name, m, ctx in track(jobs, f"lower {target}"):
             t1 = time.perf_counter()
             sub = tmp / name
@@ -367,23 +361,21 @@ def lower(
             **_variant_manifest(src_manifest, variants),
             **dict(annotations or {}),
         }
-        write_manifest(tmp, manifest)
+        new.write_manifest(manifest)
     secs = time.perf_counter() - t0
     _say(progress, f"wrote {out} ({target}, {precision}) in {secs:.1f} s")
     return LowerResult(out=out, target=target, precision=precision, submodels=results, manifest=manifest, seconds=secs)
 
 
 # -- UNet variants (deepcache's unet_shallow): lowered beside their submodel, shapes derived from it -------
-def _variant_jobs(src: Path, manifest: Mapping[str, Any], selected: list[str], jobs: list) -> dict[str, str]:
+def _variant_jobs(mdir: ModelDir, selected: list[str], jobs: list) -> dict[str, str]:
     """Append a job for each variant folder of a selected submodel (manifest ``"variants"``); name -> base."""
-    from sdgraph.schedule import variants_of
-
     found: dict[str, str] = {}
     for base in selected:
-        for name in sorted(variants_of(manifest, base)):
-            f = src / name / "model.onnx"
+        for name in mdir.variants_of(base):
+            f = mdir.model_path(name)
             if not f.is_file():
-                raise InputError(f"{src}: the manifest names the variant {name!r} of {base} and {name}/model.onnx is missing")
+                raise InputError(f"{mdir.path}: the manifest names the variant {name!r} of {base} and {name}/model.onnx is missing")
             m = Model.load(f)
             m.metadata.setdefault("sdgraph.role", base)
             jobs.append((name, m, None))

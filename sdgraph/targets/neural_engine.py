@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import subprocess
 import tempfile
@@ -20,7 +19,9 @@ from sdgraph.errors import PassError, TargetUnavailable, UnsupportedError
 from sdgraph.ir.canonical import inline_functions
 from sdgraph.ir.build import GraphBuilder
 from sdgraph.ir.model import CANONICAL_DOMAIN, Model
+from sdgraph.ir.pattern import Mismatch
 from sdgraph.ir.shapes import infer_shapes, static_shape
+from sdgraph.passes.geglu import match_erf_gelu
 from sdgraph.targets.base import Capability, LowerContext, Problem, Target, register_target
 
 __all__ = ["NeuralEngineTarget", "neural_engine_status", "emit_ir", "NE_OPS", "MAPPED_ONNX_OPS", "ne_python"]
@@ -695,11 +696,6 @@ class NeuralEngineTarget(Target):
         return NeuralEngineRunner(Path(artifact_dir), entry)
 
 
-def _near(t, value: float) -> bool:
-    v = _cval(t) if isinstance(t, gs.Constant) else None
-    return v is not None and v.size == 1 and abs(float(v.ravel()[0]) - value) < 1e-4 * abs(value)
-
-
 def _fuse_gelu(model: Model) -> int:
     """x·0.5·(1+erf(x/√2)) (any order of the last two Muls) -> one standard ``Gelu`` node.
 
@@ -709,37 +705,16 @@ def _fuse_gelu(model: Model) -> int:
     b = GraphBuilder(model.graph)
     fused = 0
     for erf in [n for n in model.graph.nodes if n.op == "Erf"]:
-        pre = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
-        if pre is None or not (pre.op == "Div" and _near(pre.inputs[1], math.sqrt(2))
-                               or pre.op == "Mul" and _near(pre.inputs[1], 1 / math.sqrt(2))):
+        try:
+            m = match_erf_gelu(erf)
+        except Mismatch:
             continue
-        x = pre.inputs[0]
-        chain = [pre, erf]
-        add = erf.outputs[0].outputs
-        if len(add) != 1 or add[0].op != "Add" or not any(_near(t, 1.0) for t in add[0].inputs):
+        inner = m.nodes[:-1]  # what the Gelu replaces must not be read from anywhere else
+        if any(len(n.outputs[0].outputs) > 1 for n in inner) or any(o in model.graph.outputs for n in inner for o in n.outputs):
             continue
-        chain.append(add[0])
-        t, seen_x, seen_half = add[0].outputs[0], False, False
-        while not (seen_x and seen_half):
-            users = t.outputs
-            if len(users) != 1 or users[0].op != "Mul":
-                break
-            other = next((u for u in users[0].inputs if u is not t), t)
-            if other is x and not seen_x:
-                seen_x = True
-            elif _near(other, 0.5) and not seen_half:
-                seen_half = True
-            else:
-                break
-            chain.append(users[0])
-            t = users[0].outputs[0]
-        if not (seen_x and seen_half) or any(len(n.outputs[0].outputs) > 1 for n in chain[:-1]) \
-                or any(o in model.graph.outputs for n in chain[:-1] for o in n.outputs):
-            continue
-        out = chain[-1].outputs[0]
-        for n in chain:
+        for n in m.nodes:
             n.outputs.clear()
-        b.op("Gelu", [x], name=erf.name + "_gelu", out=out)
+        b.op("Gelu", [m.g], name=erf.name + "_gelu", out=m.out)
         fused += 1
     if fused:
         model.graph.cleanup().toposort()

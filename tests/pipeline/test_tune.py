@@ -197,7 +197,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
     cases = [(["--space", bad], "bad.yaml: stage 'a': unknown pass 'nosuch'"),
              (["--min-clip", "20"], "--min-clip needs a local CLIP model"),
              (["--ray", f"127.0.0.1:{port}", "--space", _space(tmp_path, SPACE)], f"--ray 127.0.0.1:{port}: cannot reach")]
-    from tests.reliability.bad_input_support import invoke
+    from tests.reliability.support import invoke
 
     for extra, msg in cases:
         r = invoke(["tune", model, "-o", tmp_path / "study", *extra])  # in process: the CLI's own exit path

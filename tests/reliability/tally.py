@@ -34,7 +34,7 @@ class _Request:
 def main(argv: list[str]) -> int:
     """``--subprocess``: every case through ``python -m sdgraph`` (works on trees older than run_app);
     ``--skip N``: start at case N; ``--only ID,ID``: just these cases."""
-    from tests.reliability.bad_input_support import invoke, tree_state
+    from tests.reliability.support import invoke, tree_state
     from tests.reliability.test_bad_inputs import CASES, Ctx
 
     cols = {"kinds": 0, "tracebacks": 0, "wrong exit code": 0, "not one error line": 0,

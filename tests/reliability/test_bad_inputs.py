@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from tests.reliability.bad_input_support import (
+from tests.reliability.support import (
     invoke, png_bomb, save, tiny_graph, tree_state, weights_model,
 )
 

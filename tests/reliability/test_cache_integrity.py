@@ -10,7 +10,7 @@ import pytest
 
 from sdgraph.ir.model import Model
 from tests.graphs import mlp_model, save_external
-from tests.reliability.output_support import sdgraph, snapshot, tally
+from tests.reliability.support import sdgraph, snapshot, tally
 
 # each case lowers through the CLI twice: ~45 s of CPU in all; part of the full suite, not the fast layer.
 pytestmark = pytest.mark.slow

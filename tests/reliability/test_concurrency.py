@@ -10,7 +10,7 @@ import numpy as np
 from sdgraph.ir import runtime
 from sdgraph.ir.model import Model
 from tests.graphs import mlp_model, save_external
-from tests.reliability.output_support import hidden, start, tally
+from tests.reliability.support import hidden, start, tally
 
 
 pytestmark = pytest.mark.slow  # pairs of CLI processes racing on one output or cache key

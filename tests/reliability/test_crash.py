@@ -19,7 +19,7 @@ from sdgraph.errors import InputError
 from sdgraph.ir import runtime
 from sdgraph.ir.model import Model
 from tests.graphs import mlp_model, save_external
-from tests.reliability.output_support import hidden, sdgraph, start, tally
+from tests.reliability.support import hidden, sdgraph, start, tally
 
 # kill -9 of child processes at named points: ~45 s of CPU in all; part of the full suite, not the fast layer.
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from tests.graphs import mlp_model, save_external
-from tests.reliability.output_support import check_refused, invoke, snapshot
+from tests.reliability.support import check_refused, invoke, snapshot
 
 
 @pytest.fixture()

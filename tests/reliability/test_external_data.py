@@ -14,7 +14,7 @@ import pytest
 import sdgraph
 from sdgraph.errors import InputError
 from sdgraph.ir import io
-from tests.reliability.bad_input_support import weights_model
+from tests.reliability.support import weights_model
 
 _X = {"x": np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)}
 

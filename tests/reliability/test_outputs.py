@@ -17,7 +17,7 @@ from sdgraph.errors import InputError
 from sdgraph.ir import runtime
 from sdgraph.ir.model import Model
 from tests.graphs import mlp_model, save_external
-from tests.reliability.output_support import check_refused, invoke, sdgraph, snapshot, tally
+from tests.reliability.support import check_refused, invoke, sdgraph, snapshot, tally
 
 
 @pytest.fixture()

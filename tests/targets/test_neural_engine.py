@@ -385,3 +385,43 @@ def test_runner_drives_a_served_worker(fake_runtime, lowered, tiny_sd15_onnx):
         ne_runner.run(feeds)
     assert ne_runner._proc.poll() is None
     ne_runner.close()
+
+
+def test_gelu_fusion_shares_the_geglu_matcher():
+    """The engine's Gelu fusion takes the erf chains the geglu pass matches (any Mul order, 0.5·x first),
+    and leaves one whose inner product is also a graph output."""
+    from sdgraph.targets.neural_engine import _fuse_gelu
+
+    m = Model.from_onnx_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,8] x) => (float[2,8] a, float[2,8] b, float[2,8] c, float[2,8] d, float[2,8] dp) {
+      r2 = Constant<value = float[1] {1.4142135}>()
+      ir2 = Constant<value = float[1] {0.70710677}>()
+      one = Constant<value = float[1] {1.0}>()
+      half = Constant<value = float[1] {0.5}>()
+      a1 = Div(x, r2)
+      a2 = Erf(a1)
+      a3 = Add(a2, one)
+      a4 = Mul(x, a3)
+      a = Mul(a4, half)
+      b1 = Mul(x, ir2)
+      b2 = Erf(b1)
+      b3 = Add(one, b2)
+      b4 = Mul(b3, half)
+      b = Mul(b4, x)
+      hx = Mul(x, half)
+      c1 = Div(x, r2)
+      c2 = Erf(c1)
+      c3 = Add(c2, one)
+      c = Mul(hx, c3)
+      d1 = Div(x, r2)
+      d2 = Erf(d1)
+      d3 = Add(d2, one)
+      dp = Mul(x, d3)
+      d = Mul(dp, half)
+    }""")
+    assert _fuse_gelu(m) == 3
+    gelus = [n for n in m.graph.nodes if n.op == "Gelu"]
+    assert sorted(n.outputs[0].name for n in gelus) == ["a", "b", "c"]
+    assert all(n.inputs[0].name == "x" for n in gelus)
+    assert sum(n.op == "Erf" for n in m.graph.nodes) == 1  # d's chain stays: its product dp is an output

@@ -1,4 +1,10 @@
-"""Helpers for the bad-input tests: run the CLI, hash trees, list stray files, build broken models."""
+"""Shared by the reliability tests: run the CLI (in this process or as ``python -m sdgraph``), record
+a folder tree, check a refusal, tally the cases, and build broken models.
+
+``SDGRAPH_RELIABILITY_TALLY=<file>`` appends one JSON line per checked case (kind, and what went
+wrong: traceback, wrong exit code, input modified, partial output, stale cache hit); the tables in
+docs/reliability.md and docs/reliability-outputs.md are summed from such runs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io as _io
+import json
 import os
 import stat
 import subprocess
@@ -13,13 +20,16 @@ import sys
 import traceback
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+ROOT = Path(__file__).resolve().parents[2]
 
+
+# -- running the CLI --------------------------------------------------------------------------
 @dataclasses.dataclass
 class Result:
     code: int
@@ -27,32 +37,45 @@ class Result:
     stderr: str
 
     @property
+    def returncode(self) -> int:
+        return self.code
+
+    @property
     def error_lines(self) -> list[str]:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
-def invoke(args: Sequence[str], *, subprocess_run: bool = False, cwd: Path | None = None,
-           env: dict[str, str] | None = None) -> Result:
-    """Run ``sdgraph ARGS`` through the real entry point (in-process, or as ``python -m sdgraph``).
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout first on PYTHONPATH, wide lines."""
+    env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def invoke(*args, subprocess_run: bool = False, cwd: Path | None = None, env: dict[str, str] | None = None) -> Result:
+    """Run ``sdgraph ARGS`` (``invoke("optimize", x)`` or ``invoke(["optimize", x])``) through the real
+    entry point, in this process (much faster than a subprocess per case) or as ``python -m sdgraph``.
 
     In-process, an exception escaping the entry point is reported as a traceback on stderr, the
     way the interpreter would print it.
     """
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = tuple(args[0])
     args = [str(a) for a in args]
     if subprocess_run:
-        full_env = dict(os.environ, COLUMNS="200", **(env or {}))
         p = subprocess.run([sys.executable, "-m", "sdgraph", *args], capture_output=True, text=True, cwd=cwd,
-                           env=full_env, errors="replace")
+                           env=cli_env(**(env or {})), errors="replace")
         return Result(p.returncode, p.stdout, p.stderr)
     from sdgraph.cli import _load_commands
     from sdgraph.cli._app import run_app
 
     _load_commands()
     out, err = _io.StringIO(), _io.StringIO()
-    old_env = {k: os.environ.get(k) for k in (env or {})}
+    env = {"COLUMNS": "200", **(env or {})}
+    old_env = {k: os.environ.get(k) for k in env}
     old_cwd = os.getcwd()
     try:
-        os.environ.update(env or {})
+        os.environ.update(env)
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -73,32 +96,87 @@ def invoke(args: Sequence[str], *, subprocess_run: bool = False, cwd: Path | Non
     return Result(code, out.getvalue(), err.getvalue())
 
 
-def tree_state(*roots: Path) -> dict[str, str]:
-    """Every entry under ``roots`` (links not followed) with a digest of its bytes or its kind.
+def sdgraph(*args, cwd=None, **env: str) -> Result:
+    """``python -m sdgraph ARGS`` in a subprocess (for what must be a real process: kills, locks, caches)."""
+    return invoke(*args, subprocess_run=True, cwd=cwd, env=env)
+
+
+# -- recording a tree -------------------------------------------------------------------------
+def _entries(root: Path) -> Iterator[tuple[Path, str]]:
+    """``root`` and every entry under it (links not followed) with a digest of its bytes or its kind.
 
     FIFOs, sockets and devices are never opened; a symbolic link records its target.
     """
+    paths = [root]
+    if root.is_dir() and not root.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(root):
+            paths += [Path(dirpath) / n for n in dirnames + filenames]
+    for p in paths:
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            yield p, "link:" + os.readlink(p)
+        elif stat.S_ISREG(st.st_mode):
+            yield p, hashlib.sha256(p.read_bytes()).hexdigest()
+        elif stat.S_ISDIR(st.st_mode):
+            yield p, "dir"
+        else:
+            yield p, f"special:{stat.S_IFMT(st.st_mode)}"
+
+
+def tree_state(*roots: Path) -> dict[str, str]:
+    """Every entry of ``roots`` by its full path (see :func:`_entries`); a missing root is ``absent``."""
     state: dict[str, str] = {}
-    for root in roots:
-        root = Path(root)
+    for root in map(Path, roots):
         if not os.path.lexists(root):
             state[str(root)] = "absent"
             continue
-        paths = [root]
-        if root.is_dir() and not root.is_symlink():
-            for dirpath, dirnames, filenames in os.walk(root):
-                paths += [Path(dirpath) / n for n in dirnames + filenames]
-        for p in paths:
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                state[str(p)] = "link:" + os.readlink(p)
-            elif stat.S_ISREG(st.st_mode):
-                state[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-            elif stat.S_ISDIR(st.st_mode):
-                state[str(p)] = "dir"
-            else:
-                state[str(p)] = f"special:{stat.S_IFMT(st.st_mode)}"
+        state.update((str(p), s) for p, s in _entries(root))
     return state
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` by its path relative to it (the root itself left out; {} when missing)."""
+    root = Path(root)
+    if not os.path.lexists(root):
+        return {}
+    return {str(p.relative_to(root)): s for p, s in _entries(root) if p != root}
+
+
+# -- checking a refusal, tallying -------------------------------------------------------------
+def tally(kind: str, note: str = "", **problems: bool) -> None:
+    path = os.environ.get("SDGRAPH_RELIABILITY_TALLY")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, "note": note, **{k: bool(v) for k, v in problems.items()}}) + "\n")
+
+
+def check_refused(kind: str, res: subprocess.CompletedProcess, code: int, match: str,
+                  before: dict[str, str], after: dict[str, str]) -> None:
+    """Exit ``code``, exactly one ``error:`` line (the last; progress lines may precede it) containing
+    ``match``, no traceback, nothing changed."""
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    traceback = "Traceback" in res.stderr + res.stdout
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    modified = {k for k in changed if k in before}
+    stray = {k for k in changed if k not in before}
+    tally(kind, traceback=traceback, wrong_exit=res.returncode != code, input_modified=bool(modified),
+          partial_output=bool(stray))
+    assert not traceback, res.stderr
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert len(errors) == 1 and lines[-1] == errors[0] and match in errors[0], res.stderr
+    assert not modified, f"modified: {sorted(modified)}"
+    assert not stray, f"stray or partial output: {sorted(stray)}"
+
+
+def start(*args, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sdgraph", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(**env))
+
+
+def hidden(folder: Path) -> list[str]:
+    """Temporary leftovers (``.X.tmp-*``, ``.X.old-*``) in a folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name))
 
 
 # -- tiny graphs ------------------------------------------------------------------------------
