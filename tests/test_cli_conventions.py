@@ -106,3 +106,14 @@ def test_verbose_raises_the_log_level():
         assert log.level == logging.DEBUG
     finally:
         log.setLevel(old)
+
+
+def test_quiet_lasts_one_invocation_in_process():
+    """-q in one in-process call (tests, an embedding program) does not silence the next one."""
+    from typer.testing import CliRunner
+
+    from sdgraph.cli import app
+
+    assert CliRunner().invoke(app, ["-q", "passes"]).output.strip() == ""
+    loud = CliRunner().invoke(app, ["passes"])
+    assert loud.exit_code == 0 and "fold" in loud.output

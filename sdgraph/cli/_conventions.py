@@ -36,9 +36,8 @@ def _root(
     if verbose:
         logging.getLogger().setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
         logging.getLogger("sdgraph").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-    if quiet:
-        console.quiet = True
-        err_console.quiet = False  # errors are always said
+    console.quiet = quiet  # set on every invocation: an in-process caller (tests, the API) runs many
+    err_console.quiet = False  # errors are always said
 
 
 def print_records(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
