@@ -25,6 +25,27 @@ import pytest
 
 _ARCHS = ("sd15", "sd21", "sdxl", "pix2pix", "turbo")
 
+# The fast layer (`pytest -m "not slow"`) builds nothing with torch: unit tests of matchers, helpers,
+# passes and targets on graphs made in code. A test that asks for one of these fixtures (each
+# exports a tiny diffusers pipeline or model with torch) is an integration test: marked slow here.
+_EXPORTING_FIXTURES = frozenset({
+    # this file
+    "tiny_pipeline", "tiny_sd15_pipeline", "tiny_sd21_pipeline", "tiny_sdxl_pipeline", "tiny_pix2pix_pipeline",
+    "tiny_taesd", "tiny_onnx", "tiny_sd15_onnx", "tiny_sd15_onnx_dynamo", "tiny_sdxl_onnx", "tiny_unet_onnx",
+    "tiny_text_encoder_onnx", "tiny_vae_decoder_onnx", "tiny_vae_encoder_onnx",
+    # module fixtures that export
+    "exported",    # tests/passes/test_tome.py: a tiny UNet through torch.onnx
+    "sd",          # tests/passes/test_qdq.py, test_fp16_bf16.py: precision_models.tiny_sd15_dir()
+    "fused_sd15",  # tests/passes/test_ort_contrib.py: fusion_models.unet()
+    "tiny_dir",    # tests/targets/test_ascend.py: tiny modules exported and optimized
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_sdgraph_cache(tmp_path_factory):

@@ -11,6 +11,8 @@ from sdgraph.ir.model import CANONICAL_DOMAIN, Model
 from sdgraph.passes.manager import PassManager
 from tests.passes import fusion_models
 
+_EXPORTS = pytest.mark.slow  # the test exports a tiny diffusers model with torch: not the fast layer
+
 EXPORTERS = ("legacy", "dynamo")
 
 
@@ -27,9 +29,9 @@ def _rec(report, name):
     return next(r for r in report.records if r.name == name)
 
 
-# sd15 with the legacy exporter is the fast case; the other UNets take 5-20 s of CPU each to build.
+# Every UNet here is exported with torch (5-20 s of CPU each): the full suite's, not the fast layer's.
 @pytest.mark.parametrize("variant, exporter", [
-    pytest.param(v, e, id=f"{v}-{e}", marks=() if (v, e) == ("sd15", "legacy") else pytest.mark.slow)
+    pytest.param(v, e, id=f"{v}-{e}", marks=_EXPORTS)
     for v in ("sd15", "sd21", "sdxl8") for e in EXPORTERS
 ])
 def test_unet_every_attention_and_groupnorm_fused(variant, exporter):
@@ -54,6 +56,7 @@ def test_sdxl_like_has_two_transformer_layers_per_block():
     assert Model.load(fusion_models.unet("sdxl8", "dynamo")).graph.inputs[0].shape[1] == 8
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 def test_upcast_attention_casts_are_absorbed():
     src = Model.load(fusion_models.unet("sd21", "legacy"))
     assert src.op_histogram()["Cast"] > 0
@@ -63,6 +66,7 @@ def test_upcast_attention_casts_are_absorbed():
     assert err["max_rel"] <= 1e-4
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 def test_classic_attn_processor_heads_in_batch():
     m, before, report, err = _fuse(fusion_models.unet("classic", "legacy"))
     fa = _rec(report, "fa")
@@ -71,6 +75,7 @@ def test_classic_attn_processor_heads_in_batch():
     assert err["max_rel"] <= 1e-4
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_clip_text_encoder_causal_mask(exporter):
     m, before, report, err = _fuse(fusion_models.text_encoder(exporter), "fold,fa")
@@ -80,6 +85,7 @@ def test_clip_text_encoder_causal_mask(exporter):
     assert err["max_rel"] <= 1e-4
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_vae_decoder_mid_block_attention(exporter):
     m, before, report, err = _fuse(fusion_models.vae_decoder(exporter), "fold,fa,gn")
@@ -88,6 +94,7 @@ def test_vae_decoder_mid_block_attention(exporter):
     assert err["max_rel"] <= 1e-4
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 def test_fused_scale_is_the_real_one():
     m, _, _, _ = _fuse(fusion_models.unet("sd15", "legacy"), "fold,fa")
     ref = runtime.run(m, seed=0)
@@ -98,6 +105,7 @@ def test_fused_scale_is_the_real_one():
     assert runtime.worst(runtime.compare(ref, runtime.run(m, seed=0)))["max_rel"] > 1e-3
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 def test_optimized_model_saves_and_reloads(tmp_path):
     m, _, _, _ = _fuse(fusion_models.unet("sd15", "dynamo"), "fa")
     out = m.save(tmp_path / "unet")
@@ -185,6 +193,7 @@ g (float16[1,2,4,8] q, float[1,2,8,4] kt, float[1,2,4,8] v) => (float[1,2,4,8] y
     assert rec.matched == 0 and "changes dtype" in rec.near_misses[0][1]
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 def test_include_exclude_by_region():
     path = fusion_models.unet("sd15", "legacy")
     m = Model.load(path)
@@ -194,6 +203,7 @@ def test_include_exclude_by_region():
     assert m.op_histogram()["Softmax"] == fa.stats["excluded"]
 
 
+@_EXPORTS  # a tiny diffusers model through torch.onnx (fusion_models)
 def test_unfolded_legacy_scale_is_evaluated_without_fold():
     # the legacy exporter computes the scale as 1/sqrt(sqrt(Shape(q)[-1])) on Q and K
     path = fusion_models.unet("sd15", "legacy")

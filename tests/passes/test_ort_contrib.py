@@ -48,6 +48,7 @@ def test_function_impl_inlines_everything(fused_sd15):
     assert runtime.worst(runtime.compare(ref, runtime.run(m, seed=0)))["max_rel"] <= 1e-4
 
 
+@pytest.mark.slow  # exports a tiny CLIP text encoder with torch (fusion_models)
 def test_masked_attention_falls_back_to_body():
     m = Model.load(fusion_models.text_encoder("dynamo"))
     ref = runtime.run(m, seed=0)
