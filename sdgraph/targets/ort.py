@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import onnx
 
 from sdgraph.errors import InputError
 from sdgraph.ir.canonical import inline_functions
@@ -95,6 +96,11 @@ class OrtTarget(Target):
             if d not in ("", "ai.onnx", "ai.onnx.ml", *_ORT_DOMAINS) and (d, n.op) not in model.functions and d != "ai.sdgraph":
                 problems.append(Problem(n.name, f"{d}::{n.op}", "ONNX Runtime has no kernel for this domain",
                                         "lower it with a pass to standard ops"))
+        to_bf16 = [n for n in model.graph.nodes if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.BFLOAT16]
+        if to_bf16:  # ORT's CPU provider has almost no bfloat16 kernels: the session would fail to load
+            problems.append(Problem(to_bf16[0].name, "Cast", f"{len(to_bf16)} casts to bfloat16: ONNX Runtime's CPU "
+                                    "provider has no bfloat16 kernels for the ops between them",
+                                    "lower to openvino or torch, or optimize with fp16 instead of bf16"))
         if ctx.precision == "int8" and not any(n.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "MatMulInteger")
                                                 for n in model.graph.nodes):
             problems.append(Problem(model.name, "graph", "precision int8 needs a quantized (QDQ) graph",

@@ -317,3 +317,13 @@ def test_cache_command_lists_prunes_and_clears(tmp_path):
     assert not (cache / "hashes").exists()
     r = runner.invoke(app, ["cache", "--cache-dir", str(cache), "--prune", "-1"])
     assert r.exit_code != 0 and "--prune -1.0: must be in" in r.output and "Traceback" not in r.output
+
+
+def test_ort_refuses_a_bf16_cast_graph_as_unsupported(tmp_path):
+    """ORT's CPU provider cannot load bfloat16 casts between ops: exit 4 before any work, not a load error."""
+    text = MLP.replace("y = Relu(a)", "b = Cast <to = 16> (a)\n  c = Relu(b)\n  y = Cast <to = 1> (c)")
+    src = _write(tmp_path, text)
+    with pytest.raises(UnsupportedError) as ei:
+        lower(src, "ort", tmp_path / "out", cache_dir=tmp_path / "c")
+    assert ei.value.exit_code == 4 and "1 casts to bfloat16" in ei.value.problems[0]
+    assert not (tmp_path / "out").exists()
