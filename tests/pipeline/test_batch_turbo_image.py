@@ -131,7 +131,7 @@ def test_turbo_one_step_trailing_and_img2img_strength(turbo, tmp_path):
 
 def test_bench_guidance_and_spacing_recorded(turbo, tmp_path):
     res = _cli("bench", turbo, "--steps", 1, "--repeats", 1, "--guidance", 0, "--timestep-spacing", "trailing",
-               "--json", tmp_path / "b.json")
+               "--json-out", tmp_path / "b.json")
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "b.json").read_text())
     r = rep["results"][0]
@@ -147,7 +147,7 @@ def test_pix2pix_bench_and_verify_take_an_image(tiny_onnx, tmp_path):
     res = _cli("bench", p2p, "--steps", 1, "--repeats", 1)  # no image: the one-line error names --image
     assert res.exit_code == 2 and "--image" in res.output  # bad input: exit 2
     res = _cli("bench", p2p, "--steps", 1, "--repeats", 1, "--image", tmp_path / "in.png", "--image-guidance", 1.2,
-               "--json", tmp_path / "b.json")
+               "--json-out", tmp_path / "b.json")
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "b.json").read_text())
     assert rep["image"].endswith("in.png") and rep["failed"] == [] and rep["results"][0]["unet_its"] > 0
