@@ -24,21 +24,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import cpu_flags, emit_report  # noqa: E402  (tools/ helpers)
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "avx512_fp16")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in FLAGS if f in have]
-
-
 def source_dir(args) -> Path:
     if args.src:
         return args.src
@@ -138,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         report["targets"][target] = run_target(lowered(dirs, target, args), target, args)
         print(json.dumps({target: report["targets"][target]}), flush=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(report, args.json)
     return 0
 
 

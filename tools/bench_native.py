@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import cpu_flags, emit_report  # noqa: E402  (tools/ helpers)
 
 ROWS = ("ov-fp32", "native-fp32", "ov-bf16", "native-bf16-mode")
 
@@ -124,8 +126,7 @@ def main() -> int:
         del runners, a
         stages[f"{pair[0]}_pair_done_s"] = round(time.perf_counter() - t0, 1)
     med = {r: statistics.median(v) for r, v in times.items()}
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()[2:]
-                    if f.startswith(("avx512", "amx"))})
+    flags = cpu_flags(lambda f: f.startswith(("avx512", "amx")))
     result = {
         "size": args.size, "rounds": args.rounds, "stages": stages, "cpu_flags": flags,
         "ms": {r: round(m * 1e3, 1) for r, m in med.items()},
@@ -137,10 +138,7 @@ def main() -> int:
     }
     if args.profile:
         result["profile_ms"] = {row: _profile(w / f"art-{row}-{args.size}") for row in ROWS}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit_report(result, args.json)
     return 0
 
 
