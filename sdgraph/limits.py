@@ -50,6 +50,7 @@ BOUNDS: dict[str, Bound] = {
     "--devices": Bound(1, 64, "UNet instances (run, bench)", integer=True),
     "--num-images": Bound(1, 1000, "images per prompt (run)", integer=True),
     "--repeats": Bound(1, 1000, "timed images per dir (bench, demo)", integer=True),
+    "--warmup-steps": Bound(1, 1000, "denoising steps of bench's two warm-up images", integer=True),
     "--batch": Bound(1, 64, "batch size (export)", integer=True),
     "--opset": Bound(7, 23, "ONNX opset (export)", integer=True),
     "--tolerance": Bound(0, 1e6, "worst max_rel against torch (export)", lo_open=True),

@@ -26,21 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import cpu_flags, emit_report  # noqa: E402  (tools/ helpers)
+from benchlib import cpu_flags, demo_export, emit_report  # noqa: E402  (tools/ helpers)
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
-def source_dir(args) -> Path:
-    if args.src:
-        return args.src
-    from sdgraph.demo import build_demo_pipeline
-    from sdgraph.export import export_pipeline
 
-    pipe, onnx_dir = args.work / f"sd15-{args.size}", args.work / f"sd15-{args.size}-onnx"
-    if not (pipe / "model_index.json").is_file():
-        build_demo_pipeline(pipe, "sd15", args.size, seed=0)
-    if not (onnx_dir / "sdgraph.json").is_file():
-        export_pipeline(pipe, onnx_dir, height=args.px, width=args.px)
-    return onnx_dir
+
+def source_dir(args) -> Path:
+    return args.src or demo_export(args.work, args.size, args.px)
 
 
 def variants(src: Path, args) -> dict[str, Path]:

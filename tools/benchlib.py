@@ -29,3 +29,16 @@ def emit_report(report: dict[str, Any], path: Path | None) -> None:
     print(text)
     if path:
         Path(path).write_text(text + "\n")
+
+
+def demo_export(work: Path, size: str, px: int | None = None) -> Path:
+    """The random-weight SD1.5 demo pipeline of ``size`` built and exported under ``work`` (reused when there)."""
+    from sdgraph.demo import build_demo_pipeline
+    from sdgraph.export import export_pipeline
+
+    pipe, onnx_dir = Path(work) / f"sd15-{size}", Path(work) / f"sd15-{size}-onnx"
+    if not (pipe / "model_index.json").is_file():
+        build_demo_pipeline(pipe, "sd15", size, seed=0)
+    if not (onnx_dir / "sdgraph.json").is_file():
+        export_pipeline(pipe, onnx_dir, **({"height": px, "width": px} if px else {}))
+    return onnx_dir

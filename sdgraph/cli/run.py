@@ -182,12 +182,16 @@ def bench_cmd(
     height: Height = None,
     width: Width = None,
     repeats: int = typer.Option(3, "--repeats", help="Timed images per dir (median)"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps",
+                                               help="Steps of the two warm-up images (default: --steps)"),
     devices: Devices = 1,
     scheduler: Scheduler = None,
     as_json: AsJson = False,
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the numbers as JSON to this file (bench.json)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart"),
-    force: bool = typer.Option(False, "--force", help="Replace existing --json-out / --plot files"),
+    images_out: Optional[Path] = typer.Option(None, "--images-out",
+                                              help="Folder for each dir's last timed image (image_000.png, ...)"),
+    force: bool = typer.Option(False, "--force", help="Replace existing --json-out / --plot / --images-out"),
     guidance: Guidance = 7.5,
     timestep_spacing: Spacing = None,
     image: Image = None,
@@ -201,21 +205,23 @@ def bench_cmd(
     from sdgraph.pipeline.bench import bench, split_results, write_json, write_plot
 
     check_all(steps=steps, height=height, width=width, repeats=repeats, devices=devices, guidance=guidance,
-              strength=strength, image_guidance=image_guidance, control_scale=control_scale)
+              strength=strength, image_guidance=image_guidance, control_scale=control_scale,
+              warmup_steps=warmup_steps)
     _control_image(control_image is not None, control_image)
     for d in dirs:
         if as_json and d.suffix == ".json" and not d.is_dir():  # the old `--json FILE`
             raise UsageError(f"--json {d}: --json prints the JSON on stdout now; write a file with --json-out {d}")
         if not d.is_dir():
             raise InputError(f"{d}: not a directory")
-    for o, what in ((json_out, "--json-out file"), (plot, "--plot file")):
+    for o, what in ((json_out, "--json-out file"), (plot, "--plot file"), (images_out, "--images-out folder")):
         if o is not None:
             guard_output(o, list(dirs), force=force, what=what)
     _init_image(image)
     report = bench(dirs, steps=steps, height=height, width=width, repeats=repeats, devices=devices,
                    scheduler=scheduler, guidance=guidance, timestep_spacing=timestep_spacing, image=image,
                    strength=strength, image_guidance=image_guidance, control_image=control_image,
-                   control_scale=control_scale, progress=lambda m: err_console.print(m, markup=False))
+                   control_scale=control_scale, warmup_steps=warmup_steps, images_out=images_out, force=force,
+                   progress=lambda m: err_console.print(m, markup=False))
     say = err_console if as_json else console  # with --json, stdout holds the JSON only
     if as_json:
         print_json(report)

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_model_file",
     "write_proto",
     "rewrite_initializers",
+    "side_data_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -283,17 +284,21 @@ def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) 
         e.key, e.value = k, v
 
 
-def copy_inside(src: str | os.PathLike, dst: str | os.PathLike, root: str | os.PathLike) -> None:
+def copy_inside(src: str | os.PathLike, dst: str | os.PathLike, root: str | os.PathLike,
+                share: frozenset[Path] = frozenset()) -> None:
     """Copy the file or folder ``src`` to ``dst`` without ever leaving the folder ``root``.
 
     Symbolic links are resolved and copied as what they point at, only when that lies inside
     ``root``; FIFOs, sockets and devices are refused (reading a FIFO would block for ever), and so
     are symlink loops and dangling links. Every refusal is an InputError naming the path.
+    Files whose resolved path is in ``share`` become hard links where the filesystem allows (else
+    copies): only for files nobody writes again (``sdgraph refit``'s weight files, see
+    ``rewrite_initializers(side=True)``).
     """
-    _copy_inside(Path(src), Path(dst), Path(root).resolve(), ())
+    _copy_inside(Path(src), Path(dst), Path(root).resolve(), (), frozenset(Path(p).resolve() for p in share))
 
 
-def _copy_inside(src: Path, dst: Path, root: Path, ancestors: tuple[Path, ...]) -> None:
+def _copy_inside(src: Path, dst: Path, root: Path, ancestors: tuple[Path, ...], share: frozenset[Path] = frozenset()) -> None:
     try:
         real = src.resolve(strict=True)
     except RuntimeError:  # Python < 3.13 reports a symlink loop this way
@@ -310,8 +315,14 @@ def _copy_inside(src: Path, dst: Path, root: Path, ancestors: tuple[Path, ...]) 
             raise InputError(f"{src}: symlink loop (links back to {real}); refusing to copy it")
         dst.mkdir()
         for name in sorted(os.listdir(real)):
-            _copy_inside(real / name, dst / name, root, ancestors + (real,))
+            _copy_inside(real / name, dst / name, root, ancestors + (real,), share)
     elif stat.S_ISREG(st.st_mode):
+        if real in share:
+            try:
+                os.link(real, dst)
+                return
+            except OSError:  # another filesystem, or links not allowed: copy
+                pass
         shutil.copyfile(real, dst)
         shutil.copystat(real, dst)
     else:
@@ -319,15 +330,26 @@ def _copy_inside(src: Path, dst: Path, root: Path, ancestors: tuple[Path, ...]) 
 
 
 
+def side_data_file(model_file: str | os.PathLike) -> Path:
+    """Where ``rewrite_initializers(side=True)`` keeps the tensors it rewrote: model.onnx -> model.refit.onnx_data."""
+    model_file = Path(model_file)
+    return model_file.with_name(f"{model_file.stem}.refit{model_file.suffix}{DATA_SUFFIX}")
+
+
 def rewrite_initializers(model_file: str | os.PathLike, values: dict[str, np.ndarray],
-                         expect: dict[str, np.ndarray] | None = None) -> list[str]:
-    """Overwrite initializers of ``model_file`` in place, external ones in their data file (only their bytes),
-    inline ones in the graph message; returns the names not written (absent, another size or dtype, or,
-    with ``expect``, not holding the expected bytes now). Used by ``sdgraph refit``."""
+                         expect: dict[str, np.ndarray] | None = None, side: bool = False) -> list[str]:
+    """Give initializers of ``model_file`` new values; returns the names not written (absent, another size or
+    dtype, or, with ``expect``, not holding the expected bytes now). Used by ``sdgraph refit``.
+
+    Inline initializers change in the graph message. External ones: ``side=False`` overwrites their bytes
+    in their data file; ``side=True`` leaves every existing data file as it is and moves them to the
+    model's own side file (``side_data_file``, rewritten whole: the tensors already there and not changed
+    now are kept), so the big data file can be shared (hard-linked) with the artifact it came from."""
     model_file = Path(model_file)
     proto = onnx.load(str(model_file), load_external_data=False)
     missed, dirty = [], False
     by_name = {t.name: t for t in proto.graph.initializer}
+    moved: dict[str, np.ndarray] = {}
     for name, value in values.items():
         t = by_name.get(name)
         arr = np.ascontiguousarray(value)
@@ -339,12 +361,16 @@ def rewrite_initializers(model_file: str | os.PathLike, values: dict[str, np.nda
             if length != arr.nbytes:
                 missed.append(name)
                 continue
-            with open(file, "r+b") as f:
-                if expect is not None and name in expect:
+            if expect is not None and name in expect:
+                with open(file, "rb") as f:
                     f.seek(offset)
                     if f.read(length) != np.ascontiguousarray(expect[name]).tobytes():
                         missed.append(name)
                         continue
+            if side:
+                moved[name] = arr
+                continue
+            with open(file, "r+b") as f:
                 f.seek(offset)
                 f.write(arr.tobytes())
         else:
@@ -353,7 +379,26 @@ def rewrite_initializers(model_file: str | os.PathLike, values: dict[str, np.nda
                 continue
             t.CopyFrom(numpy_helper.from_array(arr, name))
             dirty = True
+    if moved:
+        side_file = side_data_file(model_file)
+        keep = [t for t in proto.graph.initializer
+                if is_external(t) and external_info(t).get("location") == side_file.name and t.name not in moved]
+        kept = {t.name: read_external(t, model_file.parent) for t in keep}
+        tmp = side_file.with_name(side_file.name + ".new")
+        with open(tmp, "wb") as out:
+            pos = 0
+            for t in keep + [by_name[n] for n in moved]:
+                data = kept[t.name] if t.name in kept else moved[t.name].tobytes()
+                pos = _align(out, pos)
+                out.write(data)
+                _clear_data(t)
+                _set_external(t, side_file.name, pos, len(data))
+                pos += len(data)
+        os.replace(tmp, side_file)
+        dirty = True
     if dirty:
-        with open(model_file, "wb") as f:
+        tmp = model_file.with_name(model_file.name + ".new")
+        with open(tmp, "wb") as f:
             f.write(proto.SerializeToString())
+        os.replace(tmp, model_file)  # a new file: never written through a link it may share
     return missed

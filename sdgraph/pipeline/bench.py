@@ -72,18 +72,19 @@ def _release_memory() -> None:
 
 def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None, repeats: int, prompt: str,
                seed: int, scheduler: str | None, guidance: float, devices: int,
-               say: Callable[[str], None], extra: dict[str, Any]) -> dict[str, Any]:
+               say: Callable[[str], None], extra: dict[str, Any], warmup_steps: int | None = None) -> dict[str, Any]:
     from sdgraph.pipeline.runner import open_pipeline
 
     _release_memory()
     with RssSampler() as mem:
         kw = dict(steps=steps, height=height, width=width, seed=seed, scheduler=scheduler, guidance=guidance, **extra)
+        warm_kw = {**kw, "steps": warmup_steps or steps}  # a big model's warm-up images may take fewer steps
         # 1. warm-up with compilation: load (compile) + first image, as a fresh process would see it.
         t0 = time.perf_counter()
         pipe = open_pipeline(path, devices=devices)
         load_s = time.perf_counter() - t0
         pipe.check_size(height or pipe.default_size()[0], width or pipe.default_size()[1])
-        pipe.generate(prompt, **kw)
+        pipe.generate(prompt, **warm_kw)
         warm_compile = time.perf_counter() - t0
         say(f"{path}: warm-up with compilation {warm_compile:.2f} s (load {load_s:.2f} s)")
         del pipe
@@ -91,12 +92,13 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
         # 2. warm-up with cache: the same again; targets reuse their compiled blobs / caches now.
         t0 = time.perf_counter()
         pipe = open_pipeline(path, devices=devices)
-        pipe.generate(prompt, **kw)
+        pipe.generate(prompt, **warm_kw)
         warm_cache = time.perf_counter() - t0
         # 3. steady state: median of ``repeats`` images.
         runs, unet_its, unet_ms, sub_ms = [], [], [], {}
         for _ in track(range(repeats), f"bench {path.name}: timed images"):
             g = pipe.generate(prompt, **kw)
+            image = g.images[0]
             timesteps = g.timesteps
             runs.append(g.seconds)
             u = g.stats.get("unet", {"seconds": 0.0, "calls": 0})
@@ -120,7 +122,7 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
         "submodel_ms": {k: statistics.median(v) for k, v in sub_ms.items()},
         "peak_rss_mb": mem.peak / 2**20, "peak_rss_delta_mb": (mem.peak - mem.start) / 2**20,
         "submodel_mb": _submodel_mb(path),
-        "unet_calls": unet_calls,
+        "unet_calls": unet_calls, "_image": image,
     }
 
 
@@ -151,17 +153,26 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
           scheduler: str | None = None, guidance: float = 7.5, devices: int = 1,
           timestep_spacing: str | None = None, image: str | os.PathLike | None = None, strength: float = 0.8,
           image_guidance: float = 1.5, progress: Callable[[str], None] | None = None,
-          control_image: str | os.PathLike | None = None, control_scale: float = 1.0) -> dict[str, Any]:
+          control_image: str | os.PathLike | None = None, control_scale: float = 1.0,
+          warmup_steps: int | None = None, images_out: str | os.PathLike | None = None,
+          force: bool = False) -> dict[str, Any]:
     """Bench each dir in this one process, in order; ratios are against the first dir.
 
     Timings exclude warm-up: ``warmup_compile_s`` (load + first image) and ``warmup_cache_s`` (a fresh
-    load + image) are reported apart from the ``repeats`` steady-state images behind ``e2e_s``.
+    load + image) are reported apart from the ``repeats`` steady-state images behind ``e2e_s``; the two
+    warm-up images take ``warmup_steps`` steps (default: ``steps``). ``images_out``: a folder that gets each
+    dir's last timed image (``image_000.png`` for the first dir...; the same prompt and seed for all, so
+    ``sdgraph.pipeline.verify.psnr``/``ssim`` compare them), replaced only with ``force``.
     ``image`` makes every image img2img (``strength``) or, on an InstructPix2Pix model, an edit.
     """
     if not dirs:
         raise UsageError("give at least one model or artifact dir to bench")
-    if steps < 1 or repeats < 1:
-        raise UsageError("--steps and --repeats must be >= 1")
+    if steps < 1 or repeats < 1 or (warmup_steps is not None and warmup_steps < 1):
+        raise UsageError("--steps, --repeats and --warmup-steps must be >= 1")
+    if images_out is not None:  # refused before minutes of benchmarking, not after
+        from sdgraph.ir.outputs import guard_output
+
+        guard_output(images_out, list(dirs), force=force, what="--images-out folder")
     say = progress or (lambda m: log.info(m))
     extra: dict[str, Any] = {"timestep_spacing": timestep_spacing}
     if image is not None:
@@ -179,7 +190,7 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
         try:
             results.append(_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats,
                                       prompt=prompt, seed=seed, scheduler=scheduler, guidance=guidance,
-                                      devices=devices, say=say, extra=extra))
+                                      devices=devices, say=say, extra=extra, warmup_steps=warmup_steps))
         except Exception as exc:  # noqa: BLE001 - recorded per dir, reported at the end
             if isinstance(exc, SdgraphError) and exc.exit_code == 2:
                 bad_input.append(exc)
@@ -187,6 +198,18 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             say(f"{d}: failed: {type(exc).__name__}: {msg}")
             results.append({"path": str(d), "error": f"{type(exc).__name__}: {msg}"})
+    images = [r.pop("_image", None) for r in results]
+    if images_out is not None and any(im is not None for im in images):
+        from PIL import Image as PILImage
+
+        from sdgraph.pipeline.runner import save_images
+
+        blank = next(im for im in images if im is not None)
+        paths = save_images([im if im is not None else PILImage.new("RGB", blank.size) for im in images], images_out,
+                            force=force)
+        for r, im, path in zip(results, images, paths):
+            if im is not None:
+                r["image"] = str(path)
     ok = [r for r in results if "error" not in r]
     if not ok and len(bad_input) == len(results):  # nothing ran, and only for bad input: that is the error
         raise bad_input[0]
@@ -202,7 +225,7 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
         }
     from sdgraph.manifest import package_versions
 
-    return {"steps": steps, "repeats": repeats, "prompt": prompt, "seed": seed, "devices": devices,
+    return {"steps": steps, "warmup_steps": warmup_steps or steps, "repeats": repeats, "prompt": prompt, "seed": seed, "devices": devices,
             "guidance": guidance, "timestep_spacing": timestep_spacing,
             "image": str(image) if image is not None else None,
             "strength": strength if image is not None else None,

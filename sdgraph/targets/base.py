@@ -139,6 +139,11 @@ class Target:
     def tool_versions(self) -> dict[str, str]:
         return {}
 
+    def refit_shared(self, sub_dir: Path, entry: Mapping[str, Any]) -> list[Path]:
+        """Files of the artifact's ``sub_dir`` that ``refit`` never writes: the refitted artifact hard-links them
+        (same filesystem) instead of copying. Default: none, everything is copied."""
+        return []
+
     def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes: Mapping[str, tuple[np.ndarray, np.ndarray]],
               ctx: LowerContext) -> dict[str, Any]:
         raise UnsupportedError(f"target {self.name!r} cannot refit weights yet: lower the LoRA-fused model again "

@@ -87,8 +87,11 @@ class OpenVinoRunner:
             return self._compiled[idx]
         blob = self.blobs[idx if idx is not None else 0] if self.blobs and (idx is not None or not self.buckets) else None
         if blob and (self.dir / blob).is_file():
+            config = dict(self.config)
+            if self.entry.get("weightless"):  # the blob holds no weights: they are read from model.bin
+                config.update(CACHE_MODE="OPTIMIZE_SIZE", WEIGHTS_PATH=str(self.dir / self.entry.get("bin", "model.bin")))
             with open(self.dir / blob, "rb") as f:
-                compiled = self.core.import_model(f.read(), "CPU", self.config)
+                compiled = self.core.import_model(f.read(), "CPU", config)
         else:
             model = self._read()
             if idx is not None:
@@ -123,7 +126,9 @@ class OpenVinoTarget(Target):
     3. build: ``openvino.convert_model`` -> ``model.xml``/``model.bin`` (fp16 weight compression for
        precision fp16; QDQ graphs become FakeQuantize and run int8), compiled on CPU with an explicit
        INFERENCE_PRECISION_HINT (this CPU's default is bf16), exported as a blob per shape bucket.
-    4. load: imports the blob (no recompilation) or compiles the IR.
+    4. load: imports the blob (no recompilation) or compiles the IR. Blobs are weightless by default
+       (OpenVINO's ``CACHE_MODE=OPTIMIZE_SIZE``): the weights stay in ``model.bin`` alone and are read
+       from it at import, so a refit of float weights rewrites ``model.bin`` and keeps the blobs.
     """
 
     name = "openvino"
@@ -140,6 +145,8 @@ class OpenVinoTarget(Target):
         Option("threads", int, 0, "INFERENCE_NUM_THREADS (0: OpenVINO's default)", min=0),
         Option("hint", str, "auto", "PERFORMANCE_HINT", choices=("auto", "latency", "throughput")),
         Option("blob", bool, True, "export the compiled model per shape bucket for fast loading"),
+        Option("weightless", bool, True, "blobs without the weights, which are read from model.bin at load "
+               "(a fraction of the disk; sdgraph refit then rewrites model.bin only, no recompilation)"),
         Option("dynamic", bool, False, "with shape buckets, run undeclared shapes on a dynamic compile instead of failing"),
         Option("native", bool, True, "canonical Attention/GroupNorm/GeGLU as OpenVINO's ScaledDotProductAttention/"
                "GroupNormalization/Gelu (false: inline their function bodies)"),
@@ -235,8 +242,9 @@ class OpenVinoTarget(Target):
             if i is not None:
                 m = saved.clone()
                 m.reshape({k: list(v) for k, v in ctx.shapes[i].items()})
+            weightless = bool(ctx.options.get("weightless", True)) and bool(ctx.options.get("blob", True))
             try:
-                compiled = core.compile_model(m, "CPU", config)  # the compile check
+                compiled = core.compile_model(m, "CPU", {**config, **({"CACHE_MODE": "OPTIMIZE_SIZE"} if weightless else {})})
             except Exception as exc:
                 raise InputError(f"{ctx.submodel}: OpenVINO cannot compile it on CPU: {_first(exc)}") from None
             effective = str(compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
@@ -250,34 +258,47 @@ class OpenVinoTarget(Target):
                     blob = compiled.export_model()
                     fh.write(blob.getvalue() if hasattr(blob, "getvalue") else blob)
                 entry["blobs"].append(name)
+                entry["weightless"] = weightless
 
     def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes, ctx: LowerContext) -> dict[str, Any]:
         """Each changed weight is found among the IR's Const layers by its bytes (as stored, transposed, or
-        compressed to f16), overwritten in ``model.bin`` in the same layout, then the blobs are exported again."""
+        compressed to f16) and overwritten in ``model.bin`` in the same layout. Weightless blobs stay valid
+        when every overwritten Const feeds a MatMul/Convolution (directly or through its f16 Convert): OpenVINO
+        reads those from ``model.bin`` at import. Otherwise (an INT8 weight, whose dequantization OpenVINO
+        folds into the blob; blobs with weights) the blobs are compiled and exported again."""
         import mmap
         import xml.etree.ElementTree as ET
 
         import openvino as ov
 
         xml, binf = sub_dir / entry.get("xml", "model.xml"), sub_dir / entry.get("bin", "model.bin")
+        root = ET.parse(xml).getroot()
         consts: dict[int, list[tuple[int, int, str]]] = {}
-        for layer in ET.parse(xml).getroot().iter("layer"):
+        types: dict[str, str] = {}
+        for layer in root.iter("layer"):
+            types[layer.get("id")] = layer.get("type")
             if layer.get("type") == "Const":
                 data = layer.find("data")
                 if data is not None and data.get("offset") is not None:
                     size = int(data.get("size"))
-                    consts.setdefault(size, []).append((int(data.get("offset")), size, data.get("element_type", "")))
-        missed = []
+                    consts.setdefault(size, []).append((int(data.get("offset")), size, layer.get("id")))
+        missed, patched = [], set()
         with open(binf, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            heads: dict[tuple[int, bytes], list[tuple[int, int, str]]] = {}  # (size, first 64 bytes) -> Consts
+            for size, cs in consts.items():
+                for off, sz, lid in cs:
+                    heads.setdefault((size, mm[off:off + 64]), []).append((off, sz, lid))
             for name, (cur, new) in changes.items():
                 layouts = [(cur, new)] + ([(cur.T, new.T)] if cur.ndim == 2 else [])
-                layouts += [(a.astype(np.float16), b.astype(np.float16)) for a, b in layouts if a.dtype == np.float32]
+                if entry.get("compress_to_fp16"):
+                    layouts += [(a.astype(np.float16), b.astype(np.float16)) for a, b in layouts if a.dtype == np.float32]
                 done = 0
                 for a, b in layouts:
                     want = np.ascontiguousarray(a).tobytes()
-                    for off, size, _ in consts.get(len(want), []):
+                    for off, size, lid in heads.get((len(want), want[:64]), []):
                         if mm[off:off + size] == want:
                             mm[off:off + size] = np.ascontiguousarray(b).tobytes()
+                            patched.add(lid)
                             done += 1
                 if not done:
                     missed.append(name)
@@ -286,8 +307,11 @@ class OpenVinoTarget(Target):
             raise UnsupportedError(f"{sub_dir}: OpenVINO transformed {len(missed)} weight(s) such as {missed[0]!r} while "
                                    "converting (no Const holds their bytes): lower the LoRA-fused model instead")
         out = dict(entry)
+        if entry.get("weightless") and entry.get("blobs") and _read_at_import(root, types, patched):
+            return {"refit": {"tensors": len(changes), "blobs": "kept (weightless: read from model.bin at load)"}}
         self._compile_and_export(ov.Core(), sub_dir, out, dict(entry.get("config", {})), ctx)
-        return {"blobs": out["blobs"], "refit": {"tensors": len(changes)}}
+        return {"blobs": out["blobs"], "weightless": out.get("weightless", False),
+                "refit": {"tensors": len(changes), "blobs": "compiled again"}}
 
     def load(self, artifact_dir: Path, entry: Mapping[str, Any], ctx: LowerContext) -> OpenVinoRunner:
         import openvino as ov
@@ -296,6 +320,26 @@ class OpenVinoTarget(Target):
             return OpenVinoRunner(ov.Core(), artifact_dir, entry, dict(entry.get("config", {})), bool(entry.get("dynamic")))
         except Exception as exc:
             raise InputError(f"{artifact_dir}: corrupted artifact, OpenVINO cannot load it: {_first(exc)}") from None
+
+
+_WEIGHT_CONSUMERS = frozenset({"MatMul", "Convolution", "GroupConvolution"})
+
+
+def _read_at_import(root, types: Mapping[str, str], const_ids: set[str]) -> bool:
+    """Whether every Const in ``const_ids`` feeds only MatMul/Convolution layers (directly, or through the
+    Convert of an f16-compressed weight): the weights a weightless blob reads from ``model.bin`` at import as
+    they are there. Anything else (a dequantizing Subtract/Multiply of an INT8 weight) may be folded into
+    the blob at compile time."""
+    consumers: dict[str, list[str]] = {}
+    for edge in root.iter("edge"):
+        consumers.setdefault(edge.get("from-layer"), []).append(edge.get("to-layer"))
+
+    def ok(lid: str, depth: int = 0) -> bool:
+        users = consumers.get(lid, [])
+        return bool(users) and all(types.get(u) in _WEIGHT_CONSUMERS or (types.get(u) == "Convert" and depth == 0 and ok(u, 1))
+                                   for u in users)
+
+    return all(ok(c) for c in const_ids)
 
 
 def _first(exc: Exception) -> str:

@@ -149,24 +149,44 @@ class OrtTarget(Target):
         except Exception as exc:
             raise InputError(f"{ctx.submodel}: ONNX Runtime cannot load the legalized graph: {str(exc).splitlines()[0]}") from None
 
+    def refit_shared(self, sub_dir: Path, entry: Mapping[str, Any]) -> list[Path]:
+        """The weight files of ``model.onnx`` and the optimized file: refit moves the changed tensors to each
+        model's side file (``model.refit.onnx_data``) and never writes these."""
+        import onnx
+
+        from sdgraph.ir.io import external_data_files, side_data_file
+
+        shared: list[Path] = []
+        for name in [entry.get("model", "model.onnx")] + ([entry["optimized"]] if entry.get("optimized") else []):
+            f = sub_dir / name
+            if f.is_file():
+                proto = onnx.load(str(f), load_external_data=False)
+                shared += [p for p in external_data_files(proto, sub_dir) if p != side_data_file(f).resolve()]
+        return shared
+
     def refit(self, sub_dir: Path, entry: Mapping[str, Any], changes, ctx: LowerContext) -> dict[str, Any]:
-        """Only the changed tensors' bytes are rewritten, in ``model.onnx``'s data file and in the optimized
-        file's where ONNX Runtime kept them as they were; an optimized file that transformed one (a layout
-        change, a fusion) is optimized again from the refitted ``model.onnx``."""
+        """The changed tensors go to each model's side file (``model.refit.onnx_data``, ``model.opt.refit.onnx_data``),
+        the big weight files stay as they are (hard links to the base artifact's), in ``model.onnx`` and in the
+        optimized file where ONNX Runtime kept them as they were; an optimized file that transformed one (a
+        layout change, a fusion) is optimized again from the refitted ``model.onnx``."""
         from sdgraph.ir.io import rewrite_initializers
 
-        missed = rewrite_initializers(sub_dir / entry.get("model", "model.onnx"), {k: v[1] for k, v in changes.items()})
+        missed = rewrite_initializers(sub_dir / entry.get("model", "model.onnx"), {k: v[1] for k, v in changes.items()},
+                                      side=True)
         if missed:
             raise InputError(f"{sub_dir}: corrupted artifact ({len(missed)} weight(s) such as {missed[0]!r} are not in "
                              f"{entry.get('model', 'model.onnx')} as lowered)")
         how = "none"
         if entry.get("optimized"):
             opt = sub_dir / entry["optimized"]
-            missed = rewrite_initializers(opt, {k: v[1] for k, v in changes.items()}, expect={k: v[0] for k, v in changes.items()})
+            missed = rewrite_initializers(opt, {k: v[1] for k, v in changes.items()}, expect={k: v[0] for k, v in changes.items()},
+                                          side=True)
             how = "rewritten"
             if missed:  # ORT transformed some of them: optimize the refitted graph again
-                for f in (opt, opt.with_name(opt.name + "_data")):
-                    f.unlink(missing_ok=True)
+                from sdgraph.ir.io import side_data_file
+
+                for f in (opt, opt.with_name(opt.name + "_data"), side_data_file(opt)):
+                    f.unlink(missing_ok=True)  # unlinked, not truncated: the data file may be shared with the base
                 self._write_optimized(sub_dir, ctx, dict(entry.get("session", {})).get("opt_level", "all"))
                 how = f"optimized again ({len(missed)} tensor(s) transformed by ONNX Runtime)"
         return {"refit": {"tensors": len(changes), "optimized_file": how}}

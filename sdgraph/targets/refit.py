@@ -75,7 +75,10 @@ def _graph_for(artifact: Path, name: str, entry: dict, manifest: dict) -> Model:
     if not f.is_file():
         raise InputError(f"{artifact}: the {manifest.get('target')} artifact keeps no ONNX graph of {name} and the model "
                          f"directory it was lowered from ({src}) is gone: refit needs it to find the weights")
-    return Model.load(f)
+    proto, base = load_proto(f)
+    model = Model.from_proto(proto, base_dir=base)
+    model.path = f
+    return model
 
 
 def refit(artifact, loras: list[tuple[str, float]], out, *, remove: bool = False, strict: bool = False,
@@ -100,10 +103,13 @@ def refit(artifact, loras: list[tuple[str, float]], out, *, remove: bool = False
     now = ([] if remove else prev) + files
     say = progress or (lambda m: None)
     results: dict[str, dict[str, Any]] = {}
+    # weight files the target's refit never writes are hard-linked, not copied (a full-size UNet: 7 GB)
+    shared = frozenset(p for name, e in manifest["submodels"].items() if (artifact / name).is_dir()
+                       for p in tgt.refit_shared(artifact / name, e))
     with io.atomic_dir(out, force=force) as tmp:
         for item in sorted(artifact.iterdir()):
             if item.name != "sdgraph.json":
-                io.copy_inside(item, tmp / item.name, artifact)
+                io.copy_inside(item, tmp / item.name, artifact, share=shared)
         any_matched = False
         for name, entry in manifest["submodels"].items():
             if name not in COMPONENTS:

@@ -265,6 +265,30 @@ def test_verify_self_inf_and_tome_finite(sd15, tome_dir, tmp_path):
     assert check_thresholds(tome, min_psnr=1000.0) and not check_thresholds(tome, min_psnr=1.0)
 
 
+def test_bench_warmup_steps_and_images_out(sd15, monkeypatch, tmp_path):
+    from sdgraph.pipeline import runner
+
+    steps_seen: list[int] = []
+    real = runner.Pipeline.generate
+
+    def counting(self, prompt, **kw):
+        steps_seen.append(kw["steps"])
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(runner.Pipeline, "generate", counting)
+    rep = bench([sd15, sd15], steps=3, repeats=2, warmup_steps=1, images_out=tmp_path / "imgs")
+    assert steps_seen == [1, 1, 3, 3] * 2 and rep["warmup_steps"] == 1 and rep["steps"] == 3
+    assert rep["results"][0]["e2e_s"] > 0
+    # --images-out: each dir's last timed image, the same prompt and seed (same dir: the same bytes)
+    a, b = (Image.open(r["image"]) for r in rep["results"])
+    assert [r["image"] for r in rep["results"]] == [str(tmp_path / "imgs" / f"image_00{i}.png") for i in (0, 1)]
+    assert a.size == (128, 128) and psnr(a, b) == math.inf
+    with pytest.raises(Exception, match="exists|not empty|--force"):
+        bench([sd15], steps=1, repeats=1, images_out=tmp_path / "imgs")
+    res = CliRunner().invoke(app, ["bench", str(sd15), "--warmup-steps", "0"])
+    assert res.exit_code == 2 and "--warmup-steps" in res.output
+
+
 @pytest.mark.slow
 def test_cli_verify_files_and_threshold(sd15, tome_dir, tmp_path):
     r = CliRunner()

@@ -66,8 +66,19 @@ def test_ort_refit_equals_lowering_the_fused_graph_and_remove_restores(work):
     for s in SUBS:
         assert np.abs(before[s] - want[s]).max() > 1e-3  # the LoRA matters...
         np.testing.assert_array_equal(got[s], want[s])  # ...and refit gives the fused lowering's numbers
-    # the input artifact is untouched; --remove writes the base weights back bit for bit
-    assert (base / "unet" / "model.onnx_data").read_bytes() != (d / "ort-refit" / "unet" / "model.onnx_data").read_bytes()
+    # the big weight files are shared with the base (hard links, never written); the changed tensors live
+    # in each model's side file; the input artifact is untouched
+    # (this LoRA has conv weights, which ONNX Runtime keeps in its NCHWc layout: the optimized file is new)
+    how = {s: manifest["submodels"][s]["refit"]["optimized_file"] for s in SUBS}
+    assert how["text_encoder"] == "rewritten" and how["unet"].startswith("optimized again"), how
+    for s, f in [(s, "model.onnx_data") for s in SUBS] + [("text_encoder", "model.opt.onnx_data")]:
+        a, b = (base / s / f).stat(), (d / "ort-refit" / s / f).stat()
+        assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev), (s, f)
+    side = d / "ort-refit" / "unet" / "model.refit.onnx_data"
+    assert 0 < side.stat().st_size < (base / "unet" / "model.onnx_data").stat().st_size / 2
+    assert not (base / "unet" / "model.refit.onnx_data").exists()
+    np.testing.assert_array_equal(_outs(base)["unet"], before["unet"])
+    # --remove writes the base weights back bit for bit
     refit(d / "ort-refit", [], d / "ort-removed", remove=True)
     for s in SUBS:
         assert (base / s / "model.onnx_data").read_bytes() == (d / "ort-removed" / s / "model.onnx_data").read_bytes()
@@ -133,8 +144,58 @@ def test_openvino_refit_equals_lowering_the_fused_graph(work):
     got, want = _outs(d / "ov-refit"), _outs(fused)
     for s in SUBS:
         np.testing.assert_array_equal(got[s], want[s])
+        # weightless blobs (the default): the weights are read from model.bin at load, so refit keeps the blob
+        entry = json.loads((d / "ov-refit" / "sdgraph.json").read_text())["submodels"][s]
+        assert entry["weightless"] and entry["refit"]["blobs"].startswith("kept"), entry
+        blob = entry["blobs"][0]
+        assert (d / "ov-refit" / s / blob).read_bytes() == (base / s / blob).read_bytes()
+        assert (base / s / blob).stat().st_size < (base / s / "model.bin").stat().st_size / 2
     refit(d / "ov-refit", [], d / "ov-removed", remove=True)
     assert (base / "unet" / "model.bin").read_bytes() == (d / "ov-removed" / "unet" / "model.bin").read_bytes()
+    # blobs with their weights: refit compiles and exports them again
+    full = _lower(work["src"], "openvino", d / "ov-full", options={"weightless": "false"})
+    refit(full, [(str(work["lora"]), 0.8)], d / "ov-full-refit")
+    got = _outs(d / "ov-full-refit")
+    for s in SUBS:
+        np.testing.assert_array_equal(got[s], want[s])
+        entry = json.loads((d / "ov-full-refit" / "sdgraph.json").read_text())["submodels"][s]
+        assert not entry["weightless"] and entry["refit"]["blobs"] == "compiled again", entry
+
+
+def test_torch_refit_equals_lowering_the_fused_graph(work):
+    """torch: the GraphModule's weights come from the artifact's model.onnx at load, so refit rewrites its data."""
+    pytest.importorskip("torch")
+    d = work["dir"]
+    opts = {"mode": "eager", "warmup": "false"}
+    base = _lower(work["src"], "torch", d / "torch-base", options=opts)
+    fused = _lower(d / "fused", "torch", d / "torch-fused", options=opts)
+    res = refit(base, [(str(work["lora"]), 0.8)], d / "torch-refit")
+    assert res.submodels["unet"]["tensors"] == 44 and res.submodels["text_encoder"]["tensors"] == 10
+    got, want, before = _outs(d / "torch-refit"), _outs(fused), _outs(base)
+    for s in SUBS:
+        assert np.abs(before[s] - want[s]).max() > 1e-3
+        np.testing.assert_allclose(got[s], want[s], rtol=0, atol=1e-5)
+    refit(d / "torch-refit", [], d / "torch-removed", remove=True)
+    np.testing.assert_array_equal(_outs(d / "torch-removed")["unet"], before["unet"])
+
+
+def test_weightless_blob_is_kept_only_for_weights_read_at_import():
+    """A weightless blob reads a MatMul/Convolution weight (or its f16 Convert) from model.bin at import; an INT8
+    weight's dequantization is folded into the blob, so rewriting its Const needs a new compile."""
+    import xml.etree.ElementTree as ET
+
+    from sdgraph.targets.openvino import _read_at_import
+
+    ir = ET.fromstring(
+        '<net><layers><layer id="0" type="Const"/><layer id="1" type="MatMul"/><layer id="2" type="Const"/>'
+        '<layer id="3" type="Convert"/><layer id="4" type="Convolution"/><layer id="5" type="Const"/>'
+        '<layer id="6" type="Convert"/><layer id="7" type="Subtract"/><layer id="8" type="Const"/></layers><edges>'
+        '<edge from-layer="0" to-layer="1"/><edge from-layer="2" to-layer="3"/><edge from-layer="3" to-layer="4"/>'
+        '<edge from-layer="5" to-layer="6"/><edge from-layer="6" to-layer="7"/></edges></net>')
+    types = {x.get("id"): x.get("type") for x in ir.iter("layer")}
+    assert _read_at_import(ir, types, {"0", "2"})
+    assert not _read_at_import(ir, types, {"0", "5"})  # the INT8 weight's Convert feeds a Subtract
+    assert not _read_at_import(ir, types, {"8"})  # no consumer: not a weight we know
 
 
 def _cos(a, b) -> float:
