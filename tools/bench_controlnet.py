@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=512, help="image height = width in pixels")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup-steps", type=int, default=None, help="steps of bench's warm-up images (default: --steps)")
     ap.add_argument("--targets", default="ort,openvino")
     a = ap.parse_args(argv)
     out = a.out
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             _sdgraph("lower", onnx, "--target", t, "-o", art)
         dirs.append(art)
     report = out / "bench.json"
-    _sdgraph("bench", *dirs, "--steps", a.steps, "--repeats", a.repeats, "--control-image", ctrl, "--json-out", report,
-             "--force")
+    warm = ["--warmup-steps", a.warmup_steps] if a.warmup_steps else []
+    _sdgraph("bench", *dirs, "--steps", a.steps, "--repeats", a.repeats, *warm, "--control-image", ctrl,
+             "--json-out", report, "--force")
     data = json.loads(report.read_text())
     for r in data["results"]:
         if "error" in r:
