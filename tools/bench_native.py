@@ -10,10 +10,14 @@ Rows, each a `sdgraph lower` artifact of the UNet at one static shape (batch 1):
   ov-fp32            plain export, OpenVINO fp32
   native-fp32        fold,fa,gn,geglu lowered with native=true (SDPA, GroupNormalization, Gelu), fp32
   ov-bf16            plain export in OpenVINO's own bf16 mode (INFERENCE_PRECISION_HINT=bf16)
-  native-bf16-mode   fold,fa,gn,geglu,bf16{mode=target}: bf16 as a target mode with the keep list
-Calls alternate between the two rows of a pair (fp32 pair, then bf16 pair) round by round; the ratios are of medians. --profile adds
+  native-bf16-mode   fold,fa,gn,geglu,bf16{mode=target}: bf16 as a target mode with the keep list (natively
+                     lowered canonical ops left to OpenVINO's bf16 kernels, the rest of the keep list precise)
+  native-bf16-precise  the same, lowered with precise_native=true: every kept node precise, SDPA and
+                     GroupNormalization included
+Calls alternate between the rows of a group (fp32 pair, then the bf16 rows) round by round; the ratios are of medians.
+Each row's output is compared with ov-fp32's on the same inputs (cosine, max abs). --profile adds
 OpenVINO's PERF_COUNT per layer type (one extra call per row).
-Goals (issue 16): native-fp32 <= 0.90x ov-fp32; native-bf16-mode <= 1.0x ov-bf16.
+Goals (issue 16): native-fp32 <= 0.90x ov-fp32; bf16 as a target mode <= 1.0x ov-bf16.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import cpu_flags, emit_report  # noqa: E402  (tools/ helpers)
 
-ROWS = ("ov-fp32", "native-fp32", "ov-bf16", "native-bf16-mode")
+ROWS = ("ov-fp32", "native-fp32", "ov-bf16", "native-bf16-mode", "native-bf16-precise")
+OPTIONS = {"native-bf16-precise": {"precise_native": "true"}}
 
 
 def _feeds(size: int) -> dict[str, np.ndarray]:
@@ -50,6 +55,17 @@ def _fit(runner, feeds):
         dt = getattr(runner, "input_dtypes", {}).get(name, feeds[name].dtype)
         out[name] = feeds[name].astype(dt)
     return out
+
+
+def _first_output(out) -> np.ndarray:
+    first = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return np.asarray(first, dtype=np.float32).copy()
+
+
+def _compare(a: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    x, y = a.ravel().astype(np.float64), ref.ravel().astype(np.float64)
+    cos = float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) or 1.0))
+    return {"cosine": round(cos, 6), "max_abs": round(float(np.abs(x - y).max()), 5)}
 
 
 def _profile(art: Path) -> dict[str, float]:
@@ -101,11 +117,13 @@ def main() -> int:
     lat = args.size // 8
     shapes = [{"sample": (1, 4, lat, lat), "timestep": (1,), "encoder_hidden_states": (1, 77, 768)}]
     plan = {"ov-fp32": (args.src, "fp32"), "native-fp32": (w / "fused", "fp32"),
-            "ov-bf16": (args.src, "bf16"), "native-bf16-mode": (w / "fused-bf16mode", None)}
+            "ov-bf16": (args.src, "bf16"), "native-bf16-mode": (w / "fused-bf16mode", None),
+            "native-bf16-precise": (w / "fused-bf16mode", None)}
     feeds = _feeds(args.size)
     manifests: dict = {}
     times: dict[str, list[float]] = {r: [] for r in ROWS}
-    # two phases (fp32 pair, bf16 pair) so that at most two full-size compiled UNets are in memory
+    outputs: dict[str, np.ndarray] = {}
+    # two phases (fp32 pair, bf16 rows) so that at most three full-size compiled UNets are in memory
     for pair in (ROWS[:2], ROWS[2:]):
         runners = {}
         for row in pair:
@@ -113,7 +131,7 @@ def main() -> int:
             art = w / f"art-{row}-{args.size}"
             if not (art / "sdgraph.json").is_file():
                 lower(src, "openvino", art, precision=prec, shapes=shapes, submodels=["unet"],
-                      options={"blob": "false"}, cache=False, force=True)
+                      options={"blob": "false", **OPTIONS.get(row, {})}, cache=False, force=True)
             a = load_artifact(art)
             runners[row], manifests[row] = a.runner("unet"), a.manifest["submodels"]["unet"]
             runners[row](_fit(runners[row], feeds))  # warm-up call
@@ -121,8 +139,9 @@ def main() -> int:
             for row in pair:
                 f = _fit(runners[row], feeds)
                 t = time.perf_counter()
-                runners[row](f)
+                out = runners[row](f)
                 times[row].append(time.perf_counter() - t)
+                outputs[row] = _first_output(out)
         del runners, a
         stages[f"{pair[0]}_pair_done_s"] = round(time.perf_counter() - t0, 1)
     med = {r: statistics.median(v) for r, v in times.items()}
@@ -133,8 +152,11 @@ def main() -> int:
         "calls_ms": {r: [round(x * 1e3, 1) for x in v] for r, v in times.items()},
         "native_vs_ov_fp32": round(med["native-fp32"] / med["ov-fp32"], 3),
         "bf16_mode_vs_ov_bf16": round(med["native-bf16-mode"] / med["ov-bf16"], 3),
+        "bf16_precise_vs_ov_bf16": round(med["native-bf16-precise"] / med["ov-bf16"], 3),
+        "vs_ov_fp32": {r: _compare(outputs[r], outputs["ov-fp32"]) for r in ROWS if r != "ov-fp32"},
         "native_ops": manifests["native-fp32"].get("native"),
         "precision_mode": manifests["native-bf16-mode"].get("precision_mode"),
+        "precision_mode_precise": manifests["native-bf16-precise"].get("precision_mode"),
     }
     if args.profile:
         result["profile_ms"] = {row: _profile(w / f"art-{row}-{args.size}") for row in ROWS}

@@ -43,6 +43,8 @@ def tune_cmd(
     height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)"),
     width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)"),
     repeats: int = typer.Option(2, "--repeats", help="Timed images per trial (median)"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps",
+                                               help="Steps of each trial's two warm-up images (default: --steps)"),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt(s) of the fidelity images (default: one shipped prompt)"),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds of the fidelity images"),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space YAML (default: sdgraph/data/tune_space.yaml)"),
@@ -61,7 +63,7 @@ def tune_cmd(
     from sdgraph.pipeline.tune.study import TABLE_COLUMNS, closest_line, study_rows
 
     check_all(min_psnr=min_psnr, min_ssim=min_ssim, min_cosine=min_cosine, min_clip=min_clip, trials=trials, steps=steps,
-              height=height, width=width, repeats=repeats, cpus_per_trial=cpus_per_trial, seed=seed)
+              height=height, width=width, repeats=repeats, warmup_steps=warmup_steps, cpus_per_trial=cpus_per_trial, seed=seed)
     seconds = parse_duration(time_limit)
     seed_list = parse_seeds(seeds)
     if min_clip is not None and clip_model is None:
@@ -81,7 +83,7 @@ def tune_cmd(
         err_console.print(m, markup=False, style="dim")
 
     result = tune(model_dir, out, sp, budget=budget, trials=trials, seconds=seconds, steps=steps, height=height, width=width,
-                  repeats=repeats, prompts=list(prompt or []), seeds=seed_list, clip_model=clip_model, storage=storage,
+                  repeats=repeats, warmup_steps=warmup_steps, prompts=list(prompt or []), seeds=seed_list, clip_model=clip_model, storage=storage,
                   resume=resume, force=force, ray=ray, cpus_per_trial=cpus_per_trial, ship_model=ship_model, seed=seed,
                   progress=say)
     chosen = result.chosen["number"] if result.chosen else None

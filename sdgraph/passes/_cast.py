@@ -31,7 +31,8 @@ _FP32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 # Nodes that only look at a tensor's shape may read the low-precision copy directly.
 _SHAPE_ONLY = ("Shape", "Size")
 _F32 = np.dtype(np.float32)
-# graph metadata written by ``mode=target``: {"precision": "bf16"|"fp16", "keep": [node names kept in float32]}
+# graph metadata written by ``mode=target``: {"precision": "bf16"|"fp16", "keep": [node names kept in float32],
+# "named": [those of them the user named in keep=, which a target must keep whatever its own kernels do]}
 PRECISION_MODE_KEY = "sdgraph.precision_mode"
 
 
@@ -209,7 +210,8 @@ class CastPass(Pass):
             stats["overflow_nodes"] = len(producers)
             stats["overflow_checked"] = sum(1 for n in low for o in n.outputs if _is_f32(o))
         if self.opts.mode == "target":
-            model.metadata[PRECISION_MODE_KEY] = json.dumps({"precision": self.kind, "keep": sorted(kept)})
+            model.metadata[PRECISION_MODE_KEY] = json.dumps({"precision": self.kind, "keep": sorted(kept),
+                                                             "named": sorted(keep_names & set(kept))})
             stats.update({"mode": "target", "low_nodes": len(low), "kept_nodes": len(kept)})
             return PassResult(modified=True, stats=stats, notes=notes)
         stats.update(cast_graph(model, low, self.kind))
@@ -250,14 +252,15 @@ def nan_scan(model, feeds, ignore: set[str] = frozenset()) -> tuple[gs.Node | No
     return None, runtime
 
 
-def recorded_precision_mode(model) -> tuple[str, list[str]] | None:
-    """(precision, node names kept in float32) recorded by a precision pass run with ``mode=target``."""
+def recorded_precision_mode(model) -> tuple[str, list[str], list[str]] | None:
+    """(precision, node names kept in float32, those the user named) recorded by a precision pass run with
+    ``mode=target``."""
     raw = model.metadata.get(PRECISION_MODE_KEY)
     if not raw:
         return None
     try:
         rec = json.loads(raw)
-        return str(rec["precision"]), [str(k) for k in rec.get("keep", [])]
+        return str(rec["precision"]), [str(k) for k in rec.get("keep", [])], [str(k) for k in rec.get("named", [])]
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{model.name}: metadata {PRECISION_MODE_KEY!r} is not valid ({raw[:60]!r})") from None
 

@@ -76,6 +76,7 @@ class LowerContext:
     submodel: str = "model"
     # precision kept by the target's own mode (``supports_precision_mode``): node names that stay float32
     precision_keep: tuple[str, ...] | None = None
+    precision_named: tuple[str, ...] = ()  # of those, the ones the user named (keep=): kept whatever the target's kernels do
 
 
 class Target:

@@ -185,9 +185,9 @@ def _precision_mode(m: Model, tgt: Target, ctx: LowerContext, requested: str | N
     recorded = recorded_precision_mode(m)
     if recorded is None:
         return
-    prec, keep = recorded
+    prec, keep, named = recorded
     if ctx.precision == prec and tgt.supports_precision_mode(prec):
-        ctx.precision_keep = tuple(keep)
+        ctx.precision_keep, ctx.precision_named = tuple(keep), tuple(named)
     elif requested in (None, prec):
         stats = apply_cast_mode(m, prec, keep)
         log.info("%s: %s has no %s mode: cast graph (%s)", ctx.submodel, tgt.name, prec, stats)

@@ -150,6 +150,9 @@ class OpenVinoTarget(Target):
         Option("dynamic", bool, False, "with shape buckets, run undeclared shapes on a dynamic compile instead of failing"),
         Option("native", bool, True, "canonical Attention/GroupNorm/GeGLU as OpenVINO's ScaledDotProductAttention/"
                "GroupNormalization/Gelu (false: inline their function bodies)"),
+        Option("precise_native", bool, False, "under a recorded bf16 mode, also run the natively lowered canonical ops "
+               "(SDPA, GroupNormalization, GeGLU) that the pass keeps for their op type in f32 (default: left to "
+               "OpenVINO's bf16 kernels, which accumulate in f32: same outputs, fewer Reorders); names in keep= always are"),
     )
 
     def available(self) -> tuple[bool, str]:
@@ -215,7 +218,11 @@ class OpenVinoTarget(Target):
             except Exception as exc:
                 raise InputError(f"{ctx.submodel}: OpenVINO could not convert the graph: {_first(exc)}") from None
         compress = _PRECISION[ctx.precision][1]
-        precise = _keep_layers(ov_model, model, ctx.precision_keep) if ctx.precision_keep is not None else set()
+        keep = ctx.precision_keep
+        if keep is not None and not ctx.options.get("precise_native", False):
+            lowered = {n.name for n in model.graph.nodes if n.domain == CANONICAL_DOMAIN and self._native(ctx, n.op)}
+            keep = tuple(k for k in keep if k not in lowered or k in ctx.precision_named)
+        precise = _keep_layers(ov_model, model, keep) if keep is not None else set()
         ov.save_model(ov_model, str(out_dir / "model.xml"), compress_to_fp16=compress)
         if precise:
             _mark_precise(out_dir / "model.xml", precise)
@@ -226,7 +233,7 @@ class OpenVinoTarget(Target):
                                  "inputs": [t.name for t in model.graph.inputs],  # OV ports answer to every tensor name
                                  "outputs": [t.name for t in model.graph.outputs], "blobs": [],
                                  "precision_mode": None if ctx.precision_keep is None else {
-                                     "precision": ctx.precision, "kept_nodes": len(ctx.precision_keep),
+                                     "precision": ctx.precision, "kept_nodes": len(keep),
                                      "precise_layers": len(precise)},
                                  "native": {op: {"count": c, "openvino_op": NATIVE_OV_TYPES[op]} for op, c in sorted(native.items())}}
         self._compile_and_export(core, out_dir, entry, config, ctx)

@@ -381,3 +381,35 @@ def test_tune_on_a_local_ray_cluster_gives_the_local_front(local_study, tiny_sd1
     assert [(m["prompt"], m["seed"]) for m in rep["images"]] == [("a red bicycle", 0), ("a red bicycle", 1),
                                                                  ("a bowl of ramen", 0), ("a bowl of ramen", 1)]
     assert all(m["max_pixel_diff"] == 0 for m in rep["images"])  # the same dir on both sides: identical images
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_a_trial_makes_each_candidate_image_once_and_warms_up_short(tiny_sd15_onnx, tmp_path, monkeypatch, seeds):
+    """bench's timed image is the candidate's first fidelity image; warm-ups take --warmup-steps steps."""
+    from sdgraph.pipeline import runner
+    from sdgraph.pipeline.tune.objective import _REF, run_trial
+
+    calls: list[tuple[str, int, int]] = []  # (reference or candidate, steps, seed)
+    real = runner.Pipeline.generate
+
+    def counted(self, prompt, **kw):
+        calls.append(("ref" if Path(self.path).resolve() == Path(tiny_sd15_onnx).resolve() else "cand", kw["steps"], kw["seed"]))
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(runner.Pipeline, "generate", counted)
+    _REF.clear()
+    settings = {"steps": 2, "height": None, "width": None, "guidance": 7.5, "repeats": 1, "warmup_steps": 1,
+                "prompts": ["a red cube"], "seeds": list(seeds), "budget": {"min_psnr": 20.0}, "clip_model": None,
+                "work_dir": str(tmp_path / "work")}
+    config = {"pipeline": "fold", "submodels": ["unet"], "target": "ort", "precision": "fp32", "options": {"threads": 1}}
+    res = run_trial(str(tiny_sd15_onnx), config, settings)
+    _REF.clear()
+    assert res["status"] == "ok", res["error"]
+    ref = [c for c in calls if c[0] == "ref"]
+    cand = [c for c in calls if c[0] == "cand"]
+    assert ref == [("ref", 2, s) for s in seeds]
+    # bench: two 1-step warm-ups, one timed 2-step image (seed 0); then only the other seeds' images
+    assert cand == [("cand", 1, 0), ("cand", 1, 0), ("cand", 2, 0)] + [("cand", 2, s) for s in seeds[1:]]
+    assert [m["psnr"] for m in res["verify"]["images"]] == [float("inf")] * len(seeds)  # fold is exact
+    assert res["metrics"]["psnr_min"] == 100.0 and res["bench"]["e2e_s"] > 0
+    assert not list((tmp_path / "work").iterdir())  # the trial's folder (and bench's images) removed

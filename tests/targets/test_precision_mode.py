@@ -40,7 +40,9 @@ def test_openvino_bf16_mode_keeps_list_in_f32(graphs, tmp_path):
     assert rec["precision"] == "bf16" and len(rec["keep"]) > 0
     # the pass left the graph float32: no Cast added, same nodes
     assert mode.op_histogram() == fa.op_histogram()
-    res = lower(graphs / "mode", "openvino", tmp_path / "art", submodels=["unet"], options={"blob": "false"}, cache=False)
+    # precise_native=true: every kept node precise, the natively lowered attention too
+    res = lower(graphs / "mode", "openvino", tmp_path / "art", submodels=["unet"],
+                options={"blob": "false", "precise_native": "true"}, cache=False)
     entry = res.manifest["submodels"]["unet"]
     assert entry["precision"] == "bf16" and entry["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
     assert entry["precision_mode"]["kept_nodes"] == len(rec["keep"])
@@ -78,6 +80,50 @@ def test_openvino_bf16_mode_keeps_list_in_f32(graphs, tmp_path):
     own_out = load_artifact(tmp_path / "own").runner("unet")(feeds)
     assert runtime.worst(runtime.compare(own_out, got))["cosine"] >= 0.999
 
+
+
+@pytest.mark.slow
+def test_openvino_leaves_native_canonical_ops_to_its_bf16_kernels_unless_named(graphs, tmp_path):
+    pytest.importorskip("openvino")
+    from sdgraph.passes.manager import optimize_path
+
+    mode = Model.load(graphs / "mode" / "unet" / "model.onnx")
+    rec = json.loads(mode.metadata[PRECISION_MODE_KEY])
+    keep = rec["keep"]
+    attention = sorted(n.name for n in mode.graph.nodes if n.op == "Attention" and n.name in keep)
+    assert attention and rec["named"] == []  # the pass keeps the canonical attention (it holds a softmax)
+
+    def precise_types(art):
+        root = ET.parse(art / "unet" / "model.xml").getroot()
+        return collections.Counter(layer.get("type") for layer in root.iter("layer")
+                                   if any(a.get("name") == "precise" for a in layer.iter("attribute")))
+
+    def entry(res):
+        return res.manifest["submodels"]["unet"]["precision_mode"]
+
+    full = entry(lower(graphs / "mode", "openvino", tmp_path / "full", submodels=["unet"],
+                       options={"blob": "false", "precise_native": "true"}, cache=False))
+    lean = entry(lower(graphs / "mode", "openvino", tmp_path / "lean", submodels=["unet"], options={"blob": "false"},
+                       cache=False))
+    assert full["kept_nodes"] == len(keep) and lean["kept_nodes"] == len(keep) - len(attention)
+    assert precise_types(tmp_path / "full")["ScaledDotProductAttention"] == len(attention)
+    lean_types = precise_types(tmp_path / "lean")
+    assert lean_types["ScaledDotProductAttention"] == 0 and sum(lean_types.values()) == lean["precise_layers"] > 0
+    assert lean["precise_layers"] < full["precise_layers"]
+    # the default stays within the bf16 tolerance of float32
+    fa = Model.load(graphs / "fa" / "unet" / "model.onnx")
+    feeds = runtime.seeded_inputs(fa, 0, SHAPE)
+    got = load_artifact(tmp_path / "lean").runner("unet")(feeds)
+    assert runtime.worst(runtime.compare(runtime.run(fa, feeds), got))["cosine"] >= 0.999
+    # an attention the user names in keep= stays precise by default too
+    optimize_path(graphs / "fa", f"bf16{{mode=target keep={attention[0]}}}", tmp_path / "named", submodels=["unet"])
+    named = Model.load(tmp_path / "named" / "unet" / "model.onnx")
+    names = json.loads(named.metadata[PRECISION_MODE_KEY])["named"]  # keep= matches name fragments
+    assert attention[0] in names and all(n.startswith(attention[0]) for n in names)
+    res = entry(lower(tmp_path / "named", "openvino", tmp_path / "named-art", submodels=["unet"], options={"blob": "false"},
+                      cache=False))
+    assert res["kept_nodes"] == lean["kept_nodes"] + len(names)
+    assert precise_types(tmp_path / "named-art")["ScaledDotProductAttention"] == 1
 
 def _mlp(spec: str) -> Model:
     from sdgraph.passes.manager import PassManager

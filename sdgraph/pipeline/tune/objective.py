@@ -4,7 +4,8 @@
 returns a JSON-ready dict and never raises: the local loop calls it, and a Ray worker runs the very
 same function as a task. Cheap checks come first: one call of each submodel against the reference
 (``verify.compare_submodels``), and a UNet whose cosine misses ``min_cosine`` prunes the trial before
-any image is made.
+any image is made. Then ``sdgraph bench`` times the artifact, and its last timed image (first prompt,
+first seed) is also the candidate image whose fidelity is measured: a trial makes each image once.
 """
 
 from __future__ import annotations
@@ -90,13 +91,24 @@ def _reference(model_dir: str, settings: Mapping[str, Any]):
     return _REF["pipe"], _REF["images"]
 
 
-def _images(pipe, settings: Mapping[str, Any], height: int, width: int) -> list:
-    out = []
-    for prompt in settings["prompts"]:
-        for seed in settings["seeds"]:
-            out.append(pipe.generate(prompt, steps=settings["steps"], seed=seed, height=height, width=width,
-                                     guidance=settings["guidance"]).images[0])
-    return out
+def _images(pipe, settings: Mapping[str, Any], height: int, width: int, skip: int = 0) -> list:
+    """One image per (prompt, seed), prompts outer; the first ``skip`` pairs left out."""
+    pairs = [(prompt, seed) for prompt in settings["prompts"] for seed in settings["seeds"]][skip:]
+    return [pipe.generate(prompt, steps=settings["steps"], seed=seed, height=height, width=width,
+                          guidance=settings["guidance"]).images[0] for prompt, seed in pairs]
+
+
+def _candidate_images(art: Path, timed: str, settings: Mapping[str, Any], height: int, width: int) -> list:
+    """The candidate's image per (prompt, seed), in ``_images``' order: the first is bench's timed image (the
+    same prompt, seed, steps, size and guidance; a PNG, lossless); the others are generated now."""
+    from PIL import Image
+
+    from sdgraph.pipeline.runner import open_pipeline
+
+    first = Image.open(timed).convert("RGB")
+    if len(settings["prompts"]) * len(settings["seeds"]) == 1:
+        return [first]
+    return [first] + _images(open_pipeline(art), settings, height, width, skip=1)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -107,8 +119,8 @@ def _one_line(exc: BaseException) -> str:
 def run_trial(model_dir: str, config: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate one configuration; ``status`` is ``ok``, ``pruned`` (cheap check missed) or ``failed`` (with ``error``).
 
-    ``settings``: steps, height, width, guidance, repeats, prompts, seeds, budget (Budget fields),
-    clip_model, work_dir (temporary folders go there and are removed).
+    ``settings``: steps, height, width, guidance, repeats, warmup_steps (of bench's two warm-up images; None:
+    ``steps``), prompts, seeds, budget (Budget fields), clip_model, work_dir (temporary folders go there and are removed).
     """
     from sdgraph.passes.manager import optimize_path
     from sdgraph.pipeline import verify
@@ -146,14 +158,27 @@ def run_trial(model_dir: str, config: Mapping[str, Any], settings: Mapping[str, 
         if budget.min_cosine is not None and (unet is None or not unet >= budget.min_cosine):
             res.update(status="pruned", error=f"UNet cosine {unet} < {budget.min_cosine} on one call: pruned before any image")
             return res
-        # 2. the images: fidelity against the reference images (made once per process)
-        res["stage"] = "verify"
+        del cand  # bench opens its own: one model in memory at a time
+        # 2. the speed: sdgraph bench on the artifact (short warm-ups apart, median of the repeats); its last
+        #    timed image is the candidate image of the first prompt and seed, so fidelity needs no extra image
+        res["stage"] = "bench"
         h, w = settings.get("height") or ref.default_size()[0], settings.get("width") or ref.default_size()[1]
+        rep = bench([art], steps=settings["steps"], height=h, width=w, repeats=settings["repeats"],
+                    prompt=settings["prompts"][0], seed=settings["seeds"][0], guidance=settings["guidance"],
+                    warmup_steps=settings.get("warmup_steps"), images_out=tmp / "bench-images",
+                    progress=lambda m: None)
+        b = rep["results"][0]
+        if "error" in b:
+            raise RuntimeError(b["error"])
+        res["bench"] = {k: b[k] for k in ("e2e_s", "e2e_s_runs", "unet_its", "unet_call_ms", "load_s", "warmup_compile_s",
+                                          "warmup_cache_s", "peak_rss_mb", "submodel_ms") if k in b}
+        res["metrics"]["e2e_s"] = b["e2e_s"]
+        # 3. the images: fidelity against the reference images (made once per process)
+        res["stage"] = "verify"
         key = (h, w, settings["steps"], tuple(settings["prompts"]), tuple(settings["seeds"]), settings["guidance"])
         if key not in ref_images:
             ref_images[key] = _images(ref, settings, h, w)
-        a_imgs, b_imgs = ref_images[key], _images(cand, settings, h, w)
-        del cand
+        a_imgs, b_imgs = ref_images[key], _candidate_images(art, b["image"], settings, h, w)
         images = [{"psnr": verify.psnr(a, b), "ssim": verify.ssim(a, b), "max_pixel_diff": verify.max_pixel_diff(a, b)}
                   for a, b in zip(a_imgs, b_imgs)]
         res["verify"]["images"] = images
@@ -163,17 +188,6 @@ def run_trial(model_dir: str, config: Mapping[str, Any], settings: Mapping[str, 
         if settings.get("clip_model"):
             caps = [p for p in settings["prompts"] for _ in settings["seeds"]]
             res["metrics"]["clip_score"] = verify.clip_score(b_imgs, caps, settings["clip_model"])
-        # 3. the speed: sdgraph bench on the artifact (warm-ups apart, median of the repeats)
-        res["stage"] = "bench"
-        rep = bench([art], steps=settings["steps"], height=h, width=w, repeats=settings["repeats"],
-                    prompt=settings["prompts"][0], seed=settings["seeds"][0], guidance=settings["guidance"],
-                    progress=lambda m: None)
-        b = rep["results"][0]
-        if "error" in b:
-            raise RuntimeError(b["error"])
-        res["bench"] = {k: b[k] for k in ("e2e_s", "e2e_s_runs", "unet_its", "unet_call_ms", "load_s", "warmup_compile_s",
-                                          "warmup_cache_s", "peak_rss_mb", "submodel_ms") if k in b}
-        res["metrics"]["e2e_s"] = b["e2e_s"]
         res["fails"] = budget.fails(res["metrics"])
         res.update(status="ok", stage="done")
     except Exception as exc:  # noqa: BLE001 - a failing configuration is a result, never the end of the study

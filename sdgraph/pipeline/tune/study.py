@@ -123,7 +123,7 @@ def _check_resume(study, settings: Mapping[str, Any]) -> None:
 
 def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Space, *, budget: Budget,
          trials: int = 20, seconds: float | None = None, steps: int = 20, height: int | None = None,
-         width: int | None = None, guidance: float = 7.5, repeats: int = 2, prompts: Sequence[str] = (),
+         width: int | None = None, guidance: float = 7.5, repeats: int = 2, warmup_steps: int | None = None, prompts: Sequence[str] = (),
          seeds: Sequence[int] = (0,), clip_model: str | os.PathLike | None = None, storage: str | None = None,
          resume: bool = False, force: bool = False, ray: str | None = None, cpus_per_trial: int | None = None,
          ship_model: bool = False, seed: int = 0, progress: Callable[[str], None] | None = None) -> TuneResult:
@@ -159,7 +159,7 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
     final.mkdir(parents=True, exist_ok=True)
     storage_url = storage or f"sqlite:///{final / 'study.db'}"
     settings = {"model_dir": str(model_dir.resolve()), "steps": steps, "height": height, "width": width,
-                "guidance": guidance, "repeats": repeats, "prompts": list(prompts or DEFAULT_PROMPTS[:1]),
+                "guidance": guidance, "repeats": repeats, "warmup_steps": warmup_steps, "prompts": list(prompts or DEFAULT_PROMPTS[:1]),
                 "seeds": list(seeds), "budget": dataclasses.asdict(budget),
                 "clip_model": str(clip_model) if clip_model else None, "work_dir": str(final / ".work")}
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, constant_liar=True)
