@@ -139,11 +139,11 @@ def test_pass_records_mode_and_target_without_one_gets_cast_graph():
     from sdgraph.targets.torch import TorchTarget
 
     m = _mlp("bf16{mode=target keep=mm2}")
-    assert json.loads(m.metadata[PRECISION_MODE_KEY]) == {"precision": "bf16", "keep": ["mm2"]}
+    assert json.loads(m.metadata[PRECISION_MODE_KEY]) == {"precision": "bf16", "keep": ["mm2"], "named": ["mm2"]}
     assert m.op_histogram()["Cast"] == 0 and graph_precision(m) == "bf16"
     ctx = LowerContext(precision="bf16")
     _precision_mode(m, TorchTarget(), ctx, None)  # has a bf16 mode: graph untouched, keep list handed over
-    assert ctx.precision_keep == ("mm2",) and m.op_histogram()["Cast"] == 0
+    assert ctx.precision_keep == ("mm2",) and ctx.precision_named == ("mm2",) and m.op_histogram()["Cast"] == 0
     ctx = LowerContext(precision="fp32")
     _precision_mode(m, Target(), ctx, None)  # no mode: the cast graph, mm2 kept in float32
     assert ctx.precision_keep is None and PRECISION_MODE_KEY not in m.metadata
