@@ -91,6 +91,8 @@ class Target:
     - ``build(model, out_dir, ctx) -> dict``: write one submodel's artifacts, return its manifest entry;
     - ``load(artifact_dir, entry, ctx) -> Runner``: load a built submodel for run/bench/verify;
     - ``tool_versions() -> dict``: versions that go into the cache key;
+    - ``precision_native(precision) -> (bool, why)``: whether this machine runs a precision at that precision
+      (default yes; OpenVINO's bf16 runs f32 on a CPU without bf16 kernels);
     - ``refit(sub_dir, entry, changes, ctx) -> dict``: write new values of some initializers into a built
       submodel (``changes``: name -> (value now, new value)); returns manifest entry updates
       (``sdgraph refit``; the generic part is ``sdgraph.targets.refit``).
@@ -136,6 +138,11 @@ class Target:
         """Whether a float32 graph with a recorded precision and keep list (``bf16{mode=target}``) runs in
         this target's own reduced-precision mode; False: the driver lowers the cast graph instead."""
         return False
+
+    def precision_native(self, precision: str) -> tuple[bool, str]:
+        """Whether this machine runs ``precision`` as such; False with why when the runtime would fall back
+        (an artifact still builds and runs, but measures the fallback: ``tune`` leaves such precisions out)."""
+        return True, ""
 
     def tool_versions(self) -> dict[str, str]:
         return {}

@@ -162,6 +162,16 @@ class OpenVinoTarget(Target):
             return False, "openvino is not installed"
         return True, ""
 
+    def precision_native(self, precision: str) -> tuple[bool, str]:
+        if precision != "bf16":
+            return True, ""
+        import openvino as ov
+
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" in caps:
+            return True, ""
+        return False, f"this CPU has no bf16 kernels (OPTIMIZATION_CAPABILITIES: {', '.join(caps)}); bf16 would run f32"
+
     def tool_versions(self) -> dict[str, str]:
         import openvino as ov
 

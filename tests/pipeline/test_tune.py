@@ -142,6 +142,34 @@ def test_targets_filter_unknown_is_usage_error_unusable_is_exit_3(tmp_path, monk
     assert list(load_space(p, ["ort"]).targets) == ["ort"]
 
 
+def test_a_precision_this_machine_would_fall_back_from_is_left_out_with_a_note(tmp_path, monkeypatch):
+    import openvino
+
+    from sdgraph.pipeline.tune import load_space
+    from sdgraph.targets.openvino import OpenVinoTarget
+
+    class FakeCore:  # what OpenVINO reports of a CPU with or without bf16 kernels
+        caps = ["FP32", "INT8"]
+
+        def get_property(self, device, name):
+            assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+            return list(self.caps)
+
+    monkeypatch.setattr(openvino, "Core", FakeCore)
+    ok, why = OpenVinoTarget().precision_native("bf16")
+    assert not ok and "no bf16 kernels" in why and "FP32, INT8" in why
+    assert OpenVinoTarget().precision_native("fp32") == (True, "") and OpenVinoTarget().precision_native("int8")[0]
+    p = _space(tmp_path, "stages:\n  a: [fold]\ntargets:\n  ort: {}\n  openvino: {precision: [fp32, bf16]}\n")
+    sp = load_space(p)
+    assert sp.targets["openvino"]["precision"] == ("fp32",) and sp.size() == 2
+    assert any(n.startswith("target openvino precision bf16 left out: this CPU has no bf16 kernels") for n in sp.notes)
+    only_bf16 = _space(tmp_path, "stages:\n  a: [fold]\ntargets:\n  ort: {}\n  openvino: {precision: [bf16]}\n", "b.yaml")
+    assert list(load_space(only_bf16).targets) == ["ort"]  # nothing left of it: the target is out
+    FakeCore.caps = ["FP32", "BF16", "INT8"]
+    assert OpenVinoTarget().precision_native("bf16") == (True, "")
+    assert load_space(p).targets["openvino"]["precision"] == ("fp32", "bf16")
+
+
 # ------------------------------------------------------------------------------ budget, front, time
 def test_budget_primary_fails_and_shortfall():
     from sdgraph.pipeline.tune import Budget
@@ -412,4 +440,24 @@ def test_a_trial_makes_each_candidate_image_once_and_warms_up_short(tiny_sd15_on
     assert cand == [("cand", 1, 0), ("cand", 1, 0), ("cand", 2, 0)] + [("cand", 2, s) for s in seeds[1:]]
     assert [m["psnr"] for m in res["verify"]["images"]] == [float("inf")] * len(seeds)  # fold is exact
     assert res["metrics"]["psnr_min"] == 100.0 and res["bench"]["e2e_s"] > 0
-    assert not list((tmp_path / "work").iterdir())  # the trial's folder (and bench's images) removed
+    # the trial's folder (and bench's images) removed; the reference images stay, one PNG per (prompt, seed)
+    kept = list((tmp_path / "work").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("reference-")
+    assert sorted(f.name for f in kept[0].iterdir()) == [f"{i}.png" for i in range(len(seeds))]
+    # a new process (a resumed study, the next --time slice) reads them instead of generating them again
+    calls.clear()
+    again = run_trial(str(tiny_sd15_onnx), config, settings)
+    _REF.clear()
+    assert [c for c in calls if c[0] == "ref"] == [] and again["metrics"]["psnr_min"] == 100.0
+    assert [m["max_pixel_diff"] for m in again["verify"]["images"]] == [0] * len(seeds)
+
+
+def test_stored_reference_images_are_keyed_on_the_model_files(tmp_path):
+    from sdgraph.pipeline.tune.objective import _model_identity
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.onnx").write_bytes(b"a")
+    first = _model_identity(str(tmp_path))
+    assert _model_identity(str(tmp_path)) == first
+    (tmp_path / "unet" / "model.onnx").write_bytes(b"ab")  # another model under the same path
+    assert _model_identity(str(tmp_path)) != first

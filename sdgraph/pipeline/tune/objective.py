@@ -98,6 +98,49 @@ def _images(pipe, settings: Mapping[str, Any], height: int, width: int, skip: in
                           guidance=settings["guidance"]).images[0] for prompt, seed in pairs]
 
 
+def _model_identity(model_dir: str) -> str:
+    """Changes when any file of the model folder does (path, size, mtime): keys the stored reference images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(model_dir).resolve()
+    h.update(str(root).encode())
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _reference_images(ref, model_dir: str, settings: Mapping[str, Any], height: int, width: int) -> list:
+    """The reference images, made once per study: stored as PNG (lossless) beside the trials' work folders, so a
+    resumed study (``--resume``, the next slice of a ``--time`` run) or another worker on a shared path reads them
+    instead of generating them again. The folder is keyed on the model folder's files and the image settings."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from sdgraph.ir.io import atomic_file
+
+    pairs = [(p, s) for p in settings["prompts"] for s in settings["seeds"]]
+    spec = json.dumps({"model": _model_identity(model_dir), "h": height, "w": width, "steps": settings["steps"],
+                       "guidance": settings["guidance"], "pairs": pairs}, sort_keys=True)
+    folder = Path(settings["work_dir"]) / f"reference-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+    files = [folder / f"{i}.png" for i in range(len(pairs))]
+    if all(f.is_file() for f in files):
+        try:
+            return [Image.open(f).convert("RGB") for f in files]
+        except OSError:
+            pass  # a damaged file: made again below
+    images = _images(ref, settings, height, width)
+    folder.mkdir(parents=True, exist_ok=True)
+    for img, f in zip(images, files):
+        with atomic_file(f, force=True) as tmp:
+            img.save(tmp, format="PNG")
+    return images
+
+
 def _candidate_images(art: Path, timed: str, settings: Mapping[str, Any], height: int, width: int) -> list:
     """The candidate's image per (prompt, seed), in ``_images``' order: the first is bench's timed image (the
     same prompt, seed, steps, size and guidance; a PNG, lossless); the others are generated now."""
@@ -177,7 +220,7 @@ def run_trial(model_dir: str, config: Mapping[str, Any], settings: Mapping[str, 
         res["stage"] = "verify"
         key = (h, w, settings["steps"], tuple(settings["prompts"]), tuple(settings["seeds"]), settings["guidance"])
         if key not in ref_images:
-            ref_images[key] = _images(ref, settings, h, w)
+            ref_images[key] = _reference_images(ref, model_dir, settings, h, w)
         a_imgs, b_imgs = ref_images[key], _candidate_images(art, b["image"], settings, h, w)
         images = [{"psnr": verify.psnr(a, b), "ssim": verify.ssim(a, b), "max_pixel_diff": verify.max_pixel_diff(a, b)}
                   for a, b in zip(a_imgs, b_imgs)]

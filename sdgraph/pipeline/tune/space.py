@@ -186,6 +186,16 @@ def _targets(raw: Any, wanted: Sequence[str] | None, notes: list[str], where: st
             if p not in tgt.capability.precisions:
                 raise UsageError(f"{where}: target {name!r} does not take precision {p!r} "
                                  f"(takes {', '.join(tgt.capability.precisions)})")
+        native = []
+        for p in vals["precision"]:
+            ok, why = tgt.precision_native(p)
+            if ok:
+                native.append(p)
+            else:
+                notes.append(f"target {name} precision {p} left out: {why}")
+        if not native:
+            continue
+        vals["precision"] = tuple(native)
         for k, vs in vals.items():
             if k != "precision":
                 for v in vs:
