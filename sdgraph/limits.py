@@ -68,6 +68,7 @@ BOUNDS: dict[str, Bound] = {
     "--time": Bound(1, 30 * 86400, "wall-clock limit of a study in seconds, or 30m / 2h (tune)"),
     "--cpus-per-trial": Bound(1, 4096, "CPUs one Ray trial requests (tune --ray)", integer=True),
     "--min-clip": Bound(0, 100, "CLIP score threshold (tune)"),
+    "--cap": Bound(1, 1000, "time cap of a trial's image, x the fastest within budget (tune)"),
     "lora scale": Bound(-100, 100, "LoRA scale (lora pass scale=, refit --lora PATH:SCALE)"),
 }
 

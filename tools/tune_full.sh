@@ -6,8 +6,10 @@
 # Hours on a 2-core machine (an INT8 trial calibrates for ~15 min unless its graph was calibrated
 # before): run it on a quiet one. TIME=45m runs a slice (at most TRIALS more trials) and stops; the next
 # call resumes the study; a call without TIME finishes with the build and the side-by-side bench.
+# CAP=1.2 (tune --cap): a trial's timed image stops once it runs 1.2x longer than the fastest trial within
+# budget so far; such a trial cannot be the pick, and the slow configurations cost minutes less.
 #
-#   [OUT=/tmp/sdgraph-full] [TRIALS=30] [TIME=45m] [RAY=address] bash tools/tune_full.sh
+#   [OUT=/tmp/sdgraph-full] [TRIALS=30] [TIME=45m] [CAP=1.2] [RAY=address] bash tools/tune_full.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/sdgraph-full}"
@@ -27,10 +29,10 @@ TIME_ARGS=()
 [ -n "${TIME:-}" ] && TIME_ARGS=(--time "$TIME")
 "${SDG[@]}" tune "$M" -o "$OUT/tune-study" --space "$ROOT/tools/tune_space_full.yaml" --targets ort,openvino \
     --trials "$TRIALS" "${TIME_ARGS[@]}" --steps 20 \
-    --height 512 --width 512 --repeats 1 --warmup-steps 2 --min-psnr 30 "${RESUME[@]}" "${RAY_ARGS[@]}" \
+    --height 512 --width 512 --repeats 1 --warmup-steps 2 --min-psnr 30 --cap "${CAP:-1.2}" "${RESUME[@]}" "${RAY_ARGS[@]}" \
     --json > "$OUT/tune-study.json" || rc=$?
 if [ -n "${TIME:-}" ]; then   # a slice: TRIALS more trials at most, within TIME; call again to continue
-  echo "slice done (exit ${rc:-0}); trials so far: $("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))['trials']))" "$OUT/tune-study/trials.json")"
+  echo "slice done (exit ${rc:-0}); trials so far: $("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))['trials']))" "$OUT/tune-study/trials.json" 2>/dev/null || echo "? (no report written)")"
   exit 0
 fi
 [ "${rc:-0}" -eq 0 ] || exit "$rc"

@@ -54,6 +54,8 @@ def tune_cmd(
     cpus_per_trial: Optional[int] = typer.Option(None, "--cpus-per-trial", help="CPUs each Ray trial requests (default: a node's)"),
     ship_model: bool = typer.Option(False, "--ship-model", help="Send the model dir through Ray's object store (no shared path)"),
     seed: int = typer.Option(0, "--seed", help="Sampler seed (a study is reproducible)"),
+    cap: Optional[float] = typer.Option(None, "--cap", help="Stop a trial's timed image once it runs this many times "
+                                        "longer than the fastest trial within budget so far (pruned: it cannot be the pick)"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty study folder"),
     as_json: bool = typer.Option(False, "--json", help="Print the trials as JSON"),
 ) -> None:
@@ -63,7 +65,7 @@ def tune_cmd(
     from sdgraph.pipeline.tune.study import TABLE_COLUMNS, closest_line, study_rows
 
     check_all(min_psnr=min_psnr, min_ssim=min_ssim, min_cosine=min_cosine, min_clip=min_clip, trials=trials, steps=steps,
-              height=height, width=width, repeats=repeats, warmup_steps=warmup_steps, cpus_per_trial=cpus_per_trial, seed=seed)
+              height=height, width=width, repeats=repeats, warmup_steps=warmup_steps, cpus_per_trial=cpus_per_trial, seed=seed, cap=cap)
     seconds = parse_duration(time_limit)
     seed_list = parse_seeds(seeds)
     if min_clip is not None and clip_model is None:
@@ -85,7 +87,7 @@ def tune_cmd(
     result = tune(model_dir, out, sp, budget=budget, trials=trials, seconds=seconds, steps=steps, height=height, width=width,
                   repeats=repeats, warmup_steps=warmup_steps, prompts=list(prompt or []), seeds=seed_list, clip_model=clip_model, storage=storage,
                   resume=resume, force=force, ray=ray, cpus_per_trial=cpus_per_trial, ship_model=ship_model, seed=seed,
-                  progress=say)
+                  cap=cap, progress=say)
     chosen = result.chosen["number"] if result.chosen else None
     if as_json:
         print_json({**result.summary(), "trials": result.trials})

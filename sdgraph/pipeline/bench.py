@@ -70,9 +70,18 @@ def _release_memory() -> None:
         pass
 
 
+class _OverTime(Exception):
+    """A timed image ran longer than bench's ``time_limit_s``: it was stopped at ``seconds``."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"stopped after {seconds:.1f} s")
+        self.seconds = seconds
+
+
 def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None, repeats: int, prompt: str,
                seed: int, scheduler: str | None, guidance: float, devices: int,
-               say: Callable[[str], None], extra: dict[str, Any], warmup_steps: int | None = None) -> dict[str, Any]:
+               say: Callable[[str], None], extra: dict[str, Any], warmup_steps: int | None = None,
+               time_limit_s: float | None = None) -> dict[str, Any]:
     from sdgraph.pipeline.runner import open_pipeline
 
     _release_memory()
@@ -97,7 +106,14 @@ def _bench_one(path: Path, *, steps: int, height: int | None, width: int | None,
         # 3. steady state: median of ``repeats`` images.
         runs, unet_its, unet_ms, sub_ms = [], [], [], {}
         for _ in track(range(repeats), f"bench {path.name}: timed images"):
-            g = pipe.generate(prompt, **kw)
+            start = time.perf_counter()
+
+            def over_time(_step: int) -> None:  # after each denoising step: stop an image past the limit
+                elapsed = time.perf_counter() - start
+                if elapsed > time_limit_s:
+                    raise _OverTime(elapsed)
+
+            g = pipe.generate(prompt, **kw, **({"callback": over_time} if time_limit_s else {}))
             image = g.images[0]
             timesteps = g.timesteps
             runs.append(g.seconds)
@@ -155,7 +171,7 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
           image_guidance: float = 1.5, progress: Callable[[str], None] | None = None,
           control_image: str | os.PathLike | None = None, control_scale: float = 1.0,
           warmup_steps: int | None = None, images_out: str | os.PathLike | None = None,
-          force: bool = False) -> dict[str, Any]:
+          force: bool = False, time_limit_s: float | None = None) -> dict[str, Any]:
     """Bench each dir in this one process, in order; ratios are against the first dir.
 
     Timings exclude warm-up: ``warmup_compile_s`` (load + first image) and ``warmup_cache_s`` (a fresh
@@ -164,6 +180,8 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
     dir's last timed image (``image_000.png`` for the first dir...; the same prompt and seed for all, so
     ``sdgraph.pipeline.verify.psnr``/``ssim`` compare them), replaced only with ``force``.
     ``image`` makes every image img2img (``strength``) or, on an InstructPix2Pix model, an edit.
+    ``time_limit_s``: a timed image still denoising after this long is stopped (checked after each step); that
+    dir's result is an error with ``stopped_s``, a lower bound of its s/image (``tune --cap``).
     """
     if not dirs:
         raise UsageError("give at least one model or artifact dir to bench")
@@ -190,7 +208,13 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
         try:
             results.append(_bench_one(Path(d), steps=steps, height=height, width=width, repeats=repeats,
                                       prompt=prompt, seed=seed, scheduler=scheduler, guidance=guidance,
-                                      devices=devices, say=say, extra=extra, warmup_steps=warmup_steps))
+                                      devices=devices, say=say, extra=extra, warmup_steps=warmup_steps,
+                                      time_limit_s=time_limit_s))
+        except _OverTime as over:
+            _release_memory()
+            say(f"{d}: stopped: a timed image ran {over.seconds:.1f} s, over the limit of {time_limit_s:.1f} s")
+            results.append({"path": str(d), "error": f"stopped: a timed image ran {over.seconds:.1f} s, over the "
+                            f"limit of {time_limit_s:.1f} s", "stopped_s": over.seconds, "time_limit_s": time_limit_s})
         except Exception as exc:  # noqa: BLE001 - recorded per dir, reported at the end
             if isinstance(exc, SdgraphError) and exc.exit_code == 2:
                 bad_input.append(exc)
@@ -213,10 +237,10 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
     ok = [r for r in results if "error" not in r]
     if not ok and len(bad_input) == len(results):  # nothing ran, and only for bad input: that is the error
         raise bad_input[0]
-    if not ok:
+    if not ok and not any("stopped_s" in r for r in results):  # stopped by time_limit_s: a result, not a failure
         raise PassError(f"bench: every dir failed; first: {results[0]['path']}: {results[0]['error']}")
-    base = ok[0]
     for r in ok:
+        base = ok[0]
         r["ratios"] = {
             "e2e_speedup": base["e2e_s"] / r["e2e_s"] if r["e2e_s"] else 0.0,
             "unet_its": r["unet_its"] / base["unet_its"] if base["unet_its"] else 0.0,

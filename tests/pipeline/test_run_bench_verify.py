@@ -6,6 +6,7 @@ import io
 import json
 import math
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -287,6 +288,41 @@ def test_bench_warmup_steps_and_images_out(sd15, monkeypatch, tmp_path):
         bench([sd15], steps=1, repeats=1, images_out=tmp_path / "imgs")
     res = CliRunner().invoke(app, ["bench", str(sd15), "--warmup-steps", "0"])
     assert res.exit_code == 2 and "--warmup-steps" in res.output
+
+
+def test_bench_time_limit_stops_a_slow_timed_image_after_a_step(sd15, monkeypatch):
+    """time_limit_s (tune --cap): the timed image stops at the first step past the limit; warm-ups are not limited."""
+    from sdgraph.pipeline import runner
+
+    images: list[list[int]] = []  # the denoising steps each generate call ran
+    real = runner.Pipeline.generate
+
+    def slow_steps(self, prompt, **kw):
+        cb = kw.pop("callback", None)
+        images.append([])
+
+        def each_step(i):
+            images[-1].append(i)
+            time.sleep(0.1)  # every step takes at least 100 ms
+            if cb:
+                cb(i)
+
+        return real(self, prompt, callback=each_step, **kw)
+
+    monkeypatch.setattr(runner.Pipeline, "generate", slow_steps)
+    rep = bench([sd15, sd15], steps=6, repeats=1, warmup_steps=3, time_limit_s=0.25)
+    warm, full = list(range(len(images[0]))), 7  # PNDM: steps + 1 timesteps
+    assert len(images) == 6 and len(warm) == 4
+    for d in range(2):  # each dir: two whole warm-ups, then the timed image stopped after 1-3 of its 7 steps
+        assert images[3 * d] == warm and images[3 * d + 1] == warm
+        assert images[3 * d + 2] == list(range(len(images[3 * d + 2]))) and 1 <= len(images[3 * d + 2]) <= 3 < full
+    for r in rep["results"]:
+        assert r["error"].startswith("stopped: a timed image ran") and 0.25 < r["stopped_s"] < 2.0
+        assert r["time_limit_s"] == 0.25 and "e2e_s" not in r
+    assert rep["failed"] == [str(sd15)] * 2  # a result, not an exception: tune reads it
+    images.clear()
+    rep = bench([sd15], steps=6, repeats=1, warmup_steps=1, time_limit_s=60)
+    assert [len(i) for i in images] == [1, 1, full] and rep["results"][0]["e2e_s"] > 0.7  # under the limit: whole
 
 
 @pytest.mark.slow

@@ -461,3 +461,99 @@ def test_stored_reference_images_are_keyed_on_the_model_files(tmp_path):
     assert _model_identity(str(tmp_path)) == first
     (tmp_path / "unet" / "model.onnx").write_bytes(b"ab")  # another model under the same path
     assert _model_identity(str(tmp_path)) != first
+
+
+def test_a_capped_trial_is_pruned_with_a_lower_bound_and_makes_no_fidelity_image(tiny_sd15_onnx, tmp_path, monkeypatch):
+    from sdgraph.pipeline import runner
+    from sdgraph.pipeline.tune.objective import _REF, run_trial
+
+    refs: list[int] = []
+    real = runner.Pipeline.generate
+
+    def counted(self, prompt, **kw):
+        if Path(self.path).resolve() == Path(tiny_sd15_onnx).resolve():
+            refs.append(kw["seed"])
+        return real(self, prompt, **kw)
+
+    monkeypatch.setattr(runner.Pipeline, "generate", counted)
+    _REF.clear()
+    settings = {"steps": 2, "height": None, "width": None, "guidance": 7.5, "repeats": 1, "warmup_steps": 1,
+                "prompts": ["a red cube"], "seeds": [0], "budget": {"min_psnr": 20.0}, "clip_model": None,
+                "work_dir": str(tmp_path / "work"), "time_limit_s": 1e-6}
+    config = {"pipeline": "fold", "submodels": ["unet"], "target": "ort", "precision": "fp32", "options": {"threads": 1}}
+    res = run_trial(str(tiny_sd15_onnx), config, settings)
+    _REF.clear()
+    assert res["status"] == "pruned" and res["error"].startswith("capped: its timed image ran")
+    assert 0 < res["metrics"]["e2e_s_at_least"] and "e2e_s" not in res["metrics"] and "psnr_min" not in res["metrics"]
+    assert refs == []  # stopped before any reference image was needed
+
+
+def test_the_cap_follows_the_fastest_trial_within_budget(tiny_sd15_onnx, tmp_path, monkeypatch):
+    """--cap: no limit until a trial meets the budget; then cap x the fastest such trial (faster misses don't count)."""
+    from sdgraph.pipeline.tune import Budget, load_space, study
+
+    sp = load_space(_space(tmp_path, "stages:\n  t: [none, {tome: {ratio: [0.2, 0.4, 0.6, 0.8]}}]\n"
+                                    "targets:\n  ort: {threads: [1]}\n"))
+    # per configuration: (s/image, PSNR); ratio 0.8 is the fastest but misses the 30 dB budget
+    table = {"": (4.0, 60.0), "0.2": (3.0, 50.0), "0.4": (2.0, 40.0), "0.6": (1.5, 35.0), "0.8": (0.5, 20.0)}
+    limits: list = []
+
+    def fake(model_dir, config, settings):
+        limits.append(settings.get("time_limit_s"))
+        ratio = config["pipeline"].split("ratio=")[1].rstrip("}") if "ratio=" in config["pipeline"] else ""
+        e2e, db = table[ratio]
+        limit = settings.get("time_limit_s")
+        if limit and e2e > limit:
+            return {"config": dict(config), "status": "pruned", "error": "capped", "metrics": {"e2e_s_at_least": limit}}
+        return {"config": dict(config), "status": "ok", "error": None, "metrics": {"e2e_s": e2e, "psnr_min": db}}
+
+    monkeypatch.setattr(study, "run_trial", fake)
+    res = study.tune(tiny_sd15_onnx, tmp_path / "s", sp, budget=Budget(min_psnr=30), trials=12, cap=1.5, seed=1,
+                     progress=lambda m: None)
+    ran = [r for r in res.trials if r.get("duplicate_of") is None]
+    assert len(ran) == len(limits) == 5  # every configuration once, the rest are repeats
+    best = None
+    for r, limit in zip(ran, limits):
+        assert limit == (None if best is None else 1.5 * best)
+        m = r["metrics"]
+        if r["state"] == "complete" and m["psnr_min"] >= 30:
+            best = m["e2e_s"] if best is None else min(best, m["e2e_s"])
+        if r["state"] == "pruned":
+            assert limit is not None and m["e2e_s_at_least"] == limit
+    assert any(limit for limit in limits) and res.chosen["metrics"]["e2e_s"] == best == 1.5
+    capped = [r for r in ran if r["state"] == "pruned"]
+    assert capped and all(table[r["config"]["pipeline"].split("ratio=")[1].rstrip("}")
+                                if "ratio=" in r["config"]["pipeline"] else ""][0] > r["metrics"]["e2e_s_at_least"]
+                          for r in capped)
+    rows = study.study_rows(res.trials, res.front, res.chosen["number"])
+    assert [row[6] for row in rows if row[1] == "pruned"][:1] == [f"> {capped[0]['metrics']['e2e_s_at_least']:.3f}"]
+
+
+def test_resume_closes_interrupted_trials_and_the_sampler_goes_on(tiny_sd15_onnx, tmp_path, monkeypatch):
+    from sdgraph.pipeline.tune import Budget, load_space, study
+
+    sp = load_space(_space(tmp_path, "stages:\n  t: [none, {tome: {ratio: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}}]\n"
+                                    "targets:\n  ort: {threads: [1]}\n"))
+    ran: list[str] = []
+
+    def fake(model_dir, config, settings):
+        ran.append(config["pipeline"])
+        return {"config": dict(config), "status": "ok", "error": None, "metrics": {"e2e_s": 1.0 + len(ran), "psnr_min": 40.0}}
+
+    monkeypatch.setattr(study, "run_trial", fake)
+    kw = dict(budget=Budget(min_psnr=30), seed=0, progress=lambda m: None)
+    study.tune(tiny_sd15_onnx, tmp_path / "s", sp, trials=3, **kw)
+    first = list(ran)
+    # a driver killed mid-trial leaves a RUNNING trial in the storage
+    st = optuna.load_study(study_name=study.STUDY_NAME, storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    stale = st.ask().number
+    (tmp_path / "s" / ".work" / "trial-left").mkdir(parents=True)  # its folder, left by the killed driver
+    lines: list[str] = []
+    res = study.tune(tiny_sd15_onnx, tmp_path / "s", sp, trials=3, resume=True, **{**kw, "progress": lines.append})
+    rec = next(r for r in res.trials if r["number"] == stale)
+    assert rec["state"] == "fail" and rec["error"].startswith("interrupted") and f"trial {stale}: interrupted" in lines[0]
+    # seeded as at the start, the sampler would ask trials 0-2's configurations again (all duplicates)
+    dup = [r for r in res.trials if r.get("duplicate_of") is not None]
+    assert len(ran) - len(first) + len(dup) == 3 and len(ran) > len(first)
+    assert not any(r["state"] == "running" for r in res.trials)
+    assert not (tmp_path / "s" / ".work" / "trial-left").exists()

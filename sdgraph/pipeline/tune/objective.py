@@ -163,7 +163,8 @@ def run_trial(model_dir: str, config: Mapping[str, Any], settings: Mapping[str, 
     """Evaluate one configuration; ``status`` is ``ok``, ``pruned`` (cheap check missed) or ``failed`` (with ``error``).
 
     ``settings``: steps, height, width, guidance, repeats, warmup_steps (of bench's two warm-up images; None:
-    ``steps``), prompts, seeds, budget (Budget fields), clip_model, work_dir (temporary folders go there and are removed).
+    ``steps``), prompts, seeds, budget (Budget fields), clip_model, work_dir (temporary folders go there and are removed),
+    time_limit_s (optional: a timed image still running after this long is stopped and the trial pruned).
     """
     from sdgraph.passes.manager import optimize_path
     from sdgraph.pipeline import verify
@@ -209,8 +210,13 @@ def run_trial(model_dir: str, config: Mapping[str, Any], settings: Mapping[str, 
         rep = bench([art], steps=settings["steps"], height=h, width=w, repeats=settings["repeats"],
                     prompt=settings["prompts"][0], seed=settings["seeds"][0], guidance=settings["guidance"],
                     warmup_steps=settings.get("warmup_steps"), images_out=tmp / "bench-images",
-                    progress=lambda m: None)
+                    progress=lambda m: None, time_limit_s=settings.get("time_limit_s"))
         b = rep["results"][0]
+        if "stopped_s" in b:  # tune --cap: slower than the cap, so it cannot be the pick; its fidelity is not made
+            res["metrics"]["e2e_s_at_least"] = round(b["stopped_s"], 3)
+            res.update(status="pruned", error=f"capped: its timed image ran {b['stopped_s']:.1f} s, over the cap of "
+                                              f"{b['time_limit_s']:.1f} s (--cap x the fastest trial within budget)")
+            return res
         if "error" in b:
             raise RuntimeError(b["error"])
         res["bench"] = {k: b[k] for k in ("e2e_s", "e2e_s_runs", "unet_its", "unet_call_ms", "load_s", "warmup_compile_s",

@@ -58,8 +58,9 @@ class RayExecutor:
         self._fn = ray.remote(num_cpus=self.cpus, max_retries=0)(_remote_trial)
         self._pending: dict[Any, Any] = {}
 
-    def submit(self, job_id: Any, config: Mapping[str, Any]) -> None:
-        ref = self._fn.remote(self._model_dir, self._packed, dict(config), self._settings)
+    def submit(self, job_id: Any, config: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> None:
+        """``settings``: this trial's own (e.g. its time limit), instead of the executor's."""
+        ref = self._fn.remote(self._model_dir, self._packed, dict(config), dict(settings or self._settings))
         self._pending[ref] = job_id
 
     def busy(self) -> int:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -64,8 +65,21 @@ def _fidelity(metrics: Mapping[str, Any], key: str) -> float:
     return min(float(x), PSNR_CAP) if key == "psnr_min" else float(x)
 
 
-def _record(trial, optuna) -> dict[str, Any]:
+def _close_interrupted(study, optuna, say) -> None:
+    """Trials left RUNNING by a driver that was stopped (Ctrl-C, a killed process) fail as interrupted; their
+    configurations are asked again like any other (they hold no result, so they are not reused)."""
+    stale = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number in stale:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        say(f"trial {number}: interrupted by the stopped run; recorded as failed")
+    if stale:
+        study.set_user_attr("interrupted", sorted(set(study.user_attrs.get("interrupted", [])) | set(stale)))
+
+
+def _record(trial, optuna, interrupted: Sequence[int] = ()) -> dict[str, Any]:
     r = dict(trial.user_attrs.get("result") or {})
+    if trial.number in interrupted and not r:
+        r.update(status="failed", error="interrupted: the study was stopped during this trial")
     r.update(number=trial.number, state=trial.state.name.lower(), params=dict(trial.params))
     if trial.user_attrs.get("duplicate_of") is not None:
         r["duplicate_of"] = trial.user_attrs["duplicate_of"]
@@ -97,7 +111,8 @@ def study_rows(trials: Sequence[Mapping[str, Any]], front: Sequence[int], chosen
             note = f"same as trial {r['duplicate_of']}" + (f"; {note}" if note else "")
         rows.append((r["number"] if r["number"] != chosen else f"{r['number']} *", r["state"], c.get("target", ""),
                      c.get("precision") or "", " ".join(f"{k}={v}" for k, v in sorted((c.get("options") or {}).items())),
-                     c.get("pipeline", ""), num(m.get("e2e_s"), ".3f"), num(m.get("psnr_min"), ".2f"),
+                     c.get("pipeline", ""), num(m.get("e2e_s"), ".3f") or (f"> {num(m.get('e2e_s_at_least'), '.3f')}"
+                                                                           if "e2e_s_at_least" in m else ""), num(m.get("psnr_min"), ".2f"),
                      num(m.get("ssim_min"), ".4f"), num(m.get("unet_cosine"), ".6f"), within,
                      "yes" if r["number"] in front else "", note))
     return rows
@@ -126,8 +141,12 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
          width: int | None = None, guidance: float = 7.5, repeats: int = 2, warmup_steps: int | None = None, prompts: Sequence[str] = (),
          seeds: Sequence[int] = (0,), clip_model: str | os.PathLike | None = None, storage: str | None = None,
          resume: bool = False, force: bool = False, ray: str | None = None, cpus_per_trial: int | None = None,
-         ship_model: bool = False, seed: int = 0, progress: Callable[[str], None] | None = None) -> TuneResult:
+         ship_model: bool = False, seed: int = 0, cap: float | None = None,
+         progress: Callable[[str], None] | None = None) -> TuneResult:
     """Run (or with ``resume`` continue) a study; write the reports; return the trials, the front and the pick.
+
+    ``cap`` (adaptive capping): a trial's timed image is stopped once it runs ``cap`` x longer than the fastest
+    trial within budget so far, and the trial is pruned: it cannot be the pick. None: every image runs to the end.
 
     Raises VerificationError (exit 1) after writing the reports when no trial meets the budget.
     """
@@ -179,6 +198,12 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
         raise InputError(f"--storage {storage_url}: cannot open ({str(exc).splitlines()[0][:200]})") from None
     if resume:
         _check_resume(study, settings)
+        _close_interrupted(study, optuna, say)
+        for left in (final / ".work").glob("trial-*"):  # a stopped run's trial folders (GBs each on a full model)
+            shutil.rmtree(left, ignore_errors=True)
+        # the sampler's random state is not stored: seeded as at the start, it would ask the same configurations
+        # again; seeded with the trial count it goes on, and a resumed study is still reproducible
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=10, constant_liar=True)
     else:
         study.set_user_attr("settings", {k: settings[k] for k in _SETTINGS_KEPT})
         study.set_user_attr("space", space.describe())
@@ -214,12 +239,14 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
                         study.tell(trial, state=first.state)
                     say(f"trial {trial.number}: same configuration as trial {first.number}")
                     continue
-                say(f"trial {trial.number}: {_label(config)}")
+                trial_settings = _capped(settings, study, budget, cap)
+                say(f"trial {trial.number}: {_label(config)}" + (f" (cap {trial_settings['time_limit_s']:.1f} s)"
+                                                                 if trial_settings.get("time_limit_s") else ""))
                 if executor:
-                    executor.submit(trial.number, config)
-                    running[trial.number] = (trial, config)
+                    executor.submit(trial.number, config, trial_settings)
+                    running[trial.number] = (trial, config, trial_settings)
                 else:
-                    running[trial.number] = (trial, config)
+                    running[trial.number] = (trial, config, trial_settings)
                     break
             if not running:
                 break
@@ -227,8 +254,8 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
                 number, res = executor.next_result()
             else:
                 number = next(iter(running))
-                res = run_trial(settings["model_dir"], running[number][1], settings)
-            trial, config = running.pop(number)
+                res = run_trial(settings["model_dir"], running[number][1], running[number][2])
+            trial, config, _ = running.pop(number)
             res["config"] = dict(config)
             _tell(study, trial, res, budget, optuna)
             done_keys.setdefault(config_key(config), number)
@@ -239,6 +266,16 @@ def tune(model_dir: str | os.PathLike, study_dir: str | os.PathLike, space: Spac
         if executor:
             executor.close()
     return _report(study, final, study_dir, storage_url, settings, budget, space, force or resume, optuna)
+
+
+def _capped(settings: Mapping[str, Any], study, budget: Budget, cap: float | None) -> Mapping[str, Any]:
+    """The settings of the next trial: with ``cap``, a time limit of cap x the fastest trial within budget so far."""
+    if not cap:
+        return settings
+    best = [t.user_attrs["result"]["metrics"]["e2e_s"] for t in study.trials
+            if t.state.name == "COMPLETE" and (t.user_attrs.get("result") or {}).get("metrics", {}).get("e2e_s")
+            and not budget.fails(t.user_attrs["result"]["metrics"])]
+    return {**settings, "time_limit_s": cap * min(best)} if best else settings
 
 
 def _tell(study, trial, res: dict[str, Any], budget: Budget, optuna) -> None:
@@ -254,7 +291,8 @@ def _report(study, final: Path, shown: Path, storage_url: str, settings: Mapping
     from sdgraph.ir.io import atomic_file
     from sdgraph.pipeline.svg import scatter_chart
 
-    records = [_record(t, optuna) for t in study.trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    interrupted = study.user_attrs.get("interrupted", [])
+    records = [_record(t, optuna, interrupted) for t in study.trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
     for r in records:  # the budget of this run decides (a resumed study may tighten or loosen it)
         if r["state"] == "complete":
             r["fails"] = budget.fails(r.get("metrics", {}))
